@@ -1,0 +1,44 @@
+# The README names `make demo` and `make test`; the rest are their parts.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# Everything cached outside the checkout: Go-built control plane, Python
+# venvs, and one shared cargo target dir, so later runs (and CI) are fast.
+export CNLB_CACHE ?= $(HOME)/.cache/cnlb
+export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
+CARGO ?= cargo
+ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
+
+.PHONY: demo test env-deps env-up env-check env-down lint fmt
+
+## demo: set up, start the local environment and print how to reach it (Ctrl-C stops it)
+demo: env-deps
+	$(ENV) up
+
+## test: set up and run every test (unit and integration) against the real parts
+test: env-deps
+	$(ENV) down
+	$(CARGO) test --workspace --no-fail-fast
+
+## env-deps: Debian packages, the Kubernetes control plane (go build), emulator venvs
+env-deps:
+	localstack-tests/scripts/install-deps.sh
+	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
+	localstack-tests/scripts/build-control-plane.sh; \
+	wait $$venvs
+
+## env-check: start everything, print start time and memory, stop
+env-check: env-deps
+	$(ENV) up --check
+
+## env-down: kill and remove what a killed test left behind
+env-down:
+	$(ENV) down
+
+## lint: formatting and clippy, warnings as errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,316 @@
+//! Command-line interface. Every value is validated here, so a bad flag stops
+//! the process with a message naming the flag before anything else starts.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cnlb-ccm",
+    version,
+    about = "Turns type=LoadBalancer Services into load balancers that target Pod IPs"
+)]
+pub struct Args {
+    /// Name of this cluster; tags every cloud resource the controller owns.
+    #[arg(long, env = "CNLB_CLUSTER_NAME", value_parser = parse_cluster_name)]
+    pub cluster_name: String,
+
+    /// Cloud (or on-prem) provider that implements the load balancers.
+    #[arg(long, value_enum)]
+    pub provider: Provider,
+
+    /// spec.loadBalancerClass of the Services this controller manages.
+    #[arg(long, default_value = "cnlb.dev/nlb", value_parser = parse_load_balancer_class)]
+    pub load_balancer_class: String,
+
+    /// Also manage type=LoadBalancer Services that set no loadBalancerClass.
+    #[arg(long)]
+    pub manage_unclassed: bool,
+
+    /// Path to a kubeconfig file; without it, KUBECONFIG or the in-cluster
+    /// service account is used.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Run the controllers only while holding a coordination.k8s.io Lease
+    /// (use --leader-elect=false to disable).
+    #[arg(
+        long,
+        action = ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub leader_elect: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "cnlb-ccm", value_parser = parse_dns_subdomain)]
+    pub leader_elect_lease_name: String,
+
+    /// Namespace of the leader-election Lease.
+    #[arg(long, default_value = "kube-system", value_parser = parse_dns_label)]
+    pub leader_elect_namespace: String,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz;
+    /// "0" disables the server (probes included).
+    #[arg(long, default_value = "0.0.0.0:10258", value_name = "ADDR")]
+    pub metrics_bind_address: BindAddress,
+
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Maximum number of objects reconciled at the same time; bounded so
+    /// that a burst cannot flood a rate-limited cloud API.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Provider {
+    Aws,
+    Gcp,
+    Onprem,
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Aws => "aws",
+            Self::Gcp => "gcp",
+            Self::Onprem => "onprem",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the HTTP server listens, or `Disabled` for "0".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindAddress {
+    Disabled,
+    Addr(SocketAddr),
+}
+
+impl FromStr for BindAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "0" {
+            return Ok(Self::Disabled);
+        }
+        s.parse()
+            .map(Self::Addr)
+            .map_err(|_| "expected HOST:PORT (for example 0.0.0.0:10258) or 0 to disable".into())
+    }
+}
+
+impl fmt::Display for BindAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Disabled => f.write_str("0"),
+            Self::Addr(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// Cluster names end up in cloud tags and resource names: accept what EKS
+/// and GKE accept for cluster names (letters, digits, '-', '_'; at most 100).
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let starts_alnum = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let valid_chars = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if s.len() > 100 || !starts_alnum || !valid_chars {
+        return Err("must be 1-100 characters of letters, digits, '-' or '_', \
+             starting with a letter or digit"
+            .into());
+    }
+    Ok(s.to_owned())
+}
+
+/// A Kubernetes loadBalancerClass is a label-style key; unprefixed names are
+/// reserved for end users, so ours must carry a DNS prefix.
+fn parse_load_balancer_class(s: &str) -> Result<String, String> {
+    let Some((prefix, name)) = s.split_once('/') else {
+        return Err("must be prefixed, like example.com/name".into());
+    };
+    parse_dns_subdomain(prefix).map_err(|e| format!("prefix {prefix:?} {e}"))?;
+    let edges_alnum = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if name.len() > 63 || !edges_alnum || !valid_chars {
+        return Err(format!(
+            "name {name:?} must be at most 63 characters of letters, digits, '-', '_' or '.', \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// RFC 1123 label, as Kubernetes requires for namespace names.
+fn parse_dns_label(s: &str) -> Result<String, String> {
+    if is_dns_label(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "must be a DNS label: at most 63 lowercase letters, digits or '-', \
+             starting and ending with a letter or digit"
+                .into(),
+        )
+    }
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for most object names.
+fn parse_dns_subdomain(s: &str) -> Result<String, String> {
+    if s.len() <= 253 && s.split('.').all(is_dns_label) {
+        Ok(s.to_owned())
+    } else {
+        Err(
+            "must be a DNS subdomain: dot-separated lowercase labels of letters, digits or '-', \
+             at most 253 characters"
+                .into(),
+        )
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| valid(c) || c == '-')
+        && s.chars().next().is_some_and(valid)
+        && s.chars().last().is_some_and(valid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "aws"];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.cluster_name, "demo");
+        assert_eq!(args.provider, Provider::Aws);
+        assert_eq!(args.load_balancer_class, "cnlb.dev/nlb");
+        assert!(!args.manage_unclassed);
+        assert_eq!(args.kubeconfig, None);
+        assert!(args.leader_elect);
+        assert_eq!(args.leader_elect_lease_name, "cnlb-ccm");
+        assert_eq!(args.leader_elect_namespace, "kube-system");
+        assert_eq!(
+            args.metrics_bind_address,
+            BindAddress::Addr("0.0.0.0:10258".parse().unwrap())
+        );
+        assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(args.concurrency, 8);
+    }
+
+    #[test]
+    fn explicit_values() {
+        let args = parse(&[
+            "--manage-unclassed",
+            "--leader-elect=false",
+            "--metrics-bind-address",
+            "0",
+            "--log-format",
+            "json",
+            "--concurrency",
+            "3",
+            "--kubeconfig",
+            "/tmp/kc",
+            "--load-balancer-class",
+            "example.com/edge",
+        ])
+        .unwrap();
+        assert!(args.manage_unclassed);
+        assert!(!args.leader_elect);
+        assert_eq!(args.metrics_bind_address, BindAddress::Disabled);
+        assert_eq!(args.log_format, LogFormat::Json);
+        assert_eq!(args.concurrency, 3);
+        assert_eq!(args.kubeconfig, Some(PathBuf::from("/tmp/kc")));
+        assert_eq!(args.load_balancer_class, "example.com/edge");
+    }
+
+    #[test]
+    fn bare_leader_elect_means_true() {
+        assert!(parse(&["--leader-elect"]).unwrap().leader_elect);
+    }
+
+    #[test]
+    fn cluster_name_is_required() {
+        let err = Args::try_parse_from(["cnlb-ccm", "--provider", "gcp"]).unwrap_err();
+        assert!(err.to_string().contains("--cluster-name"), "{err}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_rejected_naming_the_flag() {
+        let err = parse(&["--concurrency", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("--concurrency"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (flag, value) in [
+            ("--cluster-name", "-bad"),
+            ("--cluster-name", ""),
+            ("--provider", "azure"),
+            ("--metrics-bind-address", "localhost"),
+            ("--log-format", "xml"),
+            ("--load-balancer-class", "nlb"),
+            ("--load-balancer-class", "Example.com/nlb"),
+            ("--leader-elect-namespace", "Kube_System"),
+            ("--leader-elect-lease-name", "Lease"),
+            ("--concurrency", "257"),
+        ] {
+            // Keep the required flags, except the one under test.
+            let mut argv = vec!["cnlb-ccm"];
+            for (required, default) in [("--cluster-name", "demo"), ("--provider", "aws")] {
+                if required != flag {
+                    argv.extend([required, default]);
+                }
+            }
+            // "--flag=value", so a value like "-bad" is not taken for a flag.
+            let pair = format!("{flag}={value}");
+            argv.push(&pair);
+            let err = Args::try_parse_from(argv).unwrap_err();
+            assert!(
+                matches!(
+                    err.kind(),
+                    clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue
+                ),
+                "{flag} {value}: {err}"
+            );
+            assert!(err.to_string().contains(flag), "{flag} {value}: {err}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! cnlb-ccm: turns type=LoadBalancer Services into cloud load balancers
+//! that send traffic straight to Pod IPs.
+
+mod cli;
+mod metrics;
+mod run;
+mod server;
+mod shutdown;
+mod telemetry;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = cli::Args::parse();
+    telemetry::init(args.log_format)?;
+    run::run(args).await?;
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Process wiring: HTTP server, Kubernetes client, readiness, shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use k8s_openapi::apimachinery::pkg::version::Info;
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
+use kube::{Client, Config};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::cli::{Args, BindAddress};
+use crate::metrics::Metrics;
+use crate::server::{self, Health};
+use crate::shutdown::Signals;
+
+/// How often the API server is probed after start-up, for the
+/// `cnlb_kube_api_reachable` gauge.
+const API_CHECK_PERIOD: Duration = Duration::from_secs(30);
+const API_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-flight HTTP requests get this long to finish on shutdown.
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot listen on --metrics-bind-address {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load --kubeconfig {}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    #[error("cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")]
+    InferConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("the Kubernetes API server did not answer")]
+    ApiUnreachable(#[source] kube::Error),
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+pub async fn run(args: Args) -> Result<(), Error> {
+    let mut signals = Signals::install().map_err(Error::Signals)?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        cluster = %args.cluster_name,
+        provider = %args.provider,
+        load_balancer_class = %args.load_balancer_class,
+        manage_unclassed = args.manage_unclassed,
+        concurrency = args.concurrency,
+        "starting cnlb-ccm"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let server = start_server(args.metrics_bind_address, &health, &metrics).await?;
+
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let version = tokio::select! {
+        result = wait_for_api(&client, &metrics) => result.map_err(Error::ApiUnreachable)?,
+        signal = signals.recv() => {
+            info!(signal, "shutting down before the Kubernetes API answered");
+            return stop_server(server).await;
+        }
+    };
+    info!(
+        server_version = %version.git_version,
+        platform = %version.platform,
+        "connected to the Kubernetes API server"
+    );
+    health.set_ready();
+
+    // Say plainly what this build does not do, so nobody waits for a load
+    // balancer that will never come.
+    warn!(
+        "the Service, targets and node controllers are not part of this build yet \
+         (they land with the provider work): no Service is reconciled and no cloud API is called"
+    );
+    if args.leader_elect {
+        info!(
+            lease = %format!("{}/{}", args.leader_elect_namespace, args.leader_elect_lease_name),
+            "leader election guards the controllers; with none running, no Lease is taken"
+        );
+    }
+
+    let api_check = tokio::spawn(check_api_periodically(client, metrics.clone()));
+    let signal = signals.recv().await;
+    info!(signal, "shutting down");
+    api_check.abort();
+    stop_server(server).await
+}
+
+/// The HTTP server task and the sender that stops it.
+type ServerHandle = Option<(oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>;
+
+async fn start_server(
+    bind: BindAddress,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+) -> Result<ServerHandle, Error> {
+    let BindAddress::Addr(addr) = bind else {
+        info!("--metrics-bind-address=0: HTTP server (metrics and probes) disabled");
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        async {
+            // A dropped sender also stops the server.
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Some((stop, task)))
+}
+
+async fn stop_server(server: ServerHandle) -> Result<(), Error> {
+    let Some((stop, task)) = server else {
+        return Ok(());
+    };
+    let _ = stop.send(());
+    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, task).await {
+        Ok(Ok(result)) => result.map_err(Error::Serve),
+        Ok(Err(join_error)) => {
+            error!(error = %join_error, "HTTP server task failed");
+            Ok(())
+        }
+        Err(_) => {
+            warn!("HTTP server did not drain in time; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig_error = |source| Error::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig_error)?
+        }
+        None => Config::infer().await.map_err(Error::InferConfig)?,
+    };
+    info!(api_server = %config.cluster_url, "Kubernetes configuration loaded");
+    build_client(config)
+}
+
+fn build_client(config: Config) -> Result<Client, Error> {
+    Client::try_from(config).map_err(Error::Client)
+}
+
+/// Asks the API server for its version until it answers, with exponential
+/// backoff and jitter, bounded so a wrong address ends in a clear exit
+/// (and a kubelet restart with its own backoff) instead of a silent hang.
+async fn wait_for_api(client: &Client, metrics: &Metrics) -> Result<Info, kube::Error> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(10)
+        .with_jitter();
+    let result = (|| client.apiserver_version())
+        .retry(backoff)
+        .when(is_transient)
+        .notify(|err, delay| {
+            metrics.set_kube_api_reachable(false);
+            warn!(
+                error = %error_chain(err),
+                retry_in = ?delay,
+                "Kubernetes API server not reachable yet"
+            );
+        })
+        .await;
+    metrics.set_kube_api_reachable(result.is_ok());
+    result
+}
+
+/// Wrong credentials do not fix themselves: fail at once on 401/403.
+fn is_transient(err: &kube::Error) -> bool {
+    !matches!(err, kube::Error::Api(status) if matches!(status.code, 401 | 403))
+}
+
+/// Keeps `cnlb_kube_api_reachable` honest after start-up and logs changes.
+async fn check_api_periodically(client: Client, metrics: Arc<Metrics>) {
+    let mut reachable = true;
+    let mut ticks = tokio::time::interval(API_CHECK_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; we just connected
+    loop {
+        ticks.tick().await;
+        let now = match tokio::time::timeout(API_CHECK_TIMEOUT, client.apiserver_version()).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(err)) => {
+                if reachable {
+                    warn!(error = %error_chain(&err), "Kubernetes API server not reachable");
+                }
+                false
+            }
+            Err(_) => {
+                if reachable {
+                    let timeout = API_CHECK_TIMEOUT;
+                    warn!(?timeout, "Kubernetes API server did not answer in time");
+                }
+                false
+            }
+        };
+        if now && !reachable {
+            info!("Kubernetes API server reachable again");
+        }
+        reachable = now;
+        metrics.set_kube_api_reachable(now);
+    }
+}
+
+/// "outer: inner: root cause", since kube's top-level messages are terse.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        // Wrappers often repeat their cause's message; say it once.
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn builds_a_tls_client() {
+        let config = Config::new("https://127.0.0.1:6443".parse().unwrap());
+        build_client(config).unwrap();
+    }
+
+    #[test]
+    fn auth_failures_are_not_retried() {
+        let status = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(!is_transient(&status(401)));
+        assert!(!is_transient(&status(403)));
+        assert!(is_transient(&status(503)));
+        assert!(is_transient(&status(429)));
+    }
+}

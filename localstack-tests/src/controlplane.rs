@@ -1,0 +1,236 @@
+//! The real Kubernetes control plane: etcd, kube-apiserver (RBAC on, static
+//! token authentication, our own CA) and kube-controller-manager (every default
+//! controller, each with its own ServiceAccount credentials, as kubeadm runs it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use serde_json::json;
+
+use crate::paths::control_plane_bin;
+use crate::process::{Proc, free_port};
+
+/// The service CIDR given to kube-apiserver.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+pub struct ControlPlane {
+    /// `https://127.0.0.1:<port>`
+    pub server: String,
+    /// Admin kubeconfig (JSON, which kubectl reads as YAML).
+    pub kubeconfig: PathBuf,
+    pub ca_file: PathBuf,
+    etcd_url: String,
+    admin: Config,
+    // Field order is drop order: controllers first, etcd last.
+    kcm: Proc,
+    apiserver: Proc,
+    etcd: Proc,
+}
+
+impl ControlPlane {
+    /// Writes certificates, tokens and kubeconfigs into `dir` and starts the
+    /// three processes at once; each retries its upstream until it is up.
+    pub async fn spawn(dir: &Path) -> Result<ControlPlane> {
+        let pki = Pki::write(dir)?;
+        let admin_token = random_token()?;
+        let kcm_token = random_token()?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!(
+                "{admin_token},cnlb-admin,cnlb-admin,\"system:masters\"\n\
+                 {kcm_token},system:kube-controller-manager,kube-controller-manager\n"
+            ),
+        )?;
+
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let server = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &server, &pki.ca, "cnlb-admin", &admin_token)?;
+        let kcm_kubeconfig = dir.join("kcm.kubeconfig");
+        write_kubeconfig(&kcm_kubeconfig, &server, &pki.ca, "kube-controller-manager", &kcm_token)?;
+
+        let mut etcd = Command::new(control_plane_bin("etcd")?);
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        etcd.arg("--name=default")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=default={peer_url}"))
+            .arg("--log-level=warn")
+            // Test data is thrown away; fsync would only slow every write.
+            .arg("--unsafe-no-fsync");
+        let etcd = Proc::spawn("etcd", etcd, dir)?;
+
+        let mut api = Command::new(control_plane_bin("kube-apiserver")?);
+        api.arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={api_port}"))
+            .arg(format!("--tls-cert-file={}", pki.apiserver_cert.display()))
+            .arg(format!("--tls-private-key-file={}", pki.apiserver_key.display()))
+            .arg(format!("--client-ca-file={}", pki.ca.display()))
+            .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+            .arg("--authorization-mode=RBAC")
+            .arg("--anonymous-auth=false")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}", pki.sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", pki.sa_key.display()))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            // The `kubernetes` Service would point at a loopback address, which
+            // Endpoints validation rejects; nothing here needs it.
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--profiling=false");
+        let apiserver = Proc::spawn("kube-apiserver", api, dir)?;
+
+        let mut kcm = Command::new(control_plane_bin("kube-controller-manager")?);
+        kcm.arg(format!("--kubeconfig={}", kcm_kubeconfig.display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--secure-port=0")
+            .arg("--leader-elect=false")
+            .arg("--use-service-account-credentials=true")
+            .arg(format!("--root-ca-file={}", pki.ca.display()))
+            .arg(format!("--service-account-private-key-file={}", pki.sa_key.display()))
+            .arg("--controllers=*");
+        let kcm = Proc::spawn("kube-controller-manager", kcm, dir)?;
+
+        let admin = client_config(&kubeconfig).await?;
+        Ok(ControlPlane { server, kubeconfig, ca_file: pki.ca, etcd_url, admin, kcm, apiserver, etcd })
+    }
+
+    /// Waits for etcd, then the API server's /readyz, then for the controller
+    /// manager to act (the `default` ServiceAccount exists, so Pods can be created).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let http = reqwest::Client::new();
+        let health = format!("{}/health", self.etcd_url);
+        self.etcd
+            .wait_ready(timeout, || async {
+                let body = http.get(&health).send().await?.text().await?;
+                if body.contains("\"health\":\"true\"") { Ok(()) } else { bail!("etcd: {body}") }
+            })
+            .await?;
+        let client = self.admin_client()?;
+        self.apiserver
+            .wait_ready(timeout, || async {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                let body = client.request_text(req).await?;
+                if body.trim() == "ok" { Ok(()) } else { bail!("readyz: {body}") }
+            })
+            .await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(client, "default");
+        self.kcm
+            .wait_ready(timeout, || async {
+                sas.get("default").await?;
+                Ok(())
+            })
+            .await
+    }
+
+    pub fn procs(&self) -> [&Proc; 3] {
+        [&self.kcm, &self.apiserver, &self.etcd]
+    }
+
+    /// A client with cluster-admin rights (group `system:masters`).
+    pub fn admin_client(&self) -> Result<Client> {
+        Ok(Client::try_from(self.admin.clone())?)
+    }
+
+    /// A client that acts as ServiceAccount `namespace/name`, through
+    /// impersonation, so RBAC applies to it exactly as to a Pod using that account.
+    pub fn service_account_client(&self, namespace: &str, name: &str) -> Result<Client> {
+        let mut cfg = self.admin.clone();
+        cfg.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
+        cfg.auth_info.impersonate_groups = Some(vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{namespace}"),
+            "system:authenticated".to_string(),
+        ]);
+        Ok(Client::try_from(cfg)?)
+    }
+}
+
+/// Loads a kubeconfig file the way any client of the environment would.
+pub async fn client_config(kubeconfig: &Path) -> Result<Config> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &str, token: &str) -> Result<()> {
+    let kc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cnlb-env", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "cnlb-env", "context": {"cluster": "cnlb-env", "user": user}}],
+        "current-context": "cnlb-env",
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&kc)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn random_token() -> Result<String> {
+    let mut buf = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The environment's own CA, the API server's serving certificate and the
+/// ServiceAccount token signing key.
+struct Pki {
+    ca: PathBuf,
+    apiserver_cert: PathBuf,
+    apiserver_key: PathBuf,
+    sa_key: PathBuf,
+    sa_pub: PathBuf,
+}
+
+impl Pki {
+    fn write(dir: &Path) -> Result<Pki> {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "cnlb-env CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+            "kubernetes".to_string(),
+            "kubernetes.default.svc".to_string(),
+        ])?;
+        params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &ca)?;
+
+        let sa = KeyPair::generate()?;
+        let pki = Pki {
+            ca: dir.join("ca.crt"),
+            apiserver_cert: dir.join("apiserver.crt"),
+            apiserver_key: dir.join("apiserver.key"),
+            sa_key: dir.join("sa.key"),
+            sa_pub: dir.join("sa.pub"),
+        };
+        std::fs::write(&pki.ca, ca.pem())?;
+        std::fs::write(&pki.apiserver_cert, cert.pem())?;
+        std::fs::write(&pki.apiserver_key, key.serialize_pem())?;
+        std::fs::write(&pki.sa_key, sa.serialize_pem())?;
+        std::fs::write(&pki.sa_pub, sa.public_key_pem())?;
+        Ok(pki)
+    }
+}

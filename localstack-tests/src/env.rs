@@ -1,0 +1,279 @@
+//! One local environment: the parts a test asks for, started at once, ready
+//! checks with deadlines, and teardown on drop (also when the test panics,
+//! in which case the logs are kept and their place printed).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::aws::{AwsEndpoints, Emulator, external_url};
+use crate::controlplane::ControlPlane;
+use crate::kubelet::{Kubelet, NodeConfig};
+use crate::paths::run_root;
+use crate::process::Proc;
+
+/// Set to keep an environment's directory (logs, kubeconfig) after a passing run too.
+pub const KEEP_VAR: &str = "CNLB_KEEP_LOGS";
+
+pub struct EnvBuilder {
+    name: String,
+    kube: bool,
+    nodes: Vec<NodeConfig>,
+    moto: bool,
+    localstack: bool,
+    timeout: Duration,
+}
+
+impl EnvBuilder {
+    /// The real control plane (etcd, kube-apiserver, kube-controller-manager).
+    pub fn kube(mut self) -> Self {
+        self.kube = true;
+        self
+    }
+
+    /// Nodes the harness creates and plays kubelet for (implies `kube`).
+    pub fn nodes(mut self, nodes: Vec<NodeConfig>) -> Self {
+        self.kube = true;
+        self.nodes = nodes;
+        self
+    }
+
+    /// moto server for EC2 and ELBv2 (skipped when `CNLB_LOCALSTACK_URL` is set).
+    pub fn moto(mut self) -> Self {
+        self.moto = true;
+        self
+    }
+
+    /// LocalStack (host mode) for EC2 (skipped when `CNLB_LOCALSTACK_URL` is set).
+    pub fn localstack(mut self) -> Self {
+        self.localstack = true;
+        self
+    }
+
+    /// Deadline for each part's readiness check (default 60 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub async fn start(self) -> Result<Env> {
+        let started = Instant::now();
+        let root = run_root();
+        std::fs::create_dir_all(&root)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", self.name))
+            .tempdir_in(&root)
+            .context("creating the environment's directory")?;
+        let mut env = Env {
+            dir: dir.path().to_path_buf(),
+            tmp: Some(dir),
+            kubelet: None,
+            control_plane: None,
+            moto: None,
+            localstack: None,
+            external: external_url().map(|u| AwsEndpoints::single(&u)),
+            started,
+            ready_in: Duration::ZERO,
+        };
+        // Spawn everything first so the parts come up in parallel.
+        if self.kube {
+            env.control_plane = Some(ControlPlane::spawn(&env.dir).await?);
+        }
+        if env.external.is_none() {
+            if self.moto {
+                env.moto = Some(Emulator::spawn_moto(&env.dir)?);
+            }
+            if self.localstack {
+                env.localstack = Some(Emulator::spawn_localstack(&env.dir)?);
+            }
+        }
+        env.record_pids()?;
+
+        let t = self.timeout;
+        let kube = async {
+            match &env.control_plane {
+                Some(cp) => cp.wait_ready(t).await,
+                None => Ok(()),
+            }
+        };
+        let moto = async {
+            match &env.moto {
+                Some(m) => m.wait_ready(t).await,
+                None => Ok(()),
+            }
+        };
+        let localstack = async {
+            match &env.localstack {
+                Some(l) => l.wait_ready(t).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(kube, moto, localstack)?;
+
+        if let Some(cp) = &env.control_plane {
+            if !self.nodes.is_empty() {
+                env.kubelet = Some(Kubelet::start(cp.admin_client()?, self.nodes).await?);
+            }
+        }
+        env.ready_in = started.elapsed();
+        tracing::info!(dir = %env.dir.display(), "environment ready in {:.1?}", env.ready_in);
+        Ok(env)
+    }
+}
+
+pub struct Env {
+    /// Logs, certificates, kubeconfig and emulator state of this environment.
+    pub dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    // Field order is drop order: the kubelet stops before the API server.
+    kubelet: Option<Kubelet>,
+    control_plane: Option<ControlPlane>,
+    moto: Option<Emulator>,
+    localstack: Option<Emulator>,
+    external: Option<AwsEndpoints>,
+    started: Instant,
+    ready_in: Duration,
+}
+
+impl Env {
+    pub fn builder(name: &str) -> EnvBuilder {
+        EnvBuilder {
+            name: name.to_string(),
+            kube: false,
+            nodes: Vec::new(),
+            moto: false,
+            localstack: false,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn kube(&self) -> Result<&ControlPlane> {
+        self.control_plane.as_ref().context("this environment was built without .kube()")
+    }
+
+    /// EC2 and ELBv2: the user's LocalStack Pro if set, else moto.
+    pub fn aws(&self) -> Result<AwsEndpoints> {
+        if let Some(ext) = &self.external {
+            return Ok(ext.clone());
+        }
+        let m = self.moto.as_ref().context("this environment was built without .moto()")?;
+        Ok(AwsEndpoints::single(&m.url))
+    }
+
+    /// LocalStack's EC2 (its community build has no ELBv2, so ELBv2 is only
+    /// usable here when the user's LocalStack Pro serves both).
+    pub fn localstack(&self) -> Result<AwsEndpoints> {
+        if let Some(ext) = &self.external {
+            return Ok(ext.clone());
+        }
+        let l = self.localstack.as_ref().context("this environment was built without .localstack()")?;
+        Ok(AwsEndpoints::single(&l.url))
+    }
+
+    /// Time from `start()` to every part ready.
+    pub fn ready_in(&self) -> Duration {
+        self.ready_in
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn procs(&self) -> Vec<&Proc> {
+        let mut v: Vec<&Proc> = Vec::new();
+        if let Some(cp) = &self.control_plane {
+            v.extend(cp.procs());
+        }
+        v.extend(self.moto.iter().map(Emulator::proc));
+        v.extend(self.localstack.iter().map(Emulator::proc));
+        v
+    }
+
+    /// Current and peak resident memory of every process of the environment
+    /// (all members of each part's process group), in bytes.
+    pub fn memory(&self) -> Memory {
+        let groups: Vec<i32> = self.procs().iter().map(|p| p.pid()).collect();
+        crate::process::group_memory(&groups)
+    }
+
+    /// `pid<TAB>name` per part, read by `cnlb-env down` to clean up after a
+    /// test process that was killed before it could drop its environment.
+    fn record_pids(&self) -> Result<()> {
+        let mut f = std::fs::File::create(self.dir.join("pids"))?;
+        for p in self.procs() {
+            writeln!(f, "{}\t{}", p.pid(), p.name())?;
+        }
+        Ok(())
+    }
+}
+
+pub use crate::process::Memory;
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kubelet.take();
+        for p in self.procs() {
+            p.terminate();
+        }
+        self.control_plane.take();
+        self.moto.take();
+        self.localstack.take();
+        let keep = std::thread::panicking() || std::env::var_os(KEEP_VAR).is_some();
+        if let Some(tmp) = self.tmp.take() {
+            if keep {
+                let path = tmp.keep();
+                eprintln!("cnlb-env: logs kept in {}", path.display());
+            }
+        }
+    }
+}
+
+/// Stops what a killed test process left behind: every process group recorded
+/// under the run root that still runs one of our binaries, then the directories.
+pub fn clean_stale() -> Result<usize> {
+    let root = run_root();
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+    let mut cleaned = 0;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
+            for line in pids.lines() {
+                if let Some(pid) = line.split('\t').next().and_then(|p| p.parse::<i32>().ok()) {
+                    if owned_by_env(pid, &dir) {
+                        crate::process::kill_group(pid);
+                    }
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        cleaned += 1;
+    }
+    Ok(cleaned)
+}
+
+/// True when `pid` still runs in `dir` (every part is started there), so a
+/// recycled pid is never signalled.
+fn owned_by_env(pid: i32, dir: &Path) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+}
+
+/// Fails unless `cond` becomes true within `timeout`, polling every 200 ms.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    let mut last = String::from("never checked");
+    while start.elapsed() < timeout {
+        match cond().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => last = "condition false".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{what}: not true after {timeout:?} ({last})")
+}

@@ -1,0 +1,16 @@
+//! The local environment every cnlb test and the demo run in: the real
+//! Kubernetes control plane built from source, AWS emulators, and a harness
+//! that plays scheduler and kubelet for Pods on the Nodes it creates. All on
+//! loopback, on free ports, torn down on drop. See README.md beside this crate.
+
+pub mod aws;
+pub mod controlplane;
+pub mod env;
+pub mod kubelet;
+pub mod paths;
+pub mod process;
+
+pub use aws::AwsEndpoints;
+pub use controlplane::ControlPlane;
+pub use env::{Env, EnvBuilder, eventually};
+pub use kubelet::NodeConfig;

@@ -1,0 +1,98 @@
+//! `cnlb-env`: start the local environment by hand, or clean up after one.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use cnlb_localstack_tests::env::{KEEP_VAR, clean_stale};
+use cnlb_localstack_tests::{Env, NodeConfig};
+
+#[derive(Parser)]
+#[command(about = "Start or stop cnlb's local environment (real control plane, AWS emulators)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start every part, print how to reach them, run until Ctrl-C.
+    Up {
+        /// Nodes to create and play kubelet for.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=200))]
+        nodes: u8,
+        /// Skip the AWS emulators.
+        #[arg(long)]
+        no_aws: bool,
+        /// Stop as soon as everything is ready, after printing start time and memory.
+        #[arg(long)]
+        check: bool,
+        /// Readiness deadline per part, in seconds.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+    },
+    /// Kill what a killed test or `up` left behind and remove its directories.
+    Down,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_client=off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Down => {
+            let n = clean_stale()?;
+            println!("cnlb-env: cleaned {n} environment(s)");
+        }
+        Cmd::Up { nodes, no_aws, check, timeout } => {
+            let mut b = Env::builder("up")
+                .nodes((1..=nodes).map(NodeConfig::numbered).collect())
+                .kube()
+                .timeout(Duration::from_secs(timeout));
+            if !no_aws {
+                b = b.moto().localstack();
+            }
+            let env = b.start().await?;
+            print_summary(&env, no_aws)?;
+            if !check {
+                // Keep the directory until Ctrl-C so the printed paths stay valid.
+                println!("\nRunning; Ctrl-C stops and removes everything.");
+                tokio::signal::ctrl_c().await?;
+                if std::env::var_os(KEEP_VAR).is_none() {
+                    println!("cnlb-env: stopping");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_summary(env: &Env, no_aws: bool) -> Result<()> {
+    let mem = env.memory();
+    println!("cnlb-env ready in {:.1} s", env.ready_in().as_secs_f64());
+    println!(
+        "  memory: {} MiB resident now, {} MiB peak, {} processes",
+        mem.rss >> 20,
+        mem.peak >> 20,
+        mem.processes
+    );
+    println!("  directory (logs, certificates): {}", env.dir.display());
+    let cp = env.kube()?;
+    println!("\nKubernetes:\n  export KUBECONFIG={}", cp.kubeconfig.display());
+    if let Ok(kubectl) = cnlb_localstack_tests::paths::control_plane_bin("kubectl") {
+        println!("  {} get nodes", kubectl.display());
+    }
+    if !no_aws {
+        println!("\nAWS (moto: EC2 + ELBv2):");
+        for (k, v) in env.aws()?.env_vars() {
+            println!("  export {k}={v}");
+        }
+        println!("LocalStack (EC2): {}", env.localstack()?.ec2);
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Where the environment's parts live: binaries built by the scripts in
+//! `localstack-tests/scripts/`, cached outside the checkout.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// The Kubernetes version, as pinned in `controlplane/go.mod` (one source of truth
+/// for the build script and for this library).
+pub fn kubernetes_version() -> Result<&'static str> {
+    const GO_MOD: &str = include_str!("../controlplane/go.mod");
+    GO_MOD
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("k8s.io/kubernetes "))
+        .map(str::trim)
+        .next()
+        .context("controlplane/go.mod does not require k8s.io/kubernetes")
+}
+
+/// `$CNLB_CACHE`, else `$XDG_CACHE_HOME/cnlb`, else `~/.cache/cnlb`, as in the scripts.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CNLB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"));
+    base.join("cnlb")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// A control-plane binary (etcd, kube-apiserver, kube-controller-manager, kubectl).
+pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
+    let path = cache_dir().join("k8s").join(kubernetes_version()?).join("bin").join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `make env-deps` (or localstack-tests/scripts/build-control-plane.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The Python interpreter of an emulator venv (`moto` or `localstack`), checked
+/// against the pins in the checkout so a stale venv is reported, not used.
+pub fn venv_python(name: &str) -> Result<PathBuf> {
+    let dir = cache_dir().join("venv").join(name);
+    let pins = Path::new(env!("CARGO_MANIFEST_DIR")).join("pins").join(format!("{name}.txt"));
+    let want = std::fs::read(&pins).with_context(|| format!("reading {}", pins.display()))?;
+    match std::fs::read(dir.join(".pins")) {
+        Ok(have) if have == want => Ok(dir.join("bin").join("python")),
+        Ok(_) => bail!(
+            "venv {} is older than {}; run `make env-deps` (or localstack-tests/scripts/python-venvs.sh)",
+            dir.display(),
+            pins.display()
+        ),
+        Err(_) => bail!(
+            "venv {} is missing; run `make env-deps` (or localstack-tests/scripts/python-venvs.sh)",
+            dir.display()
+        ),
+    }
+}
+
+/// Root of the per-environment temp dirs, so `cnlb-env down` can find leftovers.
+pub fn run_root() -> PathBuf {
+    std::env::temp_dir().join("cnlb-env")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comes_from_go_mod() {
+        let v = kubernetes_version().unwrap();
+        assert!(v.starts_with("v1."), "{v}");
+    }
+}

@@ -1,0 +1,162 @@
+//! The control plane is real: controllers turn a Deployment into Pods, the
+//! harness binds them and reports them Ready, the EndpointSlice controller
+//! publishes their IPs; RBAC refuses a ServiceAccount outside its role.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn pod_ips(client: &Client) -> BTreeSet<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let list = pods.list(&ListParams::default().labels("app=web")).await.unwrap();
+    list.items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect()
+}
+
+/// Ready endpoint addresses of Service `web`, with the node and zone each names.
+async fn ready_endpoints(client: &Client) -> BTreeSet<(String, String, String)> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let list = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .unwrap();
+    let mut out = BTreeSet::new();
+    for slice in list.items {
+        for ep in slice.endpoints.unwrap_or_default() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false);
+            if ready {
+                for addr in &ep.addresses {
+                    out.insert((
+                        addr.clone(),
+                        ep.node_name.clone().unwrap_or_default(),
+                        ep.zone.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn scale(client: &Client, replicas: i32) {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let patch = json!({"spec": {"replicas": replicas}});
+    deployments.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+}
+
+/// Waits until the ready endpoints are exactly the IPs of `n` live pods, on our nodes.
+async fn endpoints_follow_pods(client: &Client, nodes: &[NodeConfig], n: usize) {
+    eventually(&format!("{n} ready endpoints carrying the pod IPs"), WAIT, || async {
+        let ips = pod_ips(client).await;
+        let eps = ready_endpoints(client).await;
+        let ep_ips: BTreeSet<String> = eps.iter().map(|(ip, _, _)| ip.clone()).collect();
+        let placed = eps.iter().all(|(_, node, zone)| {
+            nodes.iter().any(|c| &c.name == node && &c.zone == zone)
+        });
+        Ok(ips.len() == n && ep_ips == ips && placed)
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn deployment_and_service_give_endpoint_slices_with_pod_ips() {
+    let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
+    let env = Env::builder("endpointslices").nodes(nodes.clone()).start().await.unwrap();
+    let client = env.kube().unwrap().admin_client().unwrap();
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{
+                    "name": "web", "image": "example.invalid/web:1",
+                    "ports": [{"containerPort": 8080}],
+                }]},
+            },
+        },
+    }))
+    .unwrap();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let pp = PostParams::default();
+    Api::<Deployment>::namespaced(client.clone(), "default").create(&pp, &deployment).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), "default").create(&pp, &service).await.unwrap();
+
+    endpoints_follow_pods(&client, &nodes, 3).await;
+    let ips = pod_ips(&client).await;
+    assert!(ips.iter().all(|ip| ip.starts_with("100.64.")), "pod IPs from node pod CIDRs: {ips:?}");
+
+    scale(&client, 5).await;
+    endpoints_follow_pods(&client, &nodes, 5).await;
+
+    // Scale-down deletes pods gracefully; the harness finishes each deletion.
+    scale(&client, 2).await;
+    endpoints_follow_pods(&client, &nodes, 2).await;
+}
+
+#[tokio::test]
+async fn service_account_is_refused_outside_its_cluster_role() {
+    let env = Env::builder("rbac").kube().start().await.unwrap();
+    let cp = env.kube().unwrap();
+    let admin = cp.admin_client().unwrap();
+    let pp = PostParams::default();
+
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": "pod-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+    }))
+    .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "narrow-pod-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pod-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "narrow", "namespace": "default"}],
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(admin.clone()).create(&pp, &role).await.unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone()).create(&pp, &binding).await.unwrap();
+
+    let narrow = cp.service_account_client("default", "narrow").unwrap();
+    let pods: Api<Pod> = Api::all(narrow.clone());
+    // The authorizer sees new bindings through an informer: allow it a moment.
+    eventually("the bound role lets the account list pods", WAIT, || async {
+        Ok(pods.list(&ListParams::default()).await.is_ok())
+    })
+    .await
+    .unwrap();
+
+    let forbidden = |r: Result<_, kube::Error>| match r {
+        Err(kube::Error::Api(e)) => e.is_forbidden(),
+        _ => false,
+    };
+    let secrets: Api<Secret> = Api::namespaced(narrow.clone(), "kube-system");
+    assert!(forbidden(secrets.list(&ListParams::default()).await.map(|_| ())), "secrets readable");
+    let cms: Api<ConfigMap> = Api::namespaced(narrow.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+    assert!(forbidden(cms.create(&pp, &cm).await.map(|_| ())), "configmap creatable");
+    let other = cp.service_account_client("default", "someone-else").unwrap();
+    let pods_other: Api<Pod> = Api::all(other);
+    assert!(
+        forbidden(pods_other.list(&ListParams::default()).await.map(|_| ())),
+        "an unbound account may list pods"
+    );
+}

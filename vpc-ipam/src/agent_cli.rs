@@ -1,0 +1,361 @@
+//! Command line of `vpc-ipam-agent`. Checks that span several flags run
+//! after clap, and fail the same way clap does (usage, exit status 2).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::NonEmptyStringValueParser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
+
+use crate::DEFAULT_AGENT_SOCKET;
+use crate::cidr::Cidr;
+use crate::telemetry::LogFormat;
+
+/// AWS NLB target groups keep sending to a deregistered target for 300 s by
+/// default; an address reused sooner could receive another Pod's traffic.
+pub const NLB_DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "vpc-ipam-agent",
+    version,
+    about = "Node agent that gives Pods IP addresses from VPC secondary ranges"
+)]
+pub struct AgentArgs {
+    /// Name of the Kubernetes Node this agent runs on.
+    #[arg(long, env = "NODE_NAME", value_parser = NonEmptyStringValueParser::new())]
+    pub node_name: String,
+
+    /// Where addresses come from.
+    #[arg(long, value_enum)]
+    pub backend: Backend,
+
+    /// Unix socket the CNI plugin connects to.
+    #[arg(long, default_value = DEFAULT_AGENT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Directory of the agent's crash-safe state.
+    #[arg(long, default_value = "/var/lib/cnlb/vpc-ipam", value_name = "DIR")]
+    pub state_dir: PathBuf,
+
+    /// Address range for Pods, repeatable (IPv4 or IPv6 CIDR such as
+    /// 10.1.0.0/24); required with --backend static.
+    #[arg(
+        long = "static-range",
+        value_name = "CIDR",
+        value_parser = parse_range,
+        required_if_eq("backend", "static")
+    )]
+    pub static_ranges: Vec<Cidr>,
+
+    /// Free addresses the pool tries to keep ready.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub warm_target: u32,
+
+    /// Free addresses below which the pool refills at once.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub min_target: u32,
+
+    /// Free addresses above which the pool gives addresses back.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_target: u32,
+
+    /// How long a released address stays unused ("300s", "5m", "1h30m");
+    /// must cover the load balancers' deregistration delay (NLB default 300s).
+    #[arg(long, default_value = "300s", value_parser = parse_duration, value_name = "DURATION")]
+    pub cooldown: Duration,
+
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// ENIs and secondary IPs or /28 prefixes in pod subnets.
+    Aws,
+    /// The node's alias IP range from a subnet secondary range.
+    Gcp,
+    /// Fixed ranges given with --static-range (on-prem).
+    Static,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Aws => "aws",
+            Self::Gcp => "gcp",
+            Self::Static => "static",
+        })
+    }
+}
+
+impl AgentArgs {
+    /// Parses the process arguments; exits with clap's message on error.
+    pub fn parse_validated() -> Self {
+        Self::try_parse_validated_from(std::env::args_os()).unwrap_or_else(|err| err.exit())
+    }
+
+    pub fn try_parse_validated_from<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Self::try_parse_from(argv)?;
+        args.validate()
+            .map_err(|msg| Self::command().error(ErrorKind::ArgumentConflict, msg))?;
+        Ok(args)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(self.min_target <= self.warm_target && self.warm_target <= self.max_target) {
+            return Err(format!(
+                "the pool targets must satisfy --min-target <= --warm-target <= --max-target, \
+                 got {} <= {} <= {}",
+                self.min_target, self.warm_target, self.max_target
+            ));
+        }
+        if self.backend != Backend::Static && !self.static_ranges.is_empty() {
+            return Err(format!(
+                "--static-range is only used with --backend static, not --backend {}",
+                self.backend
+            ));
+        }
+        for (i, a) in self.static_ranges.iter().enumerate() {
+            for b in &self.static_ranges[i + 1..] {
+                if overlaps(a, b) {
+                    return Err(format!("--static-range {a} overlaps --static-range {b}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A range must be a network address: "10.1.0.5/24" is most likely a typo.
+fn parse_range(text: &str) -> Result<Cidr, String> {
+    let cidr: Cidr = text.parse().map_err(|e| format!("{e}"))?;
+    if !cidr.is_network() {
+        return Err(format!(
+            "host bits are set; did you mean {}?",
+            cidr.network()
+        ));
+    }
+    Ok(cidr)
+}
+
+fn overlaps(a: &Cidr, b: &Cidr) -> bool {
+    let shorter = a.prefix_len().min(b.prefix_len());
+    let truncate = |c: &Cidr| Cidr::new(c.addr(), shorter).map(|c| c.network());
+    a.addr().is_ipv4() == b.addr().is_ipv4() && truncate(a).ok() == truncate(b).ok()
+}
+
+/// "300", "300s", "5m", "1h30m": whole seconds, minutes and hours.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration like 300s, 5m or 1h30m");
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().map(Duration::from_secs).map_err(|_| bad());
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(bad()),
+        };
+        let value: u64 = number.parse().map_err(|_| bad())?;
+        total = value
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        number.clear();
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let base = ["vpc-ipam-agent", "--node-name", "node-1"];
+        AgentArgs::try_parse_validated_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        AgentArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&["--backend", "aws"]).unwrap();
+        assert_eq!(args.node_name, "node-1");
+        assert_eq!(args.backend, Backend::Aws);
+        assert_eq!(args.socket, PathBuf::from("/run/cnlb/vpc-ipam.sock"));
+        assert_eq!(args.state_dir, PathBuf::from("/var/lib/cnlb/vpc-ipam"));
+        assert!(args.static_ranges.is_empty());
+        assert_eq!(
+            (args.min_target, args.warm_target, args.max_target),
+            (1, 4, 16)
+        );
+        assert_eq!(args.cooldown, NLB_DEFAULT_DEREGISTRATION_DELAY);
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn static_backend_takes_repeated_ranges() {
+        let args = parse(&[
+            "--backend",
+            "static",
+            "--static-range",
+            "10.1.0.0/24",
+            "--static-range",
+            "fd00:10::/64",
+        ])
+        .unwrap();
+        let ranges: Vec<String> = args.static_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["10.1.0.0/24", "fd00:10::/64"]);
+    }
+
+    fn rejected(extra: &[&str], needle: &str) {
+        let err = parse(extra).unwrap_err();
+        assert!(err.to_string().contains(needle), "{extra:?}: {err}");
+    }
+
+    #[test]
+    fn static_backend_requires_a_range() {
+        rejected(&["--backend", "static"], "--static-range");
+    }
+
+    #[test]
+    fn bad_ranges_name_the_flag() {
+        for range in ["10.1.0.0", "10.1.0.0/33", "banana/8", "10.1.0.5/24"] {
+            rejected(
+                &["--backend", "static", "--static-range", range],
+                "--static-range",
+            );
+        }
+        rejected(
+            &["--backend", "static", "--static-range", "10.1.0.5/24"],
+            "10.1.0.0/24",
+        );
+    }
+
+    #[test]
+    fn ranges_must_not_overlap_or_stray() {
+        rejected(
+            &[
+                "--backend",
+                "static",
+                "--static-range",
+                "10.0.0.0/16",
+                "--static-range",
+                "10.0.3.0/24",
+            ],
+            "overlaps",
+        );
+        rejected(
+            &["--backend", "aws", "--static-range", "10.0.0.0/16"],
+            "--backend static",
+        );
+        parse(&[
+            "--backend",
+            "static",
+            "--static-range",
+            "10.0.0.0/24",
+            "--static-range",
+            "10.0.1.0/24",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn targets_must_be_ordered() {
+        for (min, warm, max) in [("5", "4", "16"), ("1", "20", "16"), ("3", "2", "1")] {
+            let err = parse(&[
+                "--backend",
+                "gcp",
+                "--min-target",
+                min,
+                "--warm-target",
+                warm,
+                "--max-target",
+                max,
+            ])
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+            assert!(
+                err.to_string()
+                    .contains("--min-target <= --warm-target <= --max-target"),
+                "{err}"
+            );
+        }
+        parse(&[
+            "--backend",
+            "gcp",
+            "--min-target",
+            "2",
+            "--warm-target",
+            "2",
+            "--max-target",
+            "2",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (flag, value) in [
+            ("--backend", "azure"),
+            ("--warm-target", "-1"),
+            ("--max-target", "many"),
+            ("--cooldown", "5 minutes"),
+            ("--log-format", "xml"),
+        ] {
+            let mut argv = vec!["--backend", "aws"];
+            if flag == "--backend" {
+                argv.clear();
+            }
+            let value_arg = format!("{flag}={value}");
+            argv.push(&value_arg);
+            rejected(&argv, flag);
+        }
+    }
+
+    #[test]
+    fn node_name_must_not_be_empty() {
+        let err = AgentArgs::try_parse_validated_from([
+            "vpc-ipam-agent",
+            "--backend",
+            "aws",
+            "--node-name=",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue);
+        assert!(err.to_string().contains("--node-name"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "s", "5x", "1.5m", "m5", "5m3", "-5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}
