@@ -15,9 +15,10 @@ ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 demo: env-deps
 	$(ENV) up
 
-## test: set up and run every test (unit and integration) against the real parts
-test: env-deps
+## test: lint, set up and run every test (unit and integration) against the real parts
+test: lint env-deps
 	$(ENV) down
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 ## env-deps: Debian packages, the Kubernetes control plane (go build), emulator venvs

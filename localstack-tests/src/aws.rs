@@ -27,7 +27,10 @@ pub struct AwsEndpoints {
 
 impl AwsEndpoints {
     pub fn single(url: &str) -> AwsEndpoints {
-        AwsEndpoints { ec2: url.to_string(), elbv2: url.to_string() }
+        AwsEndpoints {
+            ec2: url.to_string(),
+            elbv2: url.to_string(),
+        }
     }
 
     /// The standard AWS SDK environment that points a client at these
@@ -35,7 +38,10 @@ impl AwsEndpoints {
     pub fn env_vars(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ENDPOINT_URL_EC2", self.ec2.clone()),
-            ("AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2", self.elbv2.clone()),
+            (
+                "AWS_ENDPOINT_URL_ELASTIC_LOAD_BALANCING_V2",
+                self.elbv2.clone(),
+            ),
             ("AWS_REGION", REGION.to_string()),
             ("AWS_ACCESS_KEY_ID", "test".to_string()),
             ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
@@ -46,7 +52,9 @@ impl AwsEndpoints {
 
 /// The user's LocalStack Pro URL, if they set one.
 pub fn external_url() -> Option<String> {
-    std::env::var(EXTERNAL_URL_VAR).ok().filter(|u| !u.trim().is_empty())
+    std::env::var(EXTERNAL_URL_VAR)
+        .ok()
+        .filter(|u| !u.trim().is_empty())
 }
 
 pub struct Emulator {
@@ -60,7 +68,8 @@ impl Emulator {
     pub fn spawn_moto(dir: &Path) -> Result<Emulator> {
         let port = free_port()?;
         let mut cmd = Command::new(venv_python("moto")?);
-        cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"]).arg(port.to_string());
+        cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string());
         Ok(Emulator {
             url: format!("http://127.0.0.1:{port}"),
             proc: Proc::spawn("moto", cmd, dir)?,
@@ -100,7 +109,11 @@ impl Emulator {
         self.proc
             .wait_ready(timeout, || async {
                 let resp = http.get(&url).send().await?;
-                if resp.status().is_success() { Ok(()) } else { bail!("{url}: {}", resp.status()) }
+                if resp.status().is_success() {
+                    Ok(())
+                } else {
+                    bail!("{url}: {}", resp.status())
+                }
             })
             .await
     }

@@ -57,7 +57,13 @@ impl ControlPlane {
         let kubeconfig = dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &pki.ca, "cnlb-admin", &admin_token)?;
         let kcm_kubeconfig = dir.join("kcm.kubeconfig");
-        write_kubeconfig(&kcm_kubeconfig, &server, &pki.ca, "kube-controller-manager", &kcm_token)?;
+        write_kubeconfig(
+            &kcm_kubeconfig,
+            &server,
+            &pki.ca,
+            "kube-controller-manager",
+            &kcm_token,
+        )?;
 
         let mut etcd = Command::new(control_plane_bin("etcd")?);
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -79,14 +85,26 @@ impl ControlPlane {
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={api_port}"))
             .arg(format!("--tls-cert-file={}", pki.apiserver_cert.display()))
-            .arg(format!("--tls-private-key-file={}", pki.apiserver_key.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                pki.apiserver_key.display()
+            ))
             .arg(format!("--client-ca-file={}", pki.ca.display()))
-            .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.join("tokens.csv").display()
+            ))
             .arg("--authorization-mode=RBAC")
             .arg("--anonymous-auth=false")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}", pki.sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", pki.sa_key.display()))
+            .arg(format!(
+                "--service-account-key-file={}",
+                pki.sa_pub.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_key.display()
+            ))
             .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
             // The `kubernetes` Service would point at a loopback address, which
             // Endpoints validation rejects; nothing here needs it.
@@ -101,12 +119,24 @@ impl ControlPlane {
             .arg("--leader-elect=false")
             .arg("--use-service-account-credentials=true")
             .arg(format!("--root-ca-file={}", pki.ca.display()))
-            .arg(format!("--service-account-private-key-file={}", pki.sa_key.display()))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                pki.sa_key.display()
+            ))
             .arg("--controllers=*");
         let kcm = Proc::spawn("kube-controller-manager", kcm, dir)?;
 
         let admin = client_config(&kubeconfig).await?;
-        Ok(ControlPlane { server, kubeconfig, ca_file: pki.ca, etcd_url, admin, kcm, apiserver, etcd })
+        Ok(ControlPlane {
+            server,
+            kubeconfig,
+            ca_file: pki.ca,
+            etcd_url,
+            admin,
+            kcm,
+            apiserver,
+            etcd,
+        })
     }
 
     /// Waits for etcd, then the API server's /readyz, then for the controller
@@ -117,7 +147,11 @@ impl ControlPlane {
         self.etcd
             .wait_ready(timeout, || async {
                 let body = http.get(&health).send().await?.text().await?;
-                if body.contains("\"health\":\"true\"") { Ok(()) } else { bail!("etcd: {body}") }
+                if body.contains("\"health\":\"true\"") {
+                    Ok(())
+                } else {
+                    bail!("etcd: {body}")
+                }
             })
             .await?;
         let client = self.admin_client()?;
@@ -125,7 +159,11 @@ impl ControlPlane {
             .wait_ready(timeout, || async {
                 let req = http::Request::get("/readyz").body(Vec::new())?;
                 let body = client.request_text(req).await?;
-                if body.trim() == "ok" { Ok(()) } else { bail!("readyz: {body}") }
+                if body.trim() == "ok" {
+                    Ok(())
+                } else {
+                    bail!("readyz: {body}")
+                }
             })
             .await?;
         let sas: Api<ServiceAccount> = Api::namespaced(client, "default");
@@ -199,7 +237,9 @@ impl Pki {
     fn write(dir: &Path) -> Result<Pki> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "cnlb-env CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cnlb-env CA");
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -214,7 +254,9 @@ impl Pki {
             "kubernetes".to_string(),
             "kubernetes.default.svc".to_string(),
         ])?;
-        params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &ca)?;
 

@@ -112,10 +112,10 @@ impl EnvBuilder {
         };
         tokio::try_join!(kube, moto, localstack)?;
 
-        if let Some(cp) = &env.control_plane {
-            if !self.nodes.is_empty() {
-                env.kubelet = Some(Kubelet::start(cp.admin_client()?, self.nodes).await?);
-            }
+        if let Some(cp) = &env.control_plane
+            && !self.nodes.is_empty()
+        {
+            env.kubelet = Some(Kubelet::start(cp.admin_client()?, self.nodes).await?);
         }
         env.ready_in = started.elapsed();
         tracing::info!(dir = %env.dir.display(), "environment ready in {:.1?}", env.ready_in);
@@ -150,7 +150,9 @@ impl Env {
     }
 
     pub fn kube(&self) -> Result<&ControlPlane> {
-        self.control_plane.as_ref().context("this environment was built without .kube()")
+        self.control_plane
+            .as_ref()
+            .context("this environment was built without .kube()")
     }
 
     /// EC2 and ELBv2: the user's LocalStack Pro if set, else moto.
@@ -158,7 +160,10 @@ impl Env {
         if let Some(ext) = &self.external {
             return Ok(ext.clone());
         }
-        let m = self.moto.as_ref().context("this environment was built without .moto()")?;
+        let m = self
+            .moto
+            .as_ref()
+            .context("this environment was built without .moto()")?;
         Ok(AwsEndpoints::single(&m.url))
     }
 
@@ -168,7 +173,10 @@ impl Env {
         if let Some(ext) = &self.external {
             return Ok(ext.clone());
         }
-        let l = self.localstack.as_ref().context("this environment was built without .localstack()")?;
+        let l = self
+            .localstack
+            .as_ref()
+            .context("this environment was built without .localstack()")?;
         Ok(AwsEndpoints::single(&l.url))
     }
 
@@ -191,11 +199,15 @@ impl Env {
         v
     }
 
+    /// Process group ids of the running parts.
+    pub fn pids(&self) -> Vec<i32> {
+        self.procs().iter().map(|p| p.pid()).collect()
+    }
+
     /// Current and peak resident memory of every process of the environment
     /// (all members of each part's process group), in bytes.
     pub fn memory(&self) -> Memory {
-        let groups: Vec<i32> = self.procs().iter().map(|p| p.pid()).collect();
-        crate::process::group_memory(&groups)
+        crate::process::group_memory(&self.pids())
     }
 
     /// `pid<TAB>name` per part, read by `cnlb-env down` to clean up after a
@@ -221,11 +233,11 @@ impl Drop for Env {
         self.moto.take();
         self.localstack.take();
         let keep = std::thread::panicking() || std::env::var_os(KEEP_VAR).is_some();
-        if let Some(tmp) = self.tmp.take() {
-            if keep {
-                let path = tmp.keep();
-                eprintln!("cnlb-env: logs kept in {}", path.display());
-            }
+        if let Some(tmp) = self.tmp.take()
+            && keep
+        {
+            let path = tmp.keep();
+            eprintln!("cnlb-env: logs kept in {}", path.display());
         }
     }
 }
@@ -234,16 +246,18 @@ impl Drop for Env {
 /// under the run root that still runs one of our binaries, then the directories.
 pub fn clean_stale() -> Result<usize> {
     let root = run_root();
-    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(0);
+    };
     let mut cleaned = 0;
     for entry in entries.flatten() {
         let dir = entry.path();
         if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
             for line in pids.lines() {
-                if let Some(pid) = line.split('\t').next().and_then(|p| p.parse::<i32>().ok()) {
-                    if owned_by_env(pid, &dir) {
-                        crate::process::kill_group(pid);
-                    }
+                if let Some(pid) = line.split('\t').next().and_then(|p| p.parse::<i32>().ok())
+                    && owned_by_env(pid, &dir)
+                {
+                    crate::process::kill_group(pid);
                 }
             }
         }

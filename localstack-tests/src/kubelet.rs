@@ -47,7 +47,10 @@ impl NodeConfig {
     }
 
     fn pod_base(&self) -> Result<Ipv4Addr> {
-        let (addr, len) = self.pod_cidr.split_once('/').context("pod CIDR without prefix")?;
+        let (addr, len) = self
+            .pod_cidr
+            .split_once('/')
+            .context("pod CIDR without prefix")?;
         if len != "24" {
             bail!("pod CIDR {} must be a /24", self.pod_cidr);
         }
@@ -76,7 +79,9 @@ impl Kubelet {
         let heartbeat = tokio::spawn(heartbeat(client.clone(), nodes.clone()));
         let mut pods = PodLoop::new(client, nodes)?;
         let pod_loop = tokio::spawn(async move { pods.run().await });
-        Ok(Kubelet { tasks: vec![heartbeat, pod_loop] })
+        Ok(Kubelet {
+            tasks: vec![heartbeat, pod_loop],
+        })
     }
 }
 
@@ -132,7 +137,10 @@ async fn heartbeat(client: Client, nodes: Vec<NodeConfig>) {
                 },
             });
             let params = PatchParams::apply(MANAGER).force();
-            if let Err(e) = leases.patch(&node.name, &params, &Patch::Apply(lease)).await {
+            if let Err(e) = leases
+                .patch(&node.name, &params, &Patch::Apply(lease))
+                .await
+            {
                 tracing::warn!(node = %node.name, "renewing node lease: {e}");
             }
         }
@@ -155,8 +163,17 @@ impl PodLoop {
         for n in &nodes {
             n.pod_base()?;
         }
-        let used = nodes.iter().map(|n| (n.name.clone(), BTreeSet::new())).collect();
-        Ok(PodLoop { client, nodes, used, assigned: BTreeMap::new(), next_node: 0 })
+        let used = nodes
+            .iter()
+            .map(|n| (n.name.clone(), BTreeSet::new()))
+            .collect();
+        Ok(PodLoop {
+            client,
+            nodes,
+            used,
+            assigned: BTreeMap::new(),
+            next_node: 0,
+        })
     }
 
     async fn run(&mut self) {
@@ -198,7 +215,10 @@ impl PodLoop {
         if pod.metadata.deletion_timestamp.is_some() {
             // The containers "stop" at once; finish the graceful deletion.
             self.release(&pod);
-            return match api.delete(&name, &DeleteParams::default().grace_period(0)).await {
+            return match api
+                .delete(&name, &DeleteParams::default().grace_period(0))
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
                 Err(e) => Err(e.into()),
@@ -221,10 +241,12 @@ impl PodLoop {
         let containers: Vec<_> = spec
             .containers
             .iter()
-            .map(|c| json!({
-                "name": c.name, "image": c.image, "imageID": "", "ready": true,
-                "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
-            }))
+            .map(|c| {
+                json!({
+                    "name": c.name, "image": c.image, "imageID": "", "ready": true,
+                    "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
+                })
+            })
             .collect();
         let patch = json!({"status": {
             "phase": "Running",
@@ -259,7 +281,10 @@ impl PodLoop {
             "target": {"apiVersion": "v1", "kind": "Node", "name": node.name},
         });
         let pp = PostParams::default();
-        match api.create_subresource::<_, serde_json::Value>("binding", name, &pp, &binding).await {
+        match api
+            .create_subresource::<_, serde_json::Value>("binding", name, &pp, &binding)
+            .await
+        {
             Ok(_) => Ok(()),
             // Already bound by an earlier event for the same pod.
             Err(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
@@ -283,23 +308,29 @@ impl PodLoop {
     }
 
     fn release(&mut self, pod: &Pod) {
-        if let Some((node, offset)) = pod.uid().and_then(|u| self.assigned.remove(&u)) {
-            if let Some(used) = self.used.get_mut(&node) {
-                used.remove(&offset);
-            }
+        if let Some((node, offset)) = pod.uid().and_then(|u| self.assigned.remove(&u))
+            && let Some(used) = self.used.get_mut(&node)
+        {
+            used.remove(&offset);
         }
     }
 }
 
 fn condition(pod: &Pod, kind: &str) -> Option<bool> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
-    conditions.iter().find(|c| c.type_ == kind).map(|c| c.status == "True")
+    conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status == "True")
 }
 
 /// Ready needs every readiness gate's condition True, as the kubelet computes it.
 fn readiness_gates_true(pod: &Pod) -> bool {
     let gates = pod.spec.as_ref().and_then(|s| s.readiness_gates.as_ref());
     gates
-        .map(|gs| gs.iter().all(|g| condition(pod, &g.condition_type) == Some(true)))
+        .map(|gs| {
+            gs.iter()
+                .all(|g| condition(pod, &g.condition_type) == Some(true))
+        })
         .unwrap_or(true)
 }

@@ -49,7 +49,12 @@ async fn main() -> Result<()> {
             let n = clean_stale()?;
             println!("cnlb-env: cleaned {n} environment(s)");
         }
-        Cmd::Up { nodes, no_aws, check, timeout } => {
+        Cmd::Up {
+            nodes,
+            no_aws,
+            check,
+            timeout,
+        } => {
             let mut b = Env::builder("up")
                 .nodes((1..=nodes).map(NodeConfig::numbered).collect())
                 .kube()
@@ -83,7 +88,10 @@ fn print_summary(env: &Env, no_aws: bool) -> Result<()> {
     );
     println!("  directory (logs, certificates): {}", env.dir.display());
     let cp = env.kube()?;
-    println!("\nKubernetes:\n  export KUBECONFIG={}", cp.kubeconfig.display());
+    println!(
+        "\nKubernetes:\n  export KUBECONFIG={}",
+        cp.kubeconfig.display()
+    );
     if let Ok(kubectl) = cnlb_localstack_tests::paths::control_plane_bin("kubectl") {
         println!("  {} get nodes", kubectl.display());
     }

@@ -29,12 +29,18 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 /// A control-plane binary (etcd, kube-apiserver, kube-controller-manager, kubectl).
 pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
-    let path = cache_dir().join("k8s").join(kubernetes_version()?).join("bin").join(name);
+    let path = cache_dir()
+        .join("k8s")
+        .join(kubernetes_version()?)
+        .join("bin")
+        .join(name);
     if !path.is_file() {
         bail!(
             "{} is not built; run `make env-deps` (or localstack-tests/scripts/build-control-plane.sh)",
@@ -48,7 +54,9 @@ pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
 /// against the pins in the checkout so a stale venv is reported, not used.
 pub fn venv_python(name: &str) -> Result<PathBuf> {
     let dir = cache_dir().join("venv").join(name);
-    let pins = Path::new(env!("CARGO_MANIFEST_DIR")).join("pins").join(format!("{name}.txt"));
+    let pins = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("pins")
+        .join(format!("{name}.txt"));
     let want = std::fs::read(&pins).with_context(|| format!("reading {}", pins.display()))?;
     match std::fs::read(dir.join(".pins")) {
         Ok(have) if have == want => Ok(dir.join("bin").join("python")),
@@ -62,6 +70,26 @@ pub fn venv_python(name: &str) -> Result<PathBuf> {
             dir.display()
         ),
     }
+}
+
+/// A binary of this workspace (`cnlb-ccm`, `vpc-ipam`, ...), from the target
+/// directory the running test or tool was built into. `make test` builds
+/// them first (`cargo build --workspace --bins`).
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // Tests run from target/<profile>/deps/, tools from target/<profile>/.
+    let mut dir = exe.parent().context("executable without a directory")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps without a parent")?;
+    }
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Root of the per-environment temp dirs, so `cnlb-env down` can find leftovers.

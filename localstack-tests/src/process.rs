@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,12 +29,21 @@ impl Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        cmd.current_dir(log_dir).stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
+        cmd.current_dir(log_dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
         let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
-        Ok(Proc { name: name.to_string(), log, pid, child: Mutex::new(child) })
+        Ok(Proc {
+            name: name.to_string(),
+            log,
+            pid,
+            child: Mutex::new(child),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -49,13 +58,17 @@ impl Proc {
         self.pid.as_raw()
     }
 
+    /// The exit status, once the process has exited.
+    pub fn try_status(&self) -> Result<Option<ExitStatus>> {
+        match self.child.lock() {
+            Ok(mut c) => Ok(c.try_wait()?),
+            Err(_) => bail!("{}: lock poisoned", self.name),
+        }
+    }
+
     /// Fails if the process has exited, with its status and the end of its log.
     pub fn check_running(&self) -> Result<()> {
-        let status = match self.child.lock() {
-            Ok(mut c) => c.try_wait()?,
-            Err(_) => bail!("{}: lock poisoned", self.name),
-        };
-        match status {
+        match self.try_status()? {
             None => Ok(()),
             Some(s) => Err(anyhow!(
                 "{} exited ({s}); log: {}\n{}",
@@ -106,7 +119,9 @@ impl Proc {
     }
 
     fn wait_exit(&self, grace: Duration) {
-        let Ok(mut child) = self.child.lock() else { return };
+        let Ok(mut child) = self.child.lock() else {
+            return;
+        };
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -168,13 +183,17 @@ pub struct Memory {
 
 pub fn group_memory(groups: &[i32]) -> Memory {
     let mut m = Memory::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return m };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return m;
+    };
     for e in entries.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         // /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         let pgrp = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(2))

@@ -10,9 +10,16 @@ use cnlb_provider_aws::Clients;
 
 #[test]
 fn vpc_subnets_and_eni_secondary_ips_in_localstack() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let env = Env::builder("aws-localstack").localstack().start().await.unwrap();
+        let env = Env::builder("aws-localstack")
+            .localstack()
+            .start()
+            .await
+            .unwrap();
         common::use_endpoints(&env.localstack().unwrap());
         let clients = Clients::from_env().await;
         let net = common::ec2_network(&clients).await;

@@ -10,7 +10,10 @@ use cnlb_provider_aws::Clients;
 
 #[test]
 fn vpc_eni_nlb_and_ip_targets_in_moto() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let env = Env::builder("aws-moto").moto().start().await.unwrap();
         common::use_endpoints(&env.aws().unwrap());

@@ -2,6 +2,8 @@
 //! harness binds them and reports them Ready, the EndpointSlice controller
 //! publishes their IPs; RBAC refuses a ServiceAccount outside its role.
 
+#![allow(clippy::unwrap_used)] // helpers of tests: a failed call fails the test
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -18,7 +20,10 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn pod_ips(client: &Client) -> BTreeSet<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let list = pods.list(&ListParams::default().labels("app=web")).await.unwrap();
+    let list = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
     list.items
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -36,7 +41,11 @@ async fn ready_endpoints(client: &Client) -> BTreeSet<(String, String, String)> 
     let mut out = BTreeSet::new();
     for slice in list.items {
         for ep in slice.endpoints.unwrap_or_default() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false);
+            let ready = ep
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(false);
             if ready {
                 for addr in &ep.addresses {
                     out.insert((
@@ -54,20 +63,27 @@ async fn ready_endpoints(client: &Client) -> BTreeSet<(String, String, String)> 
 async fn scale(client: &Client, replicas: i32) {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let patch = json!({"spec": {"replicas": replicas}});
-    deployments.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    deployments
+        .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
 }
 
 /// Waits until the ready endpoints are exactly the IPs of `n` live pods, on our nodes.
 async fn endpoints_follow_pods(client: &Client, nodes: &[NodeConfig], n: usize) {
-    eventually(&format!("{n} ready endpoints carrying the pod IPs"), WAIT, || async {
-        let ips = pod_ips(client).await;
-        let eps = ready_endpoints(client).await;
-        let ep_ips: BTreeSet<String> = eps.iter().map(|(ip, _, _)| ip.clone()).collect();
-        let placed = eps.iter().all(|(_, node, zone)| {
-            nodes.iter().any(|c| &c.name == node && &c.zone == zone)
-        });
-        Ok(ips.len() == n && ep_ips == ips && placed)
-    })
+    eventually(
+        &format!("{n} ready endpoints carrying the pod IPs"),
+        WAIT,
+        || async {
+            let ips = pod_ips(client).await;
+            let eps = ready_endpoints(client).await;
+            let ep_ips: BTreeSet<String> = eps.iter().map(|(ip, _, _)| ip.clone()).collect();
+            let placed = eps
+                .iter()
+                .all(|(_, node, zone)| nodes.iter().any(|c| &c.name == node && &c.zone == zone));
+            Ok(ips.len() == n && ep_ips == ips && placed)
+        },
+    )
     .await
     .unwrap();
 }
@@ -75,7 +91,11 @@ async fn endpoints_follow_pods(client: &Client, nodes: &[NodeConfig], n: usize) 
 #[tokio::test]
 async fn deployment_and_service_give_endpoint_slices_with_pod_ips() {
     let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
-    let env = Env::builder("endpointslices").nodes(nodes.clone()).start().await.unwrap();
+    let env = Env::builder("endpointslices")
+        .nodes(nodes.clone())
+        .start()
+        .await
+        .unwrap();
     let client = env.kube().unwrap().admin_client().unwrap();
 
     let deployment: Deployment = serde_json::from_value(json!({
@@ -99,12 +119,21 @@ async fn deployment_and_service_give_endpoint_slices_with_pod_ips() {
     }))
     .unwrap();
     let pp = PostParams::default();
-    Api::<Deployment>::namespaced(client.clone(), "default").create(&pp, &deployment).await.unwrap();
-    Api::<Service>::namespaced(client.clone(), "default").create(&pp, &service).await.unwrap();
+    Api::<Deployment>::namespaced(client.clone(), "default")
+        .create(&pp, &deployment)
+        .await
+        .unwrap();
+    Api::<Service>::namespaced(client.clone(), "default")
+        .create(&pp, &service)
+        .await
+        .unwrap();
 
     endpoints_follow_pods(&client, &nodes, 3).await;
     let ips = pod_ips(&client).await;
-    assert!(ips.iter().all(|ip| ip.starts_with("100.64.")), "pod IPs from node pod CIDRs: {ips:?}");
+    assert!(
+        ips.iter().all(|ip| ip.starts_with("100.64.")),
+        "pod IPs from node pod CIDRs: {ips:?}"
+    );
 
     scale(&client, 5).await;
     endpoints_follow_pods(&client, &nodes, 5).await;
@@ -132,15 +161,23 @@ async fn service_account_is_refused_outside_its_cluster_role() {
         "subjects": [{"kind": "ServiceAccount", "name": "narrow", "namespace": "default"}],
     }))
     .unwrap();
-    Api::<ClusterRole>::all(admin.clone()).create(&pp, &role).await.unwrap();
-    Api::<ClusterRoleBinding>::all(admin.clone()).create(&pp, &binding).await.unwrap();
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&pp, &role)
+        .await
+        .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&pp, &binding)
+        .await
+        .unwrap();
 
     let narrow = cp.service_account_client("default", "narrow").unwrap();
     let pods: Api<Pod> = Api::all(narrow.clone());
     // The authorizer sees new bindings through an informer: allow it a moment.
-    eventually("the bound role lets the account list pods", WAIT, || async {
-        Ok(pods.list(&ListParams::default()).await.is_ok())
-    })
+    eventually(
+        "the bound role lets the account list pods",
+        WAIT,
+        || async { Ok(pods.list(&ListParams::default()).await.is_ok()) },
+    )
     .await
     .unwrap();
 
@@ -149,11 +186,19 @@ async fn service_account_is_refused_outside_its_cluster_role() {
         _ => false,
     };
     let secrets: Api<Secret> = Api::namespaced(narrow.clone(), "kube-system");
-    assert!(forbidden(secrets.list(&ListParams::default()).await.map(|_| ())), "secrets readable");
+    assert!(
+        forbidden(secrets.list(&ListParams::default()).await.map(|_| ())),
+        "secrets readable"
+    );
     let cms: Api<ConfigMap> = Api::namespaced(narrow.clone(), "default");
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
-    assert!(forbidden(cms.create(&pp, &cm).await.map(|_| ())), "configmap creatable");
-    let other = cp.service_account_client("default", "someone-else").unwrap();
+    assert!(
+        forbidden(cms.create(&pp, &cm).await.map(|_| ())),
+        "configmap creatable"
+    );
+    let other = cp
+        .service_account_client("default", "someone-else")
+        .unwrap();
     let pods_other: Api<Pod> = Api::all(other);
     assert!(
         forbidden(pods_other.list(&ListParams::default()).await.map(|_| ())),

@@ -13,7 +13,9 @@ pub use aws_sdk_elasticloadbalancingv2 as elbv2;
 /// shared config files, web identity (IRSA), IMDS. Emulators are reached the
 /// same way, so there is no test-only code path.
 pub async fn sdk_config() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await
 }
 
 /// EC2 and ELBv2 clients sharing one configuration.
@@ -26,6 +28,9 @@ pub struct Clients {
 impl Clients {
     pub async fn from_env() -> Clients {
         let config = sdk_config().await;
-        Clients { ec2: ec2::Client::new(&config), elbv2: elbv2::Client::new(&config) }
+        Clients {
+            ec2: ec2::Client::new(&config),
+            elbv2: elbv2::Client::new(&config),
+        }
     }
 }

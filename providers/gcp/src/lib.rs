@@ -1,1 +1,21 @@
-//! placeholder
+//! GCP provider for cnlb.
+//!
+//! On GCP, Pod IPs can be backends only of *proxy* load balancers, through
+//! zonal `GCE_VM_IP_PORT` network endpoint groups (`GCE_VM_IP` NEGs hold node
+//! IPs). A LoadBalancer Service becomes: one zonal NEG per port per cluster
+//! zone, a region health check, a region backend service
+//! (`EXTERNAL_MANAGED` or `INTERNAL_MANAGED`) with the NEGs as backends, a
+//! region target TCP proxy, a forwarding rule, and a firewall rule for the
+//! health-check ranges. The implementation, on `google-cloud-compute-v1`,
+//! lands with the GCP work; these are the API limits it is built around.
+
+/// `attachNetworkEndpoints` / `detachNetworkEndpoints` take at most this many
+/// endpoints per call.
+pub const MAX_ENDPOINTS_PER_CALL: usize = 500;
+
+/// Source ranges of Google Cloud health checks for proxy load balancers; the
+/// firewall rule must admit them to the Pod ports.
+pub const HEALTH_CHECK_SOURCE_RANGES: [&str; 2] = ["35.191.0.0/16", "130.211.0.0/22"];
+
+/// The NEG type whose endpoints are (instance, Pod IP, port).
+pub const NEG_TYPE: &str = "GCE_VM_IP_PORT";

@@ -1,0 +1,97 @@
+//! The harness cleans up after itself: no process or directory survives an
+//! environment, also when the test panics (then the logs are kept), and a
+//! part that dies is reported by name with its log.
+
+use std::process::Command;
+use std::time::Duration;
+
+use cnlb_localstack_tests::Env;
+use cnlb_localstack_tests::process::Proc;
+
+fn alive(pid: i32) -> bool {
+    // A zombie is gone for our purposes; /proc/<pid>/stat's state is field 3.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn dropping_an_environment_stops_every_process_and_removes_its_directory() {
+    let env = Env::builder("teardown").moto().start().await.unwrap();
+    let dir = env.dir.clone();
+    let pids = env.pids();
+    assert!(!pids.is_empty() && pids.iter().all(|p| alive(*p)));
+    drop(env);
+    assert!(pids.iter().all(|p| !alive(*p)), "processes left: {pids:?}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn a_panicking_test_leaves_no_process_and_keeps_its_logs() {
+    let (inner, seen) = std::sync::mpsc::channel();
+    let result = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let env = Env::builder("panics").moto().start().await.unwrap();
+            inner.send((env.dir.clone(), env.pids())).unwrap();
+            panic!("a failing test");
+        })
+    })
+    .join();
+    assert!(result.is_err(), "the inner test should have panicked");
+    let (dir, pids) = seen.recv().unwrap();
+    assert!(pids.iter().all(|p| !alive(*p)), "processes left: {pids:?}");
+    assert!(
+        dir.join("moto.log").is_file(),
+        "logs of a failed test are kept"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_part_that_exits_is_reported_with_its_name_and_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "echo 'listen tcp 127.0.0.1:1: bind: permission denied'; exit 3",
+    ]);
+    let proc = Proc::spawn("fake-part", cmd, dir.path()).unwrap();
+    let err = proc
+        .wait_ready(Duration::from_secs(10), || async {
+            anyhow::bail!("not listening")
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fake-part exited"), "{err}");
+    assert!(err.contains("fake-part.log"), "{err}");
+    assert!(
+        err.contains("permission denied"),
+        "the log's end is shown: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_part_that_never_gets_ready_times_out_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
+    let proc = Proc::spawn("slow-part", cmd, dir.path()).unwrap();
+    let err = proc
+        .wait_ready(Duration::from_millis(500), || async {
+            anyhow::bail!("port closed")
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("slow-part not ready after"), "{err}");
+    assert!(err.contains("port closed"), "{err}");
+    drop(proc);
+}
