@@ -22,6 +22,10 @@ echo "  (first time only, about 15-25 minutes on 2 cores; cached in $out)"
 mkdir -p "$out.tmp"
 cd "$here"
 start=$SECONDS
+# go build is silent for minutes: say that it is still working.
+( while sleep 60; do echo "  ... still building ($((SECONDS - start)) s)"; done ) &
+ticker=$!
+trap 'kill $ticker 2>/dev/null' EXIT
 # -p 2 bounds parallel compile jobs on a small machine; -s -w makes smaller binaries.
 GOFLAGS="-buildvcs=false -mod=readonly" go build -p "${CNLB_GO_JOBS:-2}" -trimpath -ldflags="-s -w" -o "$out.tmp/" \
   ./etcd \
