@@ -76,6 +76,7 @@ impl EnvBuilder {
             external: external_url().map(|u| AwsEndpoints::single(&u)),
             started,
             ready_in: Duration::ZERO,
+            keep: false,
         };
         // Spawn everything first so the parts come up in parallel.
         if self.kube {
@@ -110,7 +111,10 @@ impl EnvBuilder {
                 None => Ok(()),
             }
         };
-        tokio::try_join!(kube, moto, localstack)?;
+        let ready = tokio::try_join!(kube, moto, localstack);
+        // A part that failed to start is what the logs are for.
+        env.keep = ready.is_err();
+        ready?;
 
         if let Some(cp) = &env.control_plane
             && !self.nodes.is_empty()
@@ -135,6 +139,8 @@ pub struct Env {
     external: Option<AwsEndpoints>,
     started: Instant,
     ready_in: Duration,
+    /// Keep the directory on drop (also when panicking or with `CNLB_KEEP_LOGS`).
+    keep: bool,
 }
 
 impl Env {
@@ -210,10 +216,12 @@ impl Env {
         crate::process::group_memory(&self.pids())
     }
 
-    /// `pid<TAB>name` per part, read by `cnlb-env down` to clean up after a
-    /// test process that was killed before it could drop its environment.
+    /// `owner<TAB>pid` of this process, then `pid<TAB>name` per part: read by
+    /// `cnlb-env down` to clean up after a test process that was killed
+    /// before it could drop its environment.
     fn record_pids(&self) -> Result<()> {
-        let mut f = std::fs::File::create(self.dir.join("pids"))?;
+        let mut f = std::fs::File::create(self.dir.join(PIDS))?;
+        writeln!(f, "owner\t{}", std::process::id())?;
         for p in self.procs() {
             writeln!(f, "{}\t{}", p.pid(), p.name())?;
         }
@@ -232,37 +240,67 @@ impl Drop for Env {
         self.control_plane.take();
         self.moto.take();
         self.localstack.take();
-        let keep = std::thread::panicking() || std::env::var_os(KEEP_VAR).is_some();
+        let keep = self.keep || std::thread::panicking() || std::env::var_os(KEEP_VAR).is_some();
         if let Some(tmp) = self.tmp.take()
             && keep
         {
             let path = tmp.keep();
+            let _ = std::fs::write(path.join(KEPT), "logs of a failed run\n");
             eprintln!("cnlb-env: logs kept in {}", path.display());
         }
     }
 }
 
-/// Stops what a killed test process left behind: every process group recorded
-/// under the run root that still runs one of our binaries, then the directories.
-pub fn clean_stale() -> Result<usize> {
-    let root = run_root();
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return Ok(0);
+const PIDS: &str = "pids";
+/// Marks a directory kept for its logs: `cnlb-env down` leaves it alone.
+const KEPT: &str = "KEPT";
+
+/// What [`clean_stale`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cleaned {
+    /// Directories of dead test processes: their parts killed, then removed.
+    pub removed: Vec<PathBuf>,
+    /// Logs of failed runs, left for a person to read.
+    pub kept: Vec<PathBuf>,
+}
+
+/// Stops what a killed test process left behind: for each environment
+/// directory whose owner process is gone, every part still running there is
+/// killed and the directory removed. Environments of live processes and
+/// directories kept for their logs are left alone.
+pub fn clean_stale() -> Result<Cleaned> {
+    let mut cleaned = Cleaned::default();
+    let Ok(entries) = std::fs::read_dir(run_root()) else {
+        return Ok(cleaned);
     };
-    let mut cleaned = 0;
     for entry in entries.flatten() {
         let dir = entry.path();
-        if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
-            for line in pids.lines() {
-                if let Some(pid) = line.split('\t').next().and_then(|p| p.parse::<i32>().ok())
-                    && owned_by_env(pid, &dir)
-                {
-                    crate::process::kill_group(pid);
+        if dir.join(KEPT).exists() {
+            cleaned.kept.push(dir);
+            continue;
+        }
+        let pids = std::fs::read_to_string(dir.join(PIDS)).unwrap_or_default();
+        let mut parts = Vec::new();
+        let mut owner_alive = false;
+        for line in pids.lines() {
+            match line.split_once('\t') {
+                Some(("owner", pid)) => {
+                    owner_alive = pid
+                        .parse::<i32>()
+                        .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
                 }
+                Some((pid, _name)) => parts.extend(pid.parse::<i32>().ok()),
+                None => {}
             }
         }
+        if owner_alive {
+            continue;
+        }
+        for pid in parts.into_iter().filter(|p| owned_by_env(*p, &dir)) {
+            crate::process::kill_group(pid);
+        }
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        cleaned += 1;
+        cleaned.removed.push(dir);
     }
     Ok(cleaned)
 }

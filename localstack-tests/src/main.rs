@@ -31,7 +31,8 @@ enum Cmd {
         #[arg(long, default_value_t = 90)]
         timeout: u64,
     },
-    /// Kill what a killed test or `up` left behind and remove its directories.
+    /// Kill what a killed test or `up` left behind and remove its directories
+    /// (environments of running processes and kept logs are left alone).
     Down,
 }
 
@@ -46,8 +47,16 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Cmd::Down => {
-            let n = clean_stale()?;
-            println!("cnlb-env: cleaned {n} environment(s)");
+            let cleaned = clean_stale()?;
+            for dir in &cleaned.removed {
+                println!("cnlb-env: stopped and removed {}", dir.display());
+            }
+            for dir in &cleaned.kept {
+                println!(
+                    "cnlb-env: left logs of a failed run in {} (remove by hand)",
+                    dir.display()
+                );
+            }
         }
         Cmd::Up {
             nodes,

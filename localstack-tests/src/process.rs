@@ -167,9 +167,25 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// SIGKILL to a process group.
+/// SIGKILL to a process group, then waits (up to 5 s) until its leader is
+/// gone. A zombie counts as gone: only its parent can reap it.
 pub fn kill_group(pgid: i32) {
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_running(pgid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn is_running(pid: i32) -> bool {
+    // /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// Resident memory of a set of process groups, in bytes: now and each

@@ -6,26 +6,19 @@ use std::process::Command;
 use std::time::Duration;
 
 use cnlb_localstack_tests::Env;
-use cnlb_localstack_tests::process::Proc;
-
-fn alive(pid: i32) -> bool {
-    // A zombie is gone for our purposes; /proc/<pid>/stat's state is field 3.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
+use cnlb_localstack_tests::process::{Proc, is_running};
 
 #[tokio::test]
 async fn dropping_an_environment_stops_every_process_and_removes_its_directory() {
     let env = Env::builder("teardown").moto().start().await.unwrap();
     let dir = env.dir.clone();
     let pids = env.pids();
-    assert!(!pids.is_empty() && pids.iter().all(|p| alive(*p)));
+    assert!(!pids.is_empty() && pids.iter().all(|p| is_running(*p)));
     drop(env);
-    assert!(pids.iter().all(|p| !alive(*p)), "processes left: {pids:?}");
+    assert!(
+        pids.iter().all(|p| !is_running(*p)),
+        "processes left: {pids:?}"
+    );
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
 
@@ -46,7 +39,10 @@ fn a_panicking_test_leaves_no_process_and_keeps_its_logs() {
     .join();
     assert!(result.is_err(), "the inner test should have panicked");
     let (dir, pids) = seen.recv().unwrap();
-    assert!(pids.iter().all(|p| !alive(*p)), "processes left: {pids:?}");
+    assert!(
+        pids.iter().all(|p| !is_running(*p)),
+        "processes left: {pids:?}"
+    );
     assert!(
         dir.join("moto.log").is_file(),
         "logs of a failed test are kept"
