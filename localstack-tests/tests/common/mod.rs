@@ -3,6 +3,7 @@
 //! path, so the emulators are reached only through `AWS_ENDPOINT_URL_*`.
 
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
+#![allow(dead_code)] // each test binary uses a part of it
 
 use std::collections::BTreeSet;
 
@@ -88,7 +89,30 @@ pub async fn ec2_network(c: &Clients) -> Network {
             .vpc_id(&vpc)
             .availability_zone(*az)
             .cidr_block(format!("10.0.{}.0/24", i + 1))
-            .tag_specifications(tags(ResourceType::Subnet, &format!("nodes-{az}")))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Subnet)
+                    .tags(
+                        Tag::builder()
+                            .key("Name")
+                            .value(format!("nodes-{az}"))
+                            .build(),
+                    )
+                    // Where load balancers go, found by tag as on EKS.
+                    .tags(
+                        Tag::builder()
+                            .key("kubernetes.io/role/internal-elb")
+                            .value("1")
+                            .build(),
+                    )
+                    .tags(
+                        Tag::builder()
+                            .key("kubernetes.io/role/elb")
+                            .value("1")
+                            .build(),
+                    )
+                    .build(),
+            )
             .send()
             .await
             .unwrap();

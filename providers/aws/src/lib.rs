@@ -1,8 +1,14 @@
 //! AWS provider for cnlb: Network Load Balancers in IP mode (ELBv2) whose
 //! targets are Pod IPs, and EC2 for the node provider and vpc-ipam.
 //!
-//! The load balancer and node providers land with the AWS work; this crate
-//! holds what everything AWS-facing shares: how clients are configured.
+//! [`AwsProvider`] implements the load balancer provider; clients are
+//! configured from the standard AWS environment only ([`sdk_config`]).
+
+mod error;
+pub mod plan;
+mod provider;
+
+pub use provider::{AwsConfig, AwsProvider, ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
 
 pub use aws_sdk_ec2 as ec2;
 pub use aws_sdk_elasticloadbalancingv2 as elbv2;

@@ -1,0 +1,225 @@
+//! The AWS provider against moto (or the user's LocalStack Pro): an NLB with
+//! TargetType=ip target groups is created once and adopted after a "crash"
+//! (lost IDs), targets follow deltas, a port change replaces the target
+//! group, garbage collection finds it, and delete leaves nothing behind.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use cnlb_localstack_tests::Env;
+use cnlb_provider_aws::elbv2::types::ProtocolEnum;
+use cnlb_provider_aws::plan::LOAD_BALANCER_ID;
+use cnlb_provider_aws::{AwsConfig, AwsProvider, Clients};
+use cnlb_provider_core::{
+    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, Protocol, ProviderError,
+    ResourceIds, Target, TargetDelta,
+};
+
+fn spec(target_port: u16) -> LoadBalancerSpec {
+    let mut spec = LoadBalancerSpec::new(LoadBalancerKey::new("test", "default", "web", "uid-1"));
+    spec.listeners = vec![Listener {
+        name: "http".into(),
+        protocol: Protocol::Tcp,
+        port: 80,
+        target_port,
+    }];
+    spec.target_group_attributes =
+        BTreeMap::from([("deregistration_delay.timeout_seconds".into(), "30".into())]);
+    spec.tags = BTreeMap::from([("team".into(), "web".into())]);
+    spec
+}
+
+fn targets(ips: &[String], port: u16) -> Vec<Target> {
+    ips.iter()
+        .map(|ip| Target::new(ip.parse().unwrap(), port))
+        .collect()
+}
+
+async fn registered(p: &AwsProvider, key: &LoadBalancerKey, ids: &ResourceIds) -> Vec<String> {
+    let mut v: Vec<String> = p
+        .target_health(key, ids)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.listener == "http")
+        .map(|h| format!("{}:{}", h.ip, h.port))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn nlb_lifecycle_with_ip_targets() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let env = Env::builder("aws-provider").moto().start().await.unwrap();
+        common::use_endpoints(&env.aws().unwrap());
+        let clients = Clients::from_env().await;
+        let net = common::ec2_network(&clients).await;
+        let p = AwsProvider::new(
+            clients.clone(),
+            AwsConfig {
+                vpc_id: net.vpc.clone(),
+            },
+        );
+        let s = spec(8080);
+        let key = s.key.clone();
+
+        // Create; the NLB lands in the subnets tagged for internal load balancers.
+        let status = p
+            .ensure_load_balancer(&s, &ResourceIds::new())
+            .await
+            .unwrap();
+        let ids = status.ids.clone();
+        assert!(status.ingress[0].hostname.is_some(), "{status:?}");
+        assert!(
+            ids.contains_key(LOAD_BALANCER_ID) && ids.contains_key("target-group/http"),
+            "{ids:?}"
+        );
+        let lbs = clients
+            .elbv2
+            .describe_load_balancers()
+            .names(key.short_name())
+            .send()
+            .await
+            .unwrap();
+        let lb = &lbs.load_balancers()[0];
+        let mut zones: Vec<&str> = lb
+            .availability_zones()
+            .iter()
+            .filter_map(|z| z.subnet_id())
+            .collect();
+        zones.sort();
+        let mut node_subnets: Vec<&str> =
+            net.node_subnets.iter().map(|(s, _)| s.as_str()).collect();
+        node_subnets.sort();
+        assert_eq!(zones, node_subnets);
+        let tg = &clients
+            .elbv2
+            .describe_target_groups()
+            .target_group_arns(&ids["target-group/http"])
+            .send()
+            .await
+            .unwrap()
+            .target_groups()[0]
+            .clone();
+        assert_eq!(tg.target_type().map(|t| t.as_str()), Some("ip"));
+        assert_eq!(tg.protocol(), Some(&ProtocolEnum::Tcp));
+        assert_eq!(tg.port(), Some(8080));
+
+        // Again, with the IDs and without them (a crash before they were
+        // persisted): the same resources, no duplicates.
+        assert_eq!(p.ensure_load_balancer(&s, &ids).await.unwrap().ids, ids);
+        assert_eq!(
+            p.ensure_load_balancer(&s, &ResourceIds::new())
+                .await
+                .unwrap()
+                .ids,
+            ids
+        );
+        let all = clients
+            .elbv2
+            .describe_load_balancers()
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(all.load_balancers().len(), 1);
+        let all = clients.elbv2.describe_target_groups().send().await.unwrap();
+        assert_eq!(all.target_groups().len(), 1);
+
+        // Targets follow deltas.
+        let listener = s.listeners[0].clone();
+        let add = TargetDelta {
+            register: targets(&net.pod_ips, 8080),
+            deregister: vec![],
+        };
+        p.sync_targets(&key, &listener, &add, &ids).await.unwrap();
+        let mut want: Vec<String> = net.pod_ips.iter().map(|ip| format!("{ip}:8080")).collect();
+        want.sort();
+        assert_eq!(registered(&p, &key, &ids).await, want);
+        let drop_one = TargetDelta {
+            register: vec![],
+            deregister: targets(&net.pod_ips[..1], 8080),
+        };
+        p.sync_targets(&key, &listener, &drop_one, &ids)
+            .await
+            .unwrap();
+        let gone = format!("{}:8080", net.pod_ips[0]);
+        want.retain(|t| t != &gone);
+        assert_eq!(registered(&p, &key, &ids).await, want);
+        // Idempotent: the same delta again succeeds.
+        p.sync_targets(&key, &listener, &drop_one, &ids)
+            .await
+            .unwrap();
+
+        // A target port change needs a new target group; the listener moves
+        // to it and the old one is deleted.
+        let moved = spec(9090);
+        let new_ids = p.ensure_load_balancer(&moved, &ids).await.unwrap().ids;
+        assert_ne!(new_ids["target-group/http"], ids["target-group/http"]);
+        assert_eq!(new_ids[LOAD_BALANCER_ID], ids[LOAD_BALANCER_ID]);
+        let listeners = clients
+            .elbv2
+            .describe_listeners()
+            .load_balancer_arn(&ids[LOAD_BALANCER_ID])
+            .send()
+            .await
+            .unwrap();
+        let forward = listeners.listeners()[0].default_actions()[0].target_group_arn();
+        assert_eq!(forward, Some(new_ids["target-group/http"].as_str()));
+        let all = clients.elbv2.describe_target_groups().send().await.unwrap();
+        assert_eq!(
+            all.target_groups().len(),
+            1,
+            "the old target group is deleted"
+        );
+
+        // Garbage collection sees it by its tags.
+        let owned = p.list_owned("test").await.unwrap();
+        assert_eq!(owned.len(), 1);
+        assert_eq!(owned[0].key, key);
+        assert!(p.list_owned("other-cluster").await.unwrap().is_empty());
+
+        // Delete removes everything, and is idempotent.
+        p.delete_load_balancer(&key, &new_ids).await.unwrap();
+        p.delete_load_balancer(&key, &new_ids).await.unwrap();
+        assert!(p.list_owned("test").await.unwrap().is_empty());
+        let all = clients
+            .elbv2
+            .describe_load_balancers()
+            .send()
+            .await
+            .unwrap();
+        assert!(all.load_balancers().is_empty());
+        let all = clients.elbv2.describe_target_groups().send().await.unwrap();
+        assert!(all.target_groups().is_empty());
+        assert!(matches!(
+            p.target_health(&key, &new_ids).await,
+            Err(ProviderError::NotFound { .. })
+        ));
+
+        // A resource with our name but not our tags is never adopted.
+        clients
+            .elbv2
+            .create_target_group()
+            .name(cnlb_provider_aws::plan::target_group_name(&key, &s.listeners[0]).unwrap())
+            .protocol(ProtocolEnum::Tcp)
+            .port(8080)
+            .vpc_id(&net.vpc)
+            .target_type(cnlb_provider_aws::elbv2::types::TargetTypeEnum::Ip)
+            .send()
+            .await
+            .unwrap();
+        let err = p
+            .ensure_load_balancer(&s, &ResourceIds::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProviderError::Conflict { .. }), "{err}");
+    });
+}

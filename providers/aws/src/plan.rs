@@ -1,0 +1,120 @@
+//! Pure decisions of the AWS provider: resource names, the keys of persisted
+//! IDs, tag and attribute diffs. No SDK calls here.
+
+use std::collections::BTreeMap;
+
+use cnlb_provider_core::{Listener, LoadBalancerKey, Protocol, ProviderError, Result};
+
+/// Key of the load balancer ARN in the persisted [`ResourceIds`](cnlb_provider_core::ResourceIds).
+pub const LOAD_BALANCER_ID: &str = "load-balancer";
+/// Prefix of target group ARN keys: `target-group/<listener name>`.
+pub const TARGET_GROUP_ID_PREFIX: &str = "target-group/";
+
+/// RegisterTargets / DeregisterTargets batch size, as aws-load-balancer-controller.
+pub const TARGET_BATCH: usize = 200;
+/// DescribeTags takes at most 20 ARNs.
+pub const DESCRIBE_TAGS_BATCH: usize = 20;
+
+pub fn target_group_id_key(listener: &Listener) -> String {
+    format!("{TARGET_GROUP_ID_PREFIX}{}", listener.name)
+}
+
+/// The listener name of a target group ID key.
+pub fn listener_of_id_key(key: &str) -> Option<&str> {
+    key.strip_prefix(TARGET_GROUP_ID_PREFIX)
+}
+
+/// ELBv2 protocol of a listener and its target group. TLS needs a
+/// certificate, which the model does not carry yet.
+pub fn elb_protocol(protocol: Protocol) -> Result<&'static str> {
+    match protocol {
+        Protocol::Tcp => Ok("TCP"),
+        Protocol::Udp => Ok("UDP"),
+        Protocol::TcpUdp => Ok("TCP_UDP"),
+        Protocol::Tls => Err(ProviderError::invalid(
+            "listeners.protocol",
+            "TLS listeners need a certificate, which cnlb does not support yet",
+        )),
+    }
+}
+
+/// Target group name: everything a target group cannot change in place
+/// (protocol, port) is in its name, so a change creates a new one instead of
+/// colliding with the old, which is deleted once no listener uses it.
+pub fn target_group_name(key: &LoadBalancerKey, listener: &Listener) -> Result<String> {
+    let proto = elb_protocol(listener.protocol)?;
+    Ok(key.resource_name(&format!(
+        "tg-{}-{}-{}",
+        listener.port, proto, listener.target_port
+    )))
+}
+
+/// Entries of `desired` that `actual` lacks or holds with another value: the
+/// attributes or tags to set. Entries the user no longer names keep their
+/// last value, as with aws-load-balancer-controller.
+pub fn changed(
+    desired: &BTreeMap<String, String>,
+    actual: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    desired
+        .iter()
+        .filter(|(k, v)| actual.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> LoadBalancerKey {
+        LoadBalancerKey::new("c", "default", "web", "uid-1")
+    }
+
+    fn listener(port: u16, protocol: Protocol) -> Listener {
+        Listener {
+            name: "http".into(),
+            protocol,
+            port,
+            target_port: 8080,
+        }
+    }
+
+    #[test]
+    fn target_group_names_change_with_what_cannot_change_in_place() {
+        let tcp = target_group_name(&key(), &listener(80, Protocol::Tcp)).unwrap();
+        let udp = target_group_name(&key(), &listener(80, Protocol::Udp)).unwrap();
+        let other_port = target_group_name(&key(), &listener(81, Protocol::Tcp)).unwrap();
+        assert_ne!(tcp, udp);
+        assert_ne!(tcp, other_port);
+        assert!(
+            tcp.len() <= 32 && tcp.starts_with("k8s-default-web-"),
+            "{tcp}"
+        );
+        assert_eq!(
+            tcp,
+            target_group_name(&key(), &listener(80, Protocol::Tcp)).unwrap()
+        );
+    }
+
+    #[test]
+    fn tls_is_refused_as_user_error() {
+        assert!(elb_protocol(Protocol::Tls).unwrap_err().is_user_error());
+    }
+
+    #[test]
+    fn only_differing_attributes_are_set() {
+        let desired =
+            BTreeMap::from([("a".to_string(), "1".to_string()), ("b".into(), "2".into())]);
+        let actual = BTreeMap::from([("a".to_string(), "1".to_string()), ("b".into(), "3".into())]);
+        assert_eq!(changed(&desired, &actual), vec![("b".into(), "2".into())]);
+        assert!(changed(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn id_keys_round_trip() {
+        let l = listener(80, Protocol::Tcp);
+        assert_eq!(listener_of_id_key(&target_group_id_key(&l)), Some("http"));
+        assert_eq!(listener_of_id_key(LOAD_BALANCER_ID), None);
+    }
+}

@@ -1,0 +1,1005 @@
+//! `LoadBalancerProvider` for AWS: an NLB whose target groups (TargetType=ip)
+//! hold Pod IPs. Resources are found by the IDs the controller persisted,
+//! then by their deterministic names checked against ownership tags; they
+//! are created with their tags in the create call, so a crash anywhere
+//! leaves nothing the next call cannot find. Region-wide listing happens only
+//! in `list_owned` (garbage collection).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::Filter;
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, IpAddressType as ElbIpAddressType, Listener as ElbListener,
+    LoadBalancer, LoadBalancerAttribute, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher,
+    ProtocolEnum, Tag, TargetDescription, TargetGroup, TargetGroupAttribute, TargetHealthStateEnum,
+    TargetTypeEnum,
+};
+use backon::{ExponentialBuilder, Retryable};
+use cnlb_provider_core::{
+    HealthCheckPort, HealthCheckProtocol, IpAddressType, Listener, LoadBalancerIngress,
+    LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
+    ProviderError, ResourceIds, Result, Scheme, Target, TargetDelta, TargetHealth,
+    TargetHealthState, is_owned_by, is_owned_by_cluster, key_from_owner_tags,
+};
+
+use crate::Clients;
+use crate::error::map;
+use crate::plan::{
+    DESCRIBE_TAGS_BATCH, LOAD_BALANCER_ID, TARGET_BATCH, changed, elb_protocol, listener_of_id_key,
+    target_group_id_key, target_group_name,
+};
+
+/// Subnet tags through which load balancer subnets are discovered, as in
+/// aws-load-balancer-controller and the in-tree AWS cloud provider.
+pub const ELB_SUBNET_TAG: &str = "kubernetes.io/role/elb";
+pub const INTERNAL_ELB_SUBNET_TAG: &str = "kubernetes.io/role/internal-elb";
+
+#[derive(Clone, Debug)]
+pub struct AwsConfig {
+    /// The VPC Pods and load balancers live in.
+    pub vpc_id: String,
+}
+
+pub struct AwsProvider {
+    clients: Clients,
+    config: AwsConfig,
+}
+
+type Tags = BTreeMap<String, String>;
+
+impl AwsProvider {
+    pub fn new(clients: Clients, config: AwsConfig) -> AwsProvider {
+        AwsProvider { clients, config }
+    }
+
+    /// The load balancer of `key`: by persisted ARN, else by name if its
+    /// tags say it is ours. A name taken by someone else is a conflict.
+    async fn find_load_balancer(
+        &self,
+        key: &LoadBalancerKey,
+        known: &ResourceIds,
+    ) -> Result<Option<LoadBalancer>> {
+        if let Some(arn) = known.get(LOAD_BALANCER_ID) {
+            let found = self
+                .clients
+                .elbv2
+                .describe_load_balancers()
+                .load_balancer_arns(arn)
+                .send()
+                .await;
+            match found {
+                Ok(out) => {
+                    if let Some(lb) = out.load_balancers().first() {
+                        return Ok(Some(lb.clone()));
+                    }
+                }
+                Err(e) => match map("DescribeLoadBalancers", e) {
+                    ProviderError::NotFound { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        let name = key.short_name();
+        let found = self
+            .clients
+            .elbv2
+            .describe_load_balancers()
+            .names(&name)
+            .send()
+            .await;
+        let lb = match found {
+            Ok(out) => out.load_balancers().first().cloned(),
+            Err(e) => match map("DescribeLoadBalancers", e) {
+                ProviderError::NotFound { .. } => None,
+                other => return Err(other),
+            },
+        };
+        let Some(lb) = lb else { return Ok(None) };
+        let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        self.check_owner(key, &arn, &name).await?;
+        Ok(Some(lb))
+    }
+
+    /// The target group named `name`: by persisted ARN (if it still has
+    /// that name), else by name with our tags.
+    async fn find_target_group(
+        &self,
+        key: &LoadBalancerKey,
+        name: &str,
+        known_arn: Option<&String>,
+    ) -> Result<Option<TargetGroup>> {
+        if let Some(arn) = known_arn {
+            match self
+                .clients
+                .elbv2
+                .describe_target_groups()
+                .target_group_arns(arn)
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    if let Some(tg) = out.target_groups().first()
+                        && tg.target_group_name() == Some(name)
+                    {
+                        return Ok(Some(tg.clone()));
+                    }
+                }
+                Err(e) => match map("DescribeTargetGroups", e) {
+                    ProviderError::NotFound { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        let tg = match self
+            .clients
+            .elbv2
+            .describe_target_groups()
+            .names(name)
+            .send()
+            .await
+        {
+            Ok(out) => out.target_groups().first().cloned(),
+            Err(e) => match map("DescribeTargetGroups", e) {
+                ProviderError::NotFound { .. } => None,
+                other => return Err(other),
+            },
+        };
+        let Some(tg) = tg else { return Ok(None) };
+        self.check_owner(key, tg.target_group_arn().unwrap_or_default(), name)
+            .await?;
+        Ok(Some(tg))
+    }
+
+    async fn check_owner(&self, key: &LoadBalancerKey, arn: &str, name: &str) -> Result<()> {
+        let tags = self.tags_of(&[arn.to_string()]).await?;
+        if tags.get(arn).is_some_and(|t| is_owned_by(t, key)) {
+            Ok(())
+        } else {
+            Err(ProviderError::Conflict {
+                resource: name.to_string(),
+                reason: format!("{name} exists but is not tagged as owned by {key}"),
+            })
+        }
+    }
+
+    /// Tags of up to any number of ELBv2 resources, 20 ARNs per call.
+    async fn tags_of(&self, arns: &[String]) -> Result<BTreeMap<String, Tags>> {
+        let mut all = BTreeMap::new();
+        for chunk in arns.chunks(DESCRIBE_TAGS_BATCH) {
+            let out = self
+                .clients
+                .elbv2
+                .describe_tags()
+                .set_resource_arns(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| map("DescribeTags", e))?;
+            for d in out.tag_descriptions() {
+                let tags = d
+                    .tags()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.key().unwrap_or_default().to_string(),
+                            t.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect();
+                all.insert(d.resource_arn().unwrap_or_default().to_string(), tags);
+            }
+        }
+        Ok(all)
+    }
+
+    async fn add_missing_tags(&self, arn: &str, want: &Tags) -> Result<()> {
+        let have = self
+            .tags_of(&[arn.to_string()])
+            .await?
+            .remove(arn)
+            .unwrap_or_default();
+        let missing = changed(want, &have);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.clients
+            .elbv2
+            .add_tags()
+            .resource_arns(arn)
+            .set_tags(Some(
+                missing.into_iter().map(|(k, v)| elb_tag(&k, &v)).collect(),
+            ))
+            .send()
+            .await
+            .map_err(|e| map("AddTags", e))?;
+        Ok(())
+    }
+
+    /// Subnets named by the spec (IDs, or Name tags), else one per AZ among
+    /// those tagged for this scheme's load balancers.
+    async fn subnets(&self, spec: &LoadBalancerSpec) -> Result<Vec<String>> {
+        let vpc = Filter::builder()
+            .name("vpc-id")
+            .values(&self.config.vpc_id)
+            .build();
+        if let Some(named) = &spec.subnets {
+            let (ids, names): (Vec<&String>, Vec<&String>) =
+                named.iter().partition(|s| s.starts_with("subnet-"));
+            let mut found: Vec<String> = ids.into_iter().cloned().collect();
+            if !names.is_empty() {
+                let by_name = Filter::builder()
+                    .name("tag:Name")
+                    .set_values(Some(names.iter().map(|n| n.to_string()).collect()))
+                    .build();
+                let out = self
+                    .clients
+                    .ec2
+                    .describe_subnets()
+                    .filters(vpc)
+                    .filters(by_name)
+                    .send()
+                    .await
+                    .map_err(|e| map("DescribeSubnets", e))?;
+                let resolved: Vec<String> = out
+                    .subnets()
+                    .iter()
+                    .filter_map(|s| s.subnet_id().map(str::to_string))
+                    .collect();
+                if resolved.len() < names.len() {
+                    return Err(ProviderError::invalid(
+                        "subnets",
+                        format!(
+                            "not every subnet name in {names:?} names a subnet of {}",
+                            self.config.vpc_id
+                        ),
+                    ));
+                }
+                found.extend(resolved);
+            }
+            found.sort();
+            return Ok(found);
+        }
+        let role = match spec.scheme {
+            Scheme::Internal => INTERNAL_ELB_SUBNET_TAG,
+            Scheme::InternetFacing => ELB_SUBNET_TAG,
+        };
+        let tagged = Filter::builder().name("tag-key").values(role).build();
+        let out = self
+            .clients
+            .ec2
+            .describe_subnets()
+            .filters(vpc)
+            .filters(tagged)
+            .send()
+            .await
+            .map_err(|e| map("DescribeSubnets", e))?;
+        // One subnet per AZ (the lowest ID, so the choice is stable).
+        let mut per_az: BTreeMap<String, String> = BTreeMap::new();
+        for s in out.subnets() {
+            let (Some(az), Some(id)) = (s.availability_zone(), s.subnet_id()) else {
+                continue;
+            };
+            let entry = per_az
+                .entry(az.to_string())
+                .or_insert_with(|| id.to_string());
+            if id < entry.as_str() {
+                *entry = id.to_string();
+            }
+        }
+        if per_az.is_empty() {
+            return Err(ProviderError::invalid(
+                "subnets",
+                format!(
+                    "no subnet of {} is tagged {role}; tag one per zone or name them in the subnets annotation",
+                    self.config.vpc_id
+                ),
+            ));
+        }
+        Ok(per_az.into_values().collect())
+    }
+
+    async fn ensure_target_group(
+        &self,
+        spec: &LoadBalancerSpec,
+        listener: &Listener,
+        known: &ResourceIds,
+    ) -> Result<String> {
+        let name = target_group_name(&spec.key, listener)?;
+        let protocol = ProtocolEnum::from(elb_protocol(listener.protocol)?);
+        let hc = &spec.health_check;
+        let hc_protocol = match hc.protocol {
+            HealthCheckProtocol::Tcp => ProtocolEnum::Tcp,
+            HealthCheckProtocol::Http => ProtocolEnum::Http,
+            HealthCheckProtocol::Https => ProtocolEnum::Https,
+        };
+        let hc_port = match hc.port {
+            HealthCheckPort::TrafficPort => "traffic-port".to_string(),
+            HealthCheckPort::Port(p) => p.to_string(),
+        };
+        let http = hc.protocol != HealthCheckProtocol::Tcp;
+        let path = if http {
+            Some(hc.path.clone().unwrap_or_else(|| "/".to_string()))
+        } else {
+            None
+        };
+        let matcher = http.then(|| Matcher::builder().http_code(&hc.success_codes).build());
+        let interval = secs(hc.interval);
+        let timeout = secs(hc.timeout);
+
+        let known_arn = known.get(&target_group_id_key(listener));
+        let arn = match self.find_target_group(&spec.key, &name, known_arn).await? {
+            Some(tg) => {
+                let arn = tg.target_group_arn().unwrap_or_default().to_string();
+                let drifted = tg.health_check_protocol() != Some(&hc_protocol)
+                    || tg.health_check_port() != Some(hc_port.as_str())
+                    || tg.health_check_interval_seconds() != Some(interval)
+                    || tg.health_check_timeout_seconds() != Some(timeout)
+                    || tg.healthy_threshold_count() != Some(hc.healthy_threshold as i32)
+                    || tg.unhealthy_threshold_count() != Some(hc.unhealthy_threshold as i32)
+                    || (http && tg.health_check_path() != path.as_deref())
+                    || (http
+                        && tg.matcher().and_then(|m| m.http_code())
+                            != Some(hc.success_codes.as_str()));
+                if drifted {
+                    self.clients
+                        .elbv2
+                        .modify_target_group()
+                        .target_group_arn(&arn)
+                        .health_check_protocol(hc_protocol.clone())
+                        .health_check_port(&hc_port)
+                        .set_health_check_path(path.clone())
+                        .health_check_interval_seconds(interval)
+                        .health_check_timeout_seconds(timeout)
+                        .healthy_threshold_count(hc.healthy_threshold as i32)
+                        .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
+                        .set_matcher(matcher.clone())
+                        .send()
+                        .await
+                        .map_err(|e| map("ModifyTargetGroup", e))?;
+                }
+                self.add_missing_tags(&arn, &spec.resource_tags()).await?;
+                arn
+            }
+            None => {
+                let out = self
+                    .clients
+                    .elbv2
+                    .create_target_group()
+                    .name(&name)
+                    .protocol(protocol)
+                    .port(i32::from(listener.target_port))
+                    .vpc_id(&self.config.vpc_id)
+                    .target_type(TargetTypeEnum::Ip)
+                    .health_check_protocol(hc_protocol)
+                    .health_check_port(&hc_port)
+                    .set_health_check_path(path)
+                    .health_check_interval_seconds(interval)
+                    .health_check_timeout_seconds(timeout)
+                    .healthy_threshold_count(hc.healthy_threshold as i32)
+                    .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
+                    .set_matcher(matcher)
+                    .set_tags(Some(elb_tags(&spec.resource_tags())))
+                    .send()
+                    .await
+                    .map_err(|e| map("CreateTargetGroup", e))?;
+                out.target_groups()
+                    .first()
+                    .and_then(|tg| tg.target_group_arn())
+                    .map(str::to_string)
+                    .ok_or_else(|| cloud("CreateTargetGroup", "no target group in the answer"))?
+            }
+        };
+
+        if !spec.target_group_attributes.is_empty() {
+            let out = self
+                .clients
+                .elbv2
+                .describe_target_group_attributes()
+                .target_group_arn(&arn)
+                .send()
+                .await
+                .map_err(|e| map("DescribeTargetGroupAttributes", e))?;
+            let actual: Tags = out
+                .attributes()
+                .iter()
+                .map(|a| {
+                    (
+                        a.key().unwrap_or_default().to_string(),
+                        a.value().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            let updates = changed(&spec.target_group_attributes, &actual);
+            if !updates.is_empty() {
+                self.clients
+                    .elbv2
+                    .modify_target_group_attributes()
+                    .target_group_arn(&arn)
+                    .set_attributes(Some(
+                        updates
+                            .into_iter()
+                            .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+                            .collect(),
+                    ))
+                    .send()
+                    .await
+                    .map_err(|e| map("ModifyTargetGroupAttributes", e))?;
+            }
+        }
+        Ok(arn)
+    }
+
+    async fn ensure_nlb(
+        &self,
+        spec: &LoadBalancerSpec,
+        known: &ResourceIds,
+    ) -> Result<LoadBalancer> {
+        let scheme = match spec.scheme {
+            Scheme::Internal => LoadBalancerSchemeEnum::Internal,
+            Scheme::InternetFacing => LoadBalancerSchemeEnum::InternetFacing,
+        };
+        let lb = match self.find_load_balancer(&spec.key, known).await? {
+            Some(lb) => {
+                // Changing the scheme means a new NLB (and a new address):
+                // never done behind the user's back.
+                if lb.scheme() != Some(&scheme) {
+                    return Err(ProviderError::invalid(
+                        "scheme",
+                        format!(
+                            "the load balancer exists as {}; the scheme cannot change in place (recreate the Service)",
+                            lb.scheme().map(|s| s.as_str()).unwrap_or("unknown")
+                        ),
+                    ));
+                }
+                self.add_missing_tags(
+                    lb.load_balancer_arn().unwrap_or_default(),
+                    &spec.resource_tags(),
+                )
+                .await?;
+                lb
+            }
+            None => {
+                let subnets = self.subnets(spec).await?;
+                let ip_type = match spec.ip_address_type {
+                    IpAddressType::Ipv4 => ElbIpAddressType::Ipv4,
+                    IpAddressType::DualStack => ElbIpAddressType::Dualstack,
+                };
+                let out = self
+                    .clients
+                    .elbv2
+                    .create_load_balancer()
+                    .name(spec.key.short_name())
+                    .r#type(LoadBalancerTypeEnum::Network)
+                    .scheme(scheme)
+                    .ip_address_type(ip_type)
+                    .set_subnets(Some(subnets))
+                    .set_tags(Some(elb_tags(&spec.resource_tags())))
+                    .send()
+                    .await
+                    .map_err(|e| map("CreateLoadBalancer", e))?;
+                out.load_balancers()
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| cloud("CreateLoadBalancer", "no load balancer in the answer"))?
+            }
+        };
+        let arn = lb.load_balancer_arn().unwrap_or_default();
+        if !spec.attributes.is_empty() {
+            let out = self
+                .clients
+                .elbv2
+                .describe_load_balancer_attributes()
+                .load_balancer_arn(arn)
+                .send()
+                .await
+                .map_err(|e| map("DescribeLoadBalancerAttributes", e))?;
+            let actual: Tags = out
+                .attributes()
+                .iter()
+                .map(|a| {
+                    (
+                        a.key().unwrap_or_default().to_string(),
+                        a.value().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            let updates = changed(&spec.attributes, &actual);
+            if !updates.is_empty() {
+                self.clients
+                    .elbv2
+                    .modify_load_balancer_attributes()
+                    .load_balancer_arn(arn)
+                    .set_attributes(Some(
+                        updates
+                            .into_iter()
+                            .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+                            .collect(),
+                    ))
+                    .send()
+                    .await
+                    .map_err(|e| map("ModifyLoadBalancerAttributes", e))?;
+            }
+        }
+        Ok(lb)
+    }
+
+    async fn listeners_of(&self, lb_arn: &str) -> Result<Vec<ElbListener>> {
+        let out = self
+            .clients
+            .elbv2
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .map_err(|e| map("DescribeListeners", e))?;
+        Ok(out.listeners().to_vec())
+    }
+
+    /// One listener per spec listener, forwarding to its target group;
+    /// listeners the spec no longer has are deleted.
+    async fn ensure_listeners(
+        &self,
+        spec: &LoadBalancerSpec,
+        lb_arn: &str,
+        target_groups: &BTreeMap<u16, String>,
+    ) -> Result<()> {
+        let existing = self.listeners_of(lb_arn).await?;
+        for l in &spec.listeners {
+            let Some(tg) = target_groups.get(&l.port) else {
+                continue;
+            };
+            let protocol = ProtocolEnum::from(elb_protocol(l.protocol)?);
+            let forward = Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(tg)
+                .build();
+            match existing
+                .iter()
+                .find(|x| x.port() == Some(i32::from(l.port)))
+            {
+                Some(x)
+                    if x.protocol() == Some(&protocol) && forwards_to(x) == Some(tg.as_str()) => {}
+                Some(x) => {
+                    self.clients
+                        .elbv2
+                        .modify_listener()
+                        .listener_arn(x.listener_arn().unwrap_or_default())
+                        .protocol(protocol)
+                        .default_actions(forward)
+                        .send()
+                        .await
+                        .map_err(|e| map("ModifyListener", e))?;
+                }
+                None => {
+                    self.clients
+                        .elbv2
+                        .create_listener()
+                        .load_balancer_arn(lb_arn)
+                        .protocol(protocol)
+                        .port(i32::from(l.port))
+                        .default_actions(forward)
+                        .set_tags(Some(elb_tags(&spec.resource_tags())))
+                        .send()
+                        .await
+                        .map_err(|e| map("CreateListener", e))?;
+                }
+            }
+        }
+        let wanted: BTreeSet<i32> = spec.listeners.iter().map(|l| i32::from(l.port)).collect();
+        for x in existing
+            .iter()
+            .filter(|x| x.port().is_some_and(|p| !wanted.contains(&p)))
+        {
+            match self
+                .clients
+                .elbv2
+                .delete_listener()
+                .listener_arn(x.listener_arn().unwrap_or_default())
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => match map("DeleteListener", e) {
+                    ProviderError::NotFound { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes target groups that carry `key`'s tags, retrying while a
+    /// load balancer being deleted still holds them.
+    async fn delete_target_groups(
+        &self,
+        key: &LoadBalancerKey,
+        arns: &BTreeSet<String>,
+    ) -> Result<()> {
+        let arns: Vec<String> = arns.iter().cloned().collect();
+        let tags = match self.tags_of(&arns).await {
+            Ok(t) => t,
+            Err(ProviderError::NotFound { .. }) => {
+                // One of them is gone already: look them up one by one.
+                let mut t = BTreeMap::new();
+                for arn in &arns {
+                    if let Ok(mut one) = self.tags_of(std::slice::from_ref(arn)).await {
+                        t.append(&mut one);
+                    }
+                }
+                t
+            }
+            Err(e) => return Err(e),
+        };
+        for arn in arns
+            .iter()
+            .filter(|a| tags.get(*a).is_some_and(|t| is_owned_by(t, key)))
+        {
+            let delete = || async {
+                match self
+                    .clients
+                    .elbv2
+                    .delete_target_group()
+                    .target_group_arn(arn)
+                    .send()
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) => match map("DeleteTargetGroup", e) {
+                        ProviderError::NotFound { .. } => Ok(()),
+                        other => Err(other),
+                    },
+                }
+            };
+            delete
+                .retry(in_use_backoff())
+                .when(|e| matches!(e, ProviderError::Conflict { .. }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn target_group_arn(
+        &self,
+        key: &LoadBalancerKey,
+        listener: &Listener,
+        known: &ResourceIds,
+    ) -> Result<String> {
+        if let Some(arn) = known.get(&target_group_id_key(listener)) {
+            return Ok(arn.clone());
+        }
+        let name = target_group_name(key, listener)?;
+        self.find_target_group(key, &name, None)
+            .await?
+            .and_then(|tg| tg.target_group_arn().map(str::to_string))
+            .ok_or(ProviderError::NotFound {
+                resource: format!("target group {name}"),
+            })
+    }
+
+    async fn deregister(&self, arn: &str, targets: Vec<TargetDescription>) -> Result<()> {
+        self.clients
+            .elbv2
+            .deregister_targets()
+            .target_group_arn(arn)
+            .set_targets(Some(targets))
+            .send()
+            .await
+            .map_err(|e| map("DeregisterTargets", e))?;
+        Ok(())
+    }
+
+    /// (ip, port) of every target registered in a target group, draining included.
+    async fn registered(&self, arn: &str) -> Result<BTreeSet<(String, i32)>> {
+        let out = self
+            .clients
+            .elbv2
+            .describe_target_health()
+            .target_group_arn(arn)
+            .send()
+            .await
+            .map_err(|e| map("DescribeTargetHealth", e))?;
+        Ok(out
+            .target_health_descriptions()
+            .iter()
+            .filter_map(|d| d.target())
+            .filter_map(|t| Some((t.id()?.to_string(), t.port()?)))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl LoadBalancerProvider for AwsProvider {
+    fn name(&self) -> &str {
+        "aws"
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        spec: &LoadBalancerSpec,
+        known: &ResourceIds,
+    ) -> Result<LoadBalancerStatus> {
+        spec.validate()?;
+        for l in &spec.listeners {
+            elb_protocol(l.protocol)?;
+        }
+        // Target groups first: a listener needs one to forward to.
+        let mut ids = ResourceIds::new();
+        let mut by_port = BTreeMap::new();
+        for l in &spec.listeners {
+            let arn = self.ensure_target_group(spec, l, known).await?;
+            ids.insert(target_group_id_key(l), arn.clone());
+            by_port.insert(l.port, arn);
+        }
+        let lb = self.ensure_nlb(spec, known).await?;
+        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        ids.insert(LOAD_BALANCER_ID.to_string(), lb_arn.clone());
+        self.ensure_listeners(spec, &lb_arn, &by_port).await?;
+
+        // Target groups of listeners the spec dropped (or changed protocol
+        // or port): no listener forwards to them any more.
+        let current: BTreeSet<&String> = ids.values().collect();
+        let stale: BTreeSet<String> = known
+            .iter()
+            .filter(|(k, arn)| listener_of_id_key(k).is_some() && !current.contains(arn))
+            .map(|(_, arn)| arn.clone())
+            .collect();
+        if !stale.is_empty() {
+            self.delete_target_groups(&spec.key, &stale).await?;
+        }
+
+        let ingress = lb
+            .dns_name()
+            .map(|h| LoadBalancerIngress {
+                hostname: Some(h.to_string()),
+                ip: None,
+                ip_mode: None,
+            })
+            .into_iter()
+            .collect();
+        Ok(LoadBalancerStatus { ingress, ids })
+    }
+
+    async fn sync_targets(
+        &self,
+        key: &LoadBalancerKey,
+        listener: &Listener,
+        delta: &TargetDelta,
+        known: &ResourceIds,
+    ) -> Result<()> {
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let arn = self.target_group_arn(key, listener, known).await?;
+        // Draining first: a terminating Pod stops getting new connections
+        // before anything else happens.
+        for chunk in delta.deregister.chunks(TARGET_BATCH) {
+            match self
+                .deregister(&arn, chunk.iter().map(target).collect())
+                .await
+            {
+                // A target that is not registered fails the whole batch: drop
+                // the absent ones (deregistering them is done already) and retry.
+                Err(ProviderError::InvalidSpec { .. }) => {
+                    let present = self.registered(&arn).await?;
+                    let rest: Vec<TargetDescription> = chunk
+                        .iter()
+                        .filter(|t| present.contains(&(t.ip.to_string(), i32::from(t.port))))
+                        .map(target)
+                        .collect();
+                    if !rest.is_empty() {
+                        self.deregister(&arn, rest).await?;
+                    }
+                }
+                other => other?,
+            }
+        }
+        for chunk in delta.register.chunks(TARGET_BATCH) {
+            self.clients
+                .elbv2
+                .register_targets()
+                .target_group_arn(&arn)
+                .set_targets(Some(chunk.iter().map(target).collect()))
+                .send()
+                .await
+                .map_err(|e| map("RegisterTargets", e))?;
+        }
+        Ok(())
+    }
+
+    async fn target_health(
+        &self,
+        key: &LoadBalancerKey,
+        known: &ResourceIds,
+    ) -> Result<Vec<TargetHealth>> {
+        if self.find_load_balancer(key, known).await?.is_none() {
+            return Err(ProviderError::NotFound {
+                resource: format!("load balancer of {key}"),
+            });
+        }
+        let mut health = Vec::new();
+        for (id_key, arn) in known {
+            let Some(listener) = listener_of_id_key(id_key) else {
+                continue;
+            };
+            let out = self
+                .clients
+                .elbv2
+                .describe_target_health()
+                .target_group_arn(arn)
+                .send()
+                .await
+                .map_err(|e| map("DescribeTargetHealth", e))?;
+            for d in out.target_health_descriptions() {
+                let Some(t) = d.target() else { continue };
+                let (Some(ip), Some(port)) = (t.id().and_then(|i| i.parse().ok()), t.port()) else {
+                    continue;
+                };
+                let th = d.target_health();
+                let state = match th.and_then(|h| h.state()) {
+                    Some(TargetHealthStateEnum::Healthy) => TargetHealthState::Healthy,
+                    Some(TargetHealthStateEnum::Unhealthy) => TargetHealthState::Unhealthy,
+                    Some(TargetHealthStateEnum::Initial) => TargetHealthState::Initial,
+                    Some(TargetHealthStateEnum::Draining) => TargetHealthState::Draining,
+                    _ => TargetHealthState::Unavailable,
+                };
+                health.push(TargetHealth {
+                    listener: listener.to_string(),
+                    ip,
+                    port: u16::try_from(port).unwrap_or_default(),
+                    state,
+                    reason: th.and_then(|h| h.reason()).map(|r| r.as_str().to_string()),
+                });
+            }
+        }
+        Ok(health)
+    }
+
+    async fn delete_load_balancer(&self, key: &LoadBalancerKey, known: &ResourceIds) -> Result<()> {
+        let mut target_groups: BTreeSet<String> = known
+            .iter()
+            .filter(|(k, _)| listener_of_id_key(k).is_some())
+            .map(|(_, arn)| arn.clone())
+            .collect();
+        if let Some(lb) = self.find_load_balancer(key, known).await? {
+            let arn = lb.load_balancer_arn().unwrap_or_default();
+            // Target groups its listeners use, even if their IDs were never persisted.
+            for l in self.listeners_of(arn).await? {
+                target_groups.extend(forwards_to(&l).map(str::to_string));
+            }
+            match self
+                .clients
+                .elbv2
+                .delete_load_balancer()
+                .load_balancer_arn(arn)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => match map("DeleteLoadBalancer", e) {
+                    ProviderError::NotFound { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        self.delete_target_groups(key, &target_groups).await
+    }
+
+    async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
+        let mut owned: BTreeMap<LoadBalancerKey, ResourceIds> = BTreeMap::new();
+        let mut marker = None;
+        loop {
+            let out = self
+                .clients
+                .elbv2
+                .describe_load_balancers()
+                .set_marker(marker)
+                .send()
+                .await
+                .map_err(|e| map("DescribeLoadBalancers", e))?;
+            let arns: Vec<String> = out
+                .load_balancers()
+                .iter()
+                .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+                .collect();
+            for (arn, tags) in self.tags_of(&arns).await? {
+                if is_owned_by_cluster(&tags, cluster)
+                    && let Some(key) = key_from_owner_tags(&tags)
+                {
+                    owned
+                        .entry(key)
+                        .or_default()
+                        .insert(LOAD_BALANCER_ID.to_string(), arn);
+                }
+            }
+            marker = out.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
+        // Target groups too: a crash between creating one and the load
+        // balancer leaves a target group with no load balancer.
+        let mut marker = None;
+        loop {
+            let out = self
+                .clients
+                .elbv2
+                .describe_target_groups()
+                .set_marker(marker)
+                .send()
+                .await
+                .map_err(|e| map("DescribeTargetGroups", e))?;
+            let named: BTreeMap<String, String> = out
+                .target_groups()
+                .iter()
+                .filter_map(|t| {
+                    Some((
+                        t.target_group_arn()?.to_string(),
+                        t.target_group_name()?.to_string(),
+                    ))
+                })
+                .collect();
+            let arns: Vec<String> = named.keys().cloned().collect();
+            for (arn, tags) in self.tags_of(&arns).await? {
+                if is_owned_by_cluster(&tags, cluster)
+                    && let Some(key) = key_from_owner_tags(&tags)
+                {
+                    let name = named.get(&arn).cloned().unwrap_or_default();
+                    owned
+                        .entry(key)
+                        .or_default()
+                        .insert(format!("target-group/{name}"), arn);
+                }
+            }
+            marker = out.next_marker().map(str::to_string);
+            if marker.is_none() {
+                break;
+            }
+        }
+        Ok(owned
+            .into_iter()
+            .map(|(key, ids)| OwnedLoadBalancer { key, ids })
+            .collect())
+    }
+}
+
+fn forwards_to(listener: &ElbListener) -> Option<&str> {
+    listener
+        .default_actions()
+        .iter()
+        .find(|a| a.r#type() == Some(&ActionTypeEnum::Forward))
+        .and_then(|a| a.target_group_arn())
+}
+
+fn target(t: &Target) -> TargetDescription {
+    TargetDescription::builder()
+        .id(t.ip.to_string())
+        .port(i32::from(t.port))
+        .build()
+}
+
+fn elb_tag(k: &str, v: &str) -> Tag {
+    Tag::builder().key(k).value(v).build()
+}
+
+fn elb_tags(tags: &Tags) -> Vec<Tag> {
+    tags.iter().map(|(k, v)| elb_tag(k, v)).collect()
+}
+
+fn secs(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+fn cloud(operation: &str, message: &str) -> ProviderError {
+    ProviderError::cloud(operation, message, true)
+}
+
+/// A target group stays "in use" for a few seconds after its load balancer
+/// or listener is deleted.
+fn in_use_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(8)
+        .with_jitter()
+}
