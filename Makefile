@@ -21,11 +21,12 @@ test: lint env-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-## env-deps: Debian packages, the Kubernetes control plane (go build), emulator venvs
+## env-deps: Debian packages, the Kubernetes control plane and helm (go build), emulator venvs
 env-deps:
 	localstack-tests/scripts/install-deps.sh
 	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
 	localstack-tests/scripts/build-control-plane.sh; \
+	localstack-tests/scripts/build-helm.sh; \
 	wait $$venvs
 
 ## env-check: start everything, print start time and memory, stop

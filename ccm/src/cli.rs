@@ -65,10 +65,33 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// VPC of the cluster's Pods and load balancers (--provider=aws).
+    #[arg(
+        long,
+        env = "AWS_VPC_ID",
+        value_name = "VPC_ID",
+        required_if_eq("provider", "aws"),
+        value_parser = parse_vpc_id
+    )]
+    pub aws_vpc_id: Option<String>,
+
     /// Maximum number of objects reconciled at the same time; bounded so
     /// that a burst cannot flood a rate-limited cloud API.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+}
+
+fn parse_vpc_id(s: &str) -> Result<String, String> {
+    let ok = s
+        .strip_prefix("vpc-")
+        .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a VPC ID (vpc- followed by hex digits)"
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -206,8 +229,33 @@ mod tests {
     use clap::CommandFactory;
 
     fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
-        let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "aws"];
+        let base = [
+            "cnlb-ccm",
+            "--cluster-name",
+            "demo",
+            "--provider",
+            "aws",
+            "--aws-vpc-id=vpc-0a1b",
+        ];
         Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn aws_needs_a_valid_vpc_id() {
+        let bare = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "aws"];
+        let err = Args::try_parse_from(bare).unwrap_err().to_string();
+        assert!(err.contains("--aws-vpc-id"), "{err}");
+        let bad = [
+            "cnlb-ccm",
+            "--cluster-name=demo",
+            "--provider=aws",
+            "--aws-vpc-id=subnet-1",
+        ];
+        let err = Args::try_parse_from(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("--aws-vpc-id") && err.contains("not a VPC ID"),
+            "{err}"
+        );
     }
 
     #[test]

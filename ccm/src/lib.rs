@@ -2,3 +2,4 @@
 //! tested here and shared with the `cnlb-ccm` binary.
 
 pub mod annotations;
+pub mod targets;

@@ -2,6 +2,7 @@
 //! that send traffic straight to Pod IPs.
 
 mod cli;
+mod controller;
 mod metrics;
 mod run;
 mod server;

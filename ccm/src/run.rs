@@ -13,7 +13,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::cli::{Args, BindAddress};
+use cnlb_provider_aws::{AwsConfig, AwsProvider};
+use cnlb_provider_core::LoadBalancerProvider;
+
+use crate::cli::{Args, BindAddress, Provider};
+use crate::controller;
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::shutdown::Signals;
@@ -47,6 +51,10 @@ pub enum Error {
     Client(#[source] kube::Error),
     #[error("the Kubernetes API server did not answer")]
     ApiUnreachable(#[source] kube::Error),
+    #[error("{0} is required with this provider")]
+    MissingFlag(&'static str),
+    #[error("--provider={0} is not built yet (aws is)")]
+    ProviderNotBuilt(Provider),
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -82,23 +90,27 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     health.set_ready();
 
-    // Say plainly what this build does not do, so nobody waits for a load
-    // balancer that will never come.
-    warn!(
-        "the Service, targets and node controllers are not part of this build yet \
-         (they land with the provider work): no Service is reconciled and no cloud API is called"
-    );
+    let provider = build_provider(&args).await?;
     if args.leader_elect {
-        info!(
+        // Say plainly what this build does not do yet.
+        warn!(
             lease = %format!("{}/{}", args.leader_elect_namespace, args.leader_elect_lease_name),
-            "leader election guards the controllers; with none running, no Lease is taken"
+            "leader election is not built yet: run one replica"
         );
     }
+    let settings = controller::Settings {
+        cluster: args.cluster_name.clone(),
+        class: args.load_balancer_class.clone(),
+        manage_unclassed: args.manage_unclassed,
+        concurrency: args.concurrency,
+    };
+    let controllers = tokio::spawn(controller::run(client.clone(), provider, settings));
 
     let api_check = tokio::spawn(check_api_periodically(client, metrics.clone()));
     let signal = signals.recv().await;
     info!(signal, "shutting down");
     api_check.abort();
+    controllers.abort();
     stop_server(server).await
 }
 
@@ -165,6 +177,21 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     };
     info!(api_server = %config.cluster_url, "Kubernetes configuration loaded");
     build_client(config)
+}
+
+/// The load balancer provider named by --provider.
+async fn build_provider(args: &Args) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
+    match args.provider {
+        Provider::Aws => {
+            let vpc_id = args
+                .aws_vpc_id
+                .clone()
+                .ok_or(Error::MissingFlag("--aws-vpc-id"))?;
+            let clients = cnlb_provider_aws::Clients::from_env().await;
+            Ok(Arc::new(AwsProvider::new(clients, AwsConfig { vpc_id })))
+        }
+        other => Err(Error::ProviderNotBuilt(other)),
+    }
 }
 
 fn build_client(config: Config) -> Result<Client, Error> {

@@ -50,6 +50,18 @@ pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// helm, built by `scripts/build-helm.sh` at the version pinned there.
+pub fn helm() -> Result<PathBuf> {
+    let path = cache_dir().join("helm").join("current").join("helm");
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `make env-deps` (or localstack-tests/scripts/build-helm.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The Python interpreter of an emulator venv (`moto` or `localstack`), checked
 /// against the pins in the checkout so a stale venv is reported, not used.
 pub fn venv_python(name: &str) -> Result<PathBuf> {

@@ -20,6 +20,7 @@ async fn ccm_is_ready_against_the_real_api_server_and_stops_on_sigterm() {
     .args([
         "--cluster-name=test",
         "--provider=aws",
+        "--aws-vpc-id=vpc-0123",
         "--leader-elect=false",
     ])
     .arg(format!("--metrics-bind-address=127.0.0.1:{port}"));
