@@ -3,6 +3,7 @@
 
 mod cli;
 mod controller;
+mod leader;
 mod metrics;
 mod run;
 mod server;

@@ -17,10 +17,10 @@ use cnlb_provider_aws::{AwsConfig, AwsProvider};
 use cnlb_provider_core::LoadBalancerProvider;
 
 use crate::cli::{Args, BindAddress, Provider};
-use crate::controller;
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::shutdown::Signals;
+use crate::{controller, leader};
 
 /// How often the API server is probed after start-up, for the
 /// `cnlb_kube_api_reachable` gauge.
@@ -55,6 +55,8 @@ pub enum Error {
     MissingFlag(&'static str),
     #[error("--provider={0} is not built yet (aws is)")]
     ProviderNotBuilt(Provider),
+    #[error("lost the leader lease: exiting so that only one replica acts")]
+    LostLeadership,
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -91,27 +93,65 @@ pub async fn run(args: Args) -> Result<(), Error> {
     health.set_ready();
 
     let provider = build_provider(&args).await?;
-    if args.leader_elect {
-        // Say plainly what this build does not do yet.
-        warn!(
-            lease = %format!("{}/{}", args.leader_elect_namespace, args.leader_elect_lease_name),
-            "leader election is not built yet: run one replica"
-        );
-    }
     let settings = controller::Settings {
         cluster: args.cluster_name.clone(),
         class: args.load_balancer_class.clone(),
         manage_unclassed: args.manage_unclassed,
         concurrency: args.concurrency,
     };
-    let controllers = tokio::spawn(controller::run(client.clone(), provider, settings));
+    let api_check = tokio::spawn(check_api_periodically(client.clone(), metrics.clone()));
 
-    let api_check = tokio::spawn(check_api_periodically(client, metrics.clone()));
-    let signal = signals.recv().await;
-    info!(signal, "shutting down");
-    api_check.abort();
+    // Only the holder of the Lease runs the controllers.
+    let mut elector = args.leader_elect.then(|| {
+        let config = leader::Config::new(
+            &args.leader_elect_namespace,
+            &args.leader_elect_lease_name,
+            &identity(),
+        );
+        leader::Elector::new(client.clone(), config)
+    });
+    if let Some(elector) = elector.as_mut() {
+        tokio::select! {
+            () = elector.acquire() => {}
+            signal = signals.recv() => {
+                info!(signal, "shutting down before becoming leader");
+                api_check.abort();
+                return stop_server(server).await;
+            }
+        }
+    }
+    let controllers = tokio::spawn(controller::run(client, provider, settings));
+    let outcome = match elector.as_mut() {
+        Some(elector) => tokio::select! {
+            () = elector.hold() => Err(Error::LostLeadership),
+            signal = signals.recv() => {
+                info!(signal, "shutting down");
+                Ok(())
+            }
+        },
+        None => {
+            let signal = signals.recv().await;
+            info!(signal, "shutting down");
+            Ok(())
+        }
+    };
     controllers.abort();
-    stop_server(server).await
+    if let (Some(elector), Ok(())) = (elector.as_mut(), &outcome) {
+        elector.release().await;
+    }
+    api_check.abort();
+    stop_server(server).await?;
+    outcome
+}
+
+/// Unique per replica: the Pod's hostname, and the pid for several
+/// processes on one host.
+fn identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_else(|| "cnlb-ccm".to_string());
+    format!("{}_{}", host.trim(), std::process::id())
 }
 
 /// The HTTP server task and the sender that stops it.
