@@ -183,6 +183,11 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
         let status = ctx.provider.ensure_load_balancer(&spec, &known).await?;
+        // Ensure may have replaced target groups (port or protocol change):
+        // re-read what is registered instead of trusting the cache.
+        if let Ok(mut m) = ctx.registered.lock() {
+            m.remove(&spec.key.uid);
+        }
         persist(ctx, svc, &status, &hash).await?;
         event(
             ctx,

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
 #![allow(dead_code)] // each test binary uses a part of it
 
+pub mod ccm;
+
 use std::collections::BTreeSet;
 
 use cnlb_localstack_tests::AwsEndpoints;

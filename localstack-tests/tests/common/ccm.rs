@@ -1,0 +1,135 @@
+//! `cnlb-ccm --provider=aws` against an environment, and the objects the
+//! controller tests share.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use cnlb_localstack_tests::Env;
+use cnlb_localstack_tests::paths::workspace_bin;
+use cnlb_localstack_tests::process::Proc;
+use cnlb_provider_aws::Clients;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+/// Starts the controller (leader election off) with the environment's AWS endpoints.
+pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
+    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
+    cmd.arg(format!(
+        "--kubeconfig={}",
+        env.kube().unwrap().kubeconfig.display()
+    ))
+    .args([
+        "--cluster-name=test",
+        "--provider=aws",
+        "--leader-elect=false",
+    ])
+    .args(["--metrics-bind-address=0", &format!("--aws-vpc-id={vpc}")])
+    .envs(env.aws().unwrap().env_vars());
+    Proc::spawn(name, cmd, &env.dir).unwrap()
+}
+
+/// Deployment `web` (label app=web) whose Pods serve port 8080, named http.
+pub async fn create_web(client: &Client, replicas: i32) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1",
+                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+            },
+        },
+    }))
+    .unwrap();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+}
+
+pub async fn scale(client: &Client, replicas: i32) {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let patch = json!({"spec": {"replicas": replicas}});
+    api.patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// A LoadBalancer Service of class cnlb.dev/nlb in front of app=web.
+pub fn service(name: &str, annotations: serde_json::Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "cnlb.dev/nlb",
+            "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    }))
+    .unwrap()
+}
+
+/// `ip:8080` of every live Pod of app=web.
+pub async fn pod_targets(client: &Client) -> BTreeSet<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let list = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .map(|ip| format!("{ip}:8080"))
+        .collect()
+}
+
+/// `ip:port` of every target registered in a target group.
+pub async fn targets_of(aws: &Clients, target_group_arn: &str) -> BTreeSet<String> {
+    let health = aws
+        .elbv2
+        .describe_target_health()
+        .target_group_arn(target_group_arn)
+        .send()
+        .await
+        .unwrap();
+    health
+        .target_health_descriptions()
+        .iter()
+        .filter_map(|d| d.target())
+        .map(|t| format!("{}:{}", t.id().unwrap(), t.port().unwrap()))
+        .collect()
+}
+
+/// Targets of every target group in the region.
+pub async fn all_targets(aws: &Clients) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let tgs = aws.elbv2.describe_target_groups().send().await.unwrap();
+    for tg in tgs.target_groups() {
+        out.extend(targets_of(aws, tg.target_group_arn().unwrap()).await);
+    }
+    out
+}
+
+/// Number of load balancers and target groups in the region.
+pub async fn counts(aws: &Clients) -> (usize, usize) {
+    let lbs = aws.elbv2.describe_load_balancers().send().await.unwrap();
+    let tgs = aws.elbv2.describe_target_groups().send().await.unwrap();
+    (lbs.load_balancers().len(), tgs.target_groups().len())
+}
+
+/// The hostname in `status.loadBalancer.ingress`, once there.
+pub async fn hostname(services: &Api<Service>, name: &str) -> Option<String> {
+    let svc = services.get(name).await.ok()?;
+    svc.status?
+        .load_balancer?
+        .ingress?
+        .into_iter()
+        .next()?
+        .hostname
+}
