@@ -5,19 +5,20 @@
 //! Event for every outcome. EndpointSlice changes map to their Service, and
 //! the controller queue coalesces bursts into one reconcile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cnlb_ccm::annotations::{AnnotationError, opted_in, parse_service};
-use cnlb_ccm::targets::desired_targets;
+use cnlb_ccm::targets::{READINESS_GATE, awaiting_gate, desired_targets};
 use cnlb_provider_core::{
     LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus, ProviderError,
-    ResourceIds, RetryPolicy, TargetSet, diff_targets, registered_targets,
+    ResourceIds, RetryPolicy, TargetHealthState, TargetSet, diff_targets, registered_targets,
 };
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -57,6 +58,8 @@ struct Context {
     /// Registered targets per Service UID and listener, as last synced; filled
     /// from the cloud's view the first time a Service is seen after a start.
     registered: Mutex<HashMap<String, BTreeMap<String, TargetSet>>>,
+    /// Health polls in a row per Service UID while a readiness gate is pending.
+    gate_polls: Mutex<HashMap<String, u32>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +94,7 @@ pub async fn run(client: Client, provider: Arc<dyn LoadBalancerProvider>, settin
         provider,
         settings,
         registered: Mutex::default(),
+        gate_polls: Mutex::default(),
     });
     Controller::new(services, watcher::Config::default())
         .with_config(config)
@@ -199,21 +203,24 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error> {
         .await;
         status.ids
     };
-    sync_targets(ctx, &spec, &ids).await?;
-    Ok(Action::await_change())
+    sync_targets(ctx, svc, &spec, &ids).await
 }
 
 /// Brings every listener's targets to the Service's EndpointSlices, sending
-/// only the delta against what is registered.
+/// only the delta against what is registered; then drives the readiness gate
+/// of Pods waiting for their target to be healthy.
 async fn sync_targets(
     ctx: &Context,
+    svc: &Service,
     spec: &LoadBalancerSpec,
     ids: &ResourceIds,
-) -> Result<(), Error> {
+) -> Result<Action, Error> {
     let uid = spec.key.uid.clone();
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &spec.key.namespace);
     let lp = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={}", spec.key.name));
-    let desired = desired_targets(&spec.listeners, &slices.list(&lp).await?.items);
+    let pods = service_pods(ctx, svc).await?;
+    let awaiting = awaiting_gate(&pods);
+    let desired = desired_targets(&spec.listeners, &slices.list(&lp).await?.items, &awaiting);
 
     let cached = ctx
         .registered
@@ -245,12 +252,107 @@ async fn sync_targets(
         delta.apply_to(current);
     }
     if let Ok(mut m) = ctx.registered.lock() {
-        m.insert(uid, registered);
+        m.insert(uid.clone(), registered);
     }
     if changes > 0 {
         info!(service = %spec.key.service(), changes, "targets synced");
     }
+    if awaiting.is_empty() {
+        if let Ok(mut polls) = ctx.gate_polls.lock() {
+            polls.remove(&uid);
+        }
+        return Ok(Action::await_change());
+    }
+    open_gates(ctx, spec, ids, &pods, &awaiting, &desired).await?;
+    // Poll health only while a gate is pending: 1 s, 2 s, 4 s, ... 10 s.
+    let polls = ctx.gate_polls.lock().ok().map(|mut p| {
+        let n = p.entry(uid).or_insert(0);
+        *n += 1;
+        *n
+    });
+    let secs = 1u64 << polls.unwrap_or(1).saturating_sub(1).min(4);
+    Ok(Action::requeue(Duration::from_secs(secs.min(10))))
+}
+
+/// Sets the readiness gate of each waiting Pod whose targets are healthy on
+/// every listener it is registered for. A Pod with no registered target yet
+/// keeps waiting: it is never marked ready before it can take traffic.
+async fn open_gates(
+    ctx: &Context,
+    spec: &LoadBalancerSpec,
+    ids: &ResourceIds,
+    pods: &[Pod],
+    awaiting: &BTreeSet<IpAddr>,
+    desired: &BTreeMap<String, TargetSet>,
+) -> Result<(), Error> {
+    let health = ctx.provider.target_health(&spec.key, ids).await?;
+    let healthy: BTreeSet<(String, IpAddr, u16)> = health
+        .iter()
+        .filter(|h| h.state == TargetHealthState::Healthy)
+        .map(|h| (h.listener.clone(), h.ip, h.port))
+        .collect();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &spec.key.namespace);
+    for pod in pods {
+        let Some(ip) = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|i| i.parse().ok())
+        else {
+            continue;
+        };
+        if !awaiting.contains(&ip) {
+            continue;
+        }
+        let targets: Vec<(String, u16)> = desired
+            .iter()
+            .flat_map(|(l, set)| {
+                set.iter()
+                    .filter(|t| t.ip == ip)
+                    .map(move |t| (l.clone(), t.port))
+            })
+            .collect();
+        let ready = !targets.is_empty()
+            && targets
+                .iter()
+                .all(|(l, port)| healthy.contains(&(l.clone(), ip, *port)));
+        if !ready {
+            continue;
+        }
+        let condition = json!({
+            "type": READINESS_GATE, "status": "True", "reason": "TargetHealthy",
+            "message": "the load balancer reports this Pod's target healthy",
+            "lastTransitionTime": Time(Timestamp::now()),
+        });
+        let patch = json!({"status": {"conditions": [condition]}});
+        // Strategic merge: conditions merge by type, the kubelet's stay.
+        api.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
+        .await?;
+        info!(pod = %pod.name_any(), "readiness gate {READINESS_GATE} set");
+    }
     Ok(())
+}
+
+/// The Pods the Service selects (none for a Service without a selector).
+async fn service_pods(ctx: &Context, svc: &Service) -> Result<Vec<Pod>, Error> {
+    let Some(selector) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
+        return Ok(Vec::new());
+    };
+    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    Ok(api
+        .list(&ListParams::default().labels(&labels.join(",")))
+        .await?
+        .items)
 }
 
 async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {

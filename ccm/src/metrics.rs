@@ -1,5 +1,9 @@
-//! Prometheus metrics of the process. Controllers add their own metrics to
-//! this registry when they land.
+//! Prometheus metrics of the process. The registry is shared: the HTTP
+//! server encodes it from the start, and parts built later (the cloud
+//! provider's `cnlb_cloud_api_*` metrics, controllers) register theirs
+//! through [`Metrics::registry`].
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
@@ -7,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 pub struct Metrics {
-    registry: Registry,
+    registry: Mutex<Registry>,
     kube_api_reachable: Gauge,
 }
 
@@ -34,9 +38,18 @@ impl Metrics {
         );
 
         Self {
-            registry,
+            registry: Mutex::new(registry),
             kube_api_reachable,
         }
+    }
+
+    /// The registry, to register more metrics in; they are served from
+    /// then on. Registering happens at start-up: do not hold the guard
+    /// across an `.await`.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Registering and encoding cannot leave the registry half-changed,
+        // so a panic elsewhere while it was held does not make it unusable.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn set_kube_api_reachable(&self, reachable: bool) {
@@ -46,7 +59,7 @@ impl Metrics {
     /// OpenMetrics text exposition of every registered metric.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        encode(&mut out, &self.registry)?;
+        encode(&mut out, &self.registry())?;
         Ok(out)
     }
 }
@@ -67,5 +80,18 @@ mod tests {
         );
         assert!(text.contains("cnlb_kube_api_reachable 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn serves_metrics_registered_later() {
+        let metrics = Metrics::new();
+        let calls = prometheus_client::metrics::counter::Counter::<u64>::default();
+        metrics
+            .registry()
+            .register("cnlb_late", "Registered after start", calls.clone());
+        calls.inc();
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("cnlb_late_total 1"), "{text}");
+        assert!(text.contains("cnlb_kube_api_reachable 0"), "{text}");
     }
 }

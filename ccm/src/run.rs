@@ -92,7 +92,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     health.set_ready();
 
-    let provider = build_provider(&args).await?;
+    let provider = build_provider(&args, &metrics).await?;
     let settings = controller::Settings {
         cluster: args.cluster_name.clone(),
         class: args.load_balancer_class.clone(),
@@ -219,8 +219,12 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     build_client(config)
 }
 
-/// The load balancer provider named by --provider.
-async fn build_provider(args: &Args) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
+/// The load balancer provider named by --provider; its cloud API metrics
+/// go to the registry /metrics serves.
+async fn build_provider(
+    args: &Args,
+    metrics: &Metrics,
+) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
     match args.provider {
         Provider::Aws => {
             let vpc_id = args
@@ -228,7 +232,12 @@ async fn build_provider(args: &Args) -> Result<Arc<dyn LoadBalancerProvider>, Er
                 .clone()
                 .ok_or(Error::MissingFlag("--aws-vpc-id"))?;
             let clients = cnlb_provider_aws::Clients::from_env().await;
-            Ok(Arc::new(AwsProvider::new(clients, AwsConfig { vpc_id })))
+            let config = AwsConfig::new(vpc_id);
+            Ok(Arc::new(AwsProvider::new(
+                clients,
+                config,
+                &mut metrics.registry(),
+            )))
         }
         other => Err(Error::ProviderNotBuilt(other)),
     }

@@ -2,19 +2,59 @@
 //! rules (which endpoints get traffic, which port a named target port
 //! resolves to) are unit tested without an API server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use cnlb_provider_core::{Listener, Protocol, Target, TargetSet, TargetState};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The Pod readiness gate cnlb drives: Pods that declare it in
+/// `spec.readinessGates` become Ready only once their target is healthy in
+/// the load balancer, so a rollout waits for the new Pods to take traffic.
+pub const READINESS_GATE: &str = "cnlb.dev/load-balancer-ready";
+
+/// True for a Pod held back only by cnlb's gate: it declares the gate, its
+/// containers are ready, the gate's condition is not True yet, and it is not
+/// terminating. Such a Pod must be registered (it is not Ready, so its
+/// endpoint says not ready) or its gate could never turn True.
+pub fn awaits_gate(pod: &Pod) -> bool {
+    let declares = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.readiness_gates.as_ref())
+        .is_some_and(|gates| gates.iter().any(|g| g.condition_type == READINESS_GATE));
+    let condition = |kind: &str| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
+            .map(|c| c.status == "True")
+    };
+    declares
+        && pod.metadata.deletion_timestamp.is_none()
+        && condition("ContainersReady") == Some(true)
+        && condition(READINESS_GATE) != Some(true)
+}
+
+/// IPs of the Pods that [`awaits_gate`].
+pub fn awaiting_gate(pods: &[Pod]) -> BTreeSet<IpAddr> {
+    pods.iter()
+        .filter(|p| awaits_gate(p))
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .collect()
+}
 
 /// Desired targets per listener name, from every EndpointSlice of the
 /// Service. A listener's targets are the endpoints of the slice port with
 /// the listener's name (the Service port name), at that port's number, so
 /// named target ports resolve per Pod. Terminating endpoints are included
-/// with their state: the diff deregisters them at once.
+/// with their state: the diff deregisters them at once. Endpoints of Pods
+/// in `awaiting_gate` count as ready (see [`awaits_gate`]).
 pub fn desired_targets(
     listeners: &[Listener],
     slices: &[EndpointSlice],
+    awaiting_gate: &BTreeSet<IpAddr>,
 ) -> BTreeMap<String, TargetSet> {
     let mut out: BTreeMap<String, TargetSet> = listeners
         .iter()
@@ -47,7 +87,14 @@ pub fn desired_targets(
                     c.and_then(|c| c.terminating),
                 );
                 for addr in &ep.addresses {
-                    let Ok(ip) = addr.parse() else { continue };
+                    let Ok(ip) = addr.parse::<IpAddr>() else {
+                        continue;
+                    };
+                    let state = if awaiting_gate.contains(&ip) && !state.terminating {
+                        TargetState::READY
+                    } else {
+                        state
+                    };
                     set.insert(Target {
                         ip,
                         port: number,
@@ -102,7 +149,7 @@ mod tests {
                 {"addresses": ["100.64.1.4"], "conditions": {"ready": false, "serving": false}},
             ],
         }));
-        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[s]);
+        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[s], &BTreeSet::new());
         let set = &out["http"];
         assert_eq!(set.len(), 3);
         let wanted: Vec<String> = set.wanted().iter().map(|t| t.addr().to_string()).collect();
@@ -124,7 +171,11 @@ mod tests {
             "ports": [{"name": "http", "port": 9000}],
             "endpoints": [{"addresses": ["10.0.0.2"]}],
         }));
-        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[a, b]);
+        let out = desired_targets(
+            &[listener("http", Protocol::Tcp)],
+            &[a, b],
+            &BTreeSet::new(),
+        );
         let addrs: Vec<String> = out["http"].iter().map(|t| t.addr().to_string()).collect();
         assert_eq!(addrs, vec!["10.0.0.1:8080", "10.0.0.2:9000"]);
     }
@@ -141,15 +192,76 @@ mod tests {
             "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
             "endpoints": [{"addresses": ["example.com"]}],
         }));
-        let out = desired_targets(&[listener("dns", Protocol::Udp)], &[s.clone(), fqdn]);
+        let out = desired_targets(
+            &[listener("dns", Protocol::Udp)],
+            &[s.clone(), fqdn],
+            &BTreeSet::new(),
+        );
         assert_eq!(out["dns"].len(), 1);
-        let out = desired_targets(&[listener("dns", Protocol::Tcp)], &[s]);
+        let out = desired_targets(&[listener("dns", Protocol::Tcp)], &[s], &BTreeSet::new());
         assert!(out["dns"].is_empty(), "a TCP listener takes no UDP port");
+    }
+
+    fn pod(gate: bool, containers_ready: bool, gate_true: bool) -> Pod {
+        let mut conditions = vec![
+            json!({"type": "ContainersReady", "status": if containers_ready { "True" } else { "False" }}),
+        ];
+        if gate_true {
+            conditions.push(json!({"type": READINESS_GATE, "status": "True"}));
+        }
+        let gates = if gate {
+            json!([{"conditionType": READINESS_GATE}])
+        } else {
+            json!([])
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [], "readinessGates": gates},
+            "status": {"podIP": "10.0.0.1", "conditions": conditions},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_pods_held_back_by_our_gate_await_it() {
+        assert!(awaits_gate(&pod(true, true, false)));
+        assert!(!awaits_gate(&pod(true, true, true)), "gate already True");
+        assert!(
+            !awaits_gate(&pod(true, false, false)),
+            "containers not ready"
+        );
+        assert!(!awaits_gate(&pod(false, true, false)), "no gate declared");
+        assert_eq!(awaiting_gate(&[pod(true, true, false)]).len(), 1);
+    }
+
+    #[test]
+    fn a_pod_awaiting_the_gate_is_registered_though_not_ready() {
+        let s = slice(json!({
+            "metadata": {"name": "web-abc"}, "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": false}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ],
+        }));
+        let awaiting = BTreeSet::from(["10.0.0.1".parse().unwrap(), "10.0.0.3".parse().unwrap()]);
+        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[s], &awaiting);
+        let wanted: Vec<String> = out["http"]
+            .wanted()
+            .iter()
+            .map(|t| t.addr().to_string())
+            .collect();
+        assert_eq!(
+            wanted,
+            vec!["10.0.0.1:8080"],
+            "terminating endpoints are never revived"
+        );
     }
 
     #[test]
     fn listeners_without_endpoints_are_present_and_empty() {
-        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[]);
+        let out = desired_targets(&[listener("http", Protocol::Tcp)], &[], &BTreeSet::new());
         assert!(out["http"].is_empty());
     }
 }

@@ -64,9 +64,8 @@ fn nlb_lifecycle_with_ip_targets() {
         let net = common::ec2_network(&clients).await;
         let p = AwsProvider::new(
             clients.clone(),
-            AwsConfig {
-                vpc_id: net.vpc.clone(),
-            },
+            AwsConfig::new(net.vpc.clone()),
+            &mut Default::default(),
         );
         let s = spec(8080);
         let key = s.key.clone();

@@ -5,31 +5,41 @@ use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
 use cnlb_provider_core::ProviderError;
 
 /// Maps the error of `operation`. Codes are the same across EC2 and ELBv2.
-pub fn map<E, R>(operation: &str, err: SdkError<E, R>) -> ProviderError
+pub fn map<E>(operation: &str, err: SdkError<E>) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     let code = err.code().unwrap_or_default().to_string();
     let message = err.message().map(str::to_string).unwrap_or_else(|| {
         aws_sdk_elasticloadbalancingv2::error::DisplayErrorContext(&err).to_string()
     });
-    let transport = matches!(
+    // The request may not have reached AWS, or AWS failed on its side (5xx):
+    // the same request can succeed later.
+    let transient = matches!(
         err,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
-    );
-    classify(operation, &code, &message, transport)
+    ) || err
+        .raw_response()
+        .is_some_and(|r| r.status().is_server_error());
+    classify(operation, &code, &message, transient)
 }
 
-/// The pure part of [`map`], for tests.
-pub fn classify(operation: &str, code: &str, message: &str, transport: bool) -> ProviderError {
+/// The pure part of [`map`], for tests. `transient` (a transport failure
+/// or a 5xx) makes an error of an unknown code retryable.
+pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> ProviderError {
     let operation = operation.to_string();
     match code {
+        // Throttling codes, as the AWS SDKs' retry classifiers know them.
         "Throttling"
         | "ThrottlingException"
+        | "ThrottledException"
+        | "RequestThrottledException"
+        | "EC2ThrottledException"
         | "RequestLimitExceeded"
         | "TooManyRequestsException"
-        | "RequestThrottled" => ProviderError::Throttled { operation },
+        | "RequestThrottled"
+        | "SlowDown"
+        | "PriorRequestNotComplete" => ProviderError::Throttled { operation },
         c if c.starts_with("TooMany") || c.ends_with("LimitExceeded") => {
             ProviderError::QuotaExceeded {
                 resource: format!("{operation}: {message}"),
@@ -73,7 +83,7 @@ pub fn classify(operation: &str, code: &str, message: &str, transport: bool) -> 
         _ => ProviderError::Cloud {
             operation,
             message: message.to_string(),
-            retryable: transport,
+            retryable: transient,
         },
     }
 }
@@ -89,6 +99,10 @@ mod tests {
         assert!(matches!(c("Throttling"), ProviderError::Throttled { .. }));
         assert!(matches!(
             c("RequestLimitExceeded"),
+            ProviderError::Throttled { .. }
+        ));
+        assert!(matches!(
+            c("EC2ThrottledException"),
             ProviderError::Throttled { .. }
         ));
         assert!(matches!(

@@ -4,6 +4,10 @@
 //! are created with their tags in the create call, so a crash anywhere
 //! leaves nothing the next call cannot find. Region-wide listing happens only
 //! in `list_owned` (garbage collection).
+//!
+//! Every SDK request goes through `self.calls.run("<API action>", || ...)`
+//! (`calls.rs`): rate limit, retries on throttling and 5xx, metrics. A call
+//! that failed here has used up its retries or cannot succeed as sent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,9 +27,10 @@ use cnlb_provider_core::{
     ProviderError, ResourceIds, Result, Scheme, Target, TargetDelta, TargetHealth,
     TargetHealthState, is_owned_by, is_owned_by_cluster, key_from_owner_tags,
 };
+use prometheus_client::registry::Registry;
 
 use crate::Clients;
-use crate::error::map;
+use crate::calls::{Calls, RateLimits};
 use crate::plan::{
     DESCRIBE_TAGS_BATCH, LOAD_BALANCER_ID, TARGET_BATCH, changed, elb_protocol, listener_of_id_key,
     target_group_id_key, target_group_name,
@@ -36,22 +41,50 @@ use crate::plan::{
 pub const ELB_SUBNET_TAG: &str = "kubernetes.io/role/elb";
 pub const INTERNAL_ELB_SUBNET_TAG: &str = "kubernetes.io/role/internal-elb";
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AwsConfig {
     /// The VPC Pods and load balancers live in.
     pub vpc_id: String,
+    /// Client-side rate limits of the AWS calls (see [`RateLimits`] for
+    /// the defaults and why).
+    pub rate_limits: RateLimits,
+}
+
+impl AwsConfig {
+    /// The configuration for `vpc_id` with default rate limits.
+    pub fn new(vpc_id: impl Into<String>) -> AwsConfig {
+        AwsConfig {
+            vpc_id: vpc_id.into(),
+            rate_limits: RateLimits::default(),
+        }
+    }
 }
 
 pub struct AwsProvider {
     clients: Clients,
     config: AwsConfig,
+    calls: Calls,
 }
 
 type Tags = BTreeMap<String, String>;
 
 impl AwsProvider {
-    pub fn new(clients: Clients, config: AwsConfig) -> AwsProvider {
-        AwsProvider { clients, config }
+    /// A provider calling AWS through `clients` (their SDK retries are
+    /// turned off: the provider retries itself, see
+    /// [`Clients::without_sdk_retries`]). The `cnlb_cloud_api_*` metrics
+    /// of its calls are registered in `registry`, which must not hold them
+    /// yet (one provider per registry).
+    pub fn new(clients: Clients, config: AwsConfig, registry: &mut Registry) -> AwsProvider {
+        AwsProvider {
+            clients: clients.without_sdk_retries(),
+            calls: Calls::new(&config.rate_limits, registry),
+            config,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clients(&self) -> &Clients {
+        &self.clients
     }
 
     /// The load balancer of `key`: by persisted ARN, else by name if its
@@ -61,13 +94,16 @@ impl AwsProvider {
         key: &LoadBalancerKey,
         known: &ResourceIds,
     ) -> Result<Option<LoadBalancer>> {
+        let elbv2 = &self.clients.elbv2;
         if let Some(arn) = known.get(LOAD_BALANCER_ID) {
             let found = self
-                .clients
-                .elbv2
-                .describe_load_balancers()
-                .load_balancer_arns(arn)
-                .send()
+                .calls
+                .run("DescribeLoadBalancers", || {
+                    elbv2
+                        .describe_load_balancers()
+                        .load_balancer_arns(arn)
+                        .send()
+                })
                 .await;
             match found {
                 Ok(out) => {
@@ -75,26 +111,21 @@ impl AwsProvider {
                         return Ok(Some(lb.clone()));
                     }
                 }
-                Err(e) => match map("DescribeLoadBalancers", e) {
-                    ProviderError::NotFound { .. } => {}
-                    other => return Err(other),
-                },
+                Err(ProviderError::NotFound { .. }) => {}
+                Err(other) => return Err(other),
             }
         }
         let name = key.short_name();
         let found = self
-            .clients
-            .elbv2
-            .describe_load_balancers()
-            .names(&name)
-            .send()
+            .calls
+            .run("DescribeLoadBalancers", || {
+                elbv2.describe_load_balancers().names(&name).send()
+            })
             .await;
         let lb = match found {
             Ok(out) => out.load_balancers().first().cloned(),
-            Err(e) => match map("DescribeLoadBalancers", e) {
-                ProviderError::NotFound { .. } => None,
-                other => return Err(other),
-            },
+            Err(ProviderError::NotFound { .. }) => None,
+            Err(other) => return Err(other),
         };
         let Some(lb) = lb else { return Ok(None) };
         let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
@@ -110,13 +141,13 @@ impl AwsProvider {
         name: &str,
         known_arn: Option<&String>,
     ) -> Result<Option<TargetGroup>> {
+        let elbv2 = &self.clients.elbv2;
         if let Some(arn) = known_arn {
             match self
-                .clients
-                .elbv2
-                .describe_target_groups()
-                .target_group_arns(arn)
-                .send()
+                .calls
+                .run("DescribeTargetGroups", || {
+                    elbv2.describe_target_groups().target_group_arns(arn).send()
+                })
                 .await
             {
                 Ok(out) => {
@@ -126,25 +157,20 @@ impl AwsProvider {
                         return Ok(Some(tg.clone()));
                     }
                 }
-                Err(e) => match map("DescribeTargetGroups", e) {
-                    ProviderError::NotFound { .. } => {}
-                    other => return Err(other),
-                },
+                Err(ProviderError::NotFound { .. }) => {}
+                Err(other) => return Err(other),
             }
         }
         let tg = match self
-            .clients
-            .elbv2
-            .describe_target_groups()
-            .names(name)
-            .send()
+            .calls
+            .run("DescribeTargetGroups", || {
+                elbv2.describe_target_groups().names(name).send()
+            })
             .await
         {
             Ok(out) => out.target_groups().first().cloned(),
-            Err(e) => match map("DescribeTargetGroups", e) {
-                ProviderError::NotFound { .. } => None,
-                other => return Err(other),
-            },
+            Err(ProviderError::NotFound { .. }) => None,
+            Err(other) => return Err(other),
         };
         let Some(tg) = tg else { return Ok(None) };
         self.check_owner(key, tg.target_group_arn().unwrap_or_default(), name)
@@ -169,13 +195,15 @@ impl AwsProvider {
         let mut all = BTreeMap::new();
         for chunk in arns.chunks(DESCRIBE_TAGS_BATCH) {
             let out = self
-                .clients
-                .elbv2
-                .describe_tags()
-                .set_resource_arns(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| map("DescribeTags", e))?;
+                .calls
+                .run("DescribeTags", || {
+                    self.clients
+                        .elbv2
+                        .describe_tags()
+                        .set_resource_arns(Some(chunk.to_vec()))
+                        .send()
+                })
+                .await?;
             for d in out.tag_descriptions() {
                 let tags = d
                     .tags()
@@ -203,16 +231,17 @@ impl AwsProvider {
         if missing.is_empty() {
             return Ok(());
         }
-        self.clients
-            .elbv2
-            .add_tags()
-            .resource_arns(arn)
-            .set_tags(Some(
-                missing.into_iter().map(|(k, v)| elb_tag(&k, &v)).collect(),
-            ))
-            .send()
-            .await
-            .map_err(|e| map("AddTags", e))?;
+        let tags: Vec<Tag> = missing.iter().map(|(k, v)| elb_tag(k, v)).collect();
+        self.calls
+            .run("AddTags", || {
+                self.clients
+                    .elbv2
+                    .add_tags()
+                    .resource_arns(arn)
+                    .set_tags(Some(tags.clone()))
+                    .send()
+            })
+            .await?;
         Ok(())
     }
 
@@ -233,14 +262,16 @@ impl AwsProvider {
                     .set_values(Some(names.iter().map(|n| n.to_string()).collect()))
                     .build();
                 let out = self
-                    .clients
-                    .ec2
-                    .describe_subnets()
-                    .filters(vpc)
-                    .filters(by_name)
-                    .send()
-                    .await
-                    .map_err(|e| map("DescribeSubnets", e))?;
+                    .calls
+                    .run("DescribeSubnets", || {
+                        self.clients
+                            .ec2
+                            .describe_subnets()
+                            .filters(vpc.clone())
+                            .filters(by_name.clone())
+                            .send()
+                    })
+                    .await?;
                 let resolved: Vec<String> = out
                     .subnets()
                     .iter()
@@ -266,14 +297,16 @@ impl AwsProvider {
         };
         let tagged = Filter::builder().name("tag-key").values(role).build();
         let out = self
-            .clients
-            .ec2
-            .describe_subnets()
-            .filters(vpc)
-            .filters(tagged)
-            .send()
-            .await
-            .map_err(|e| map("DescribeSubnets", e))?;
+            .calls
+            .run("DescribeSubnets", || {
+                self.clients
+                    .ec2
+                    .describe_subnets()
+                    .filters(vpc.clone())
+                    .filters(tagged.clone())
+                    .send()
+            })
+            .await?;
         // One subnet per AZ (the lowest ID, so the choice is stable).
         let mut per_az: BTreeMap<String, String> = BTreeMap::new();
         for s in out.subnets() {
@@ -342,7 +375,8 @@ impl AwsProvider {
                         && tg.matcher().and_then(|m| m.http_code())
                             != Some(hc.success_codes.as_str()));
                 if drifted {
-                    self.clients
+                    let modify = self
+                        .clients
                         .elbv2
                         .modify_target_group()
                         .target_group_arn(&arn)
@@ -353,16 +387,16 @@ impl AwsProvider {
                         .health_check_timeout_seconds(timeout)
                         .healthy_threshold_count(hc.healthy_threshold as i32)
                         .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
-                        .set_matcher(matcher.clone())
-                        .send()
-                        .await
-                        .map_err(|e| map("ModifyTargetGroup", e))?;
+                        .set_matcher(matcher.clone());
+                    self.calls
+                        .run("ModifyTargetGroup", || modify.clone().send())
+                        .await?;
                 }
                 self.add_missing_tags(&arn, &spec.resource_tags()).await?;
                 arn
             }
             None => {
-                let out = self
+                let create = self
                     .clients
                     .elbv2
                     .create_target_group()
@@ -379,10 +413,11 @@ impl AwsProvider {
                     .healthy_threshold_count(hc.healthy_threshold as i32)
                     .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
                     .set_matcher(matcher)
-                    .set_tags(Some(elb_tags(&spec.resource_tags())))
-                    .send()
-                    .await
-                    .map_err(|e| map("CreateTargetGroup", e))?;
+                    .set_tags(Some(elb_tags(&spec.resource_tags())));
+                let out = self
+                    .calls
+                    .run("CreateTargetGroup", || create.clone().send())
+                    .await?;
                 out.target_groups()
                     .first()
                     .and_then(|tg| tg.target_group_arn())
@@ -393,13 +428,15 @@ impl AwsProvider {
 
         if !spec.target_group_attributes.is_empty() {
             let out = self
-                .clients
-                .elbv2
-                .describe_target_group_attributes()
-                .target_group_arn(&arn)
-                .send()
-                .await
-                .map_err(|e| map("DescribeTargetGroupAttributes", e))?;
+                .calls
+                .run("DescribeTargetGroupAttributes", || {
+                    self.clients
+                        .elbv2
+                        .describe_target_group_attributes()
+                        .target_group_arn(&arn)
+                        .send()
+                })
+                .await?;
             let actual: Tags = out
                 .attributes()
                 .iter()
@@ -412,19 +449,20 @@ impl AwsProvider {
                 .collect();
             let updates = changed(&spec.target_group_attributes, &actual);
             if !updates.is_empty() {
-                self.clients
-                    .elbv2
-                    .modify_target_group_attributes()
-                    .target_group_arn(&arn)
-                    .set_attributes(Some(
-                        updates
-                            .into_iter()
-                            .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
-                            .collect(),
-                    ))
-                    .send()
-                    .await
-                    .map_err(|e| map("ModifyTargetGroupAttributes", e))?;
+                let attributes: Vec<TargetGroupAttribute> = updates
+                    .into_iter()
+                    .map(|(k, v)| TargetGroupAttribute::builder().key(k).value(v).build())
+                    .collect();
+                self.calls
+                    .run("ModifyTargetGroupAttributes", || {
+                        self.clients
+                            .elbv2
+                            .modify_target_group_attributes()
+                            .target_group_arn(&arn)
+                            .set_attributes(Some(attributes.clone()))
+                            .send()
+                    })
+                    .await?;
             }
         }
         Ok(arn)
@@ -465,7 +503,7 @@ impl AwsProvider {
                     IpAddressType::Ipv4 => ElbIpAddressType::Ipv4,
                     IpAddressType::DualStack => ElbIpAddressType::Dualstack,
                 };
-                let out = self
+                let create = self
                     .clients
                     .elbv2
                     .create_load_balancer()
@@ -474,10 +512,11 @@ impl AwsProvider {
                     .scheme(scheme)
                     .ip_address_type(ip_type)
                     .set_subnets(Some(subnets))
-                    .set_tags(Some(elb_tags(&spec.resource_tags())))
-                    .send()
-                    .await
-                    .map_err(|e| map("CreateLoadBalancer", e))?;
+                    .set_tags(Some(elb_tags(&spec.resource_tags())));
+                let out = self
+                    .calls
+                    .run("CreateLoadBalancer", || create.clone().send())
+                    .await?;
                 out.load_balancers()
                     .first()
                     .cloned()
@@ -487,13 +526,15 @@ impl AwsProvider {
         let arn = lb.load_balancer_arn().unwrap_or_default();
         if !spec.attributes.is_empty() {
             let out = self
-                .clients
-                .elbv2
-                .describe_load_balancer_attributes()
-                .load_balancer_arn(arn)
-                .send()
-                .await
-                .map_err(|e| map("DescribeLoadBalancerAttributes", e))?;
+                .calls
+                .run("DescribeLoadBalancerAttributes", || {
+                    self.clients
+                        .elbv2
+                        .describe_load_balancer_attributes()
+                        .load_balancer_arn(arn)
+                        .send()
+                })
+                .await?;
             let actual: Tags = out
                 .attributes()
                 .iter()
@@ -506,19 +547,20 @@ impl AwsProvider {
                 .collect();
             let updates = changed(&spec.attributes, &actual);
             if !updates.is_empty() {
-                self.clients
-                    .elbv2
-                    .modify_load_balancer_attributes()
-                    .load_balancer_arn(arn)
-                    .set_attributes(Some(
-                        updates
-                            .into_iter()
-                            .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
-                            .collect(),
-                    ))
-                    .send()
-                    .await
-                    .map_err(|e| map("ModifyLoadBalancerAttributes", e))?;
+                let attributes: Vec<LoadBalancerAttribute> = updates
+                    .into_iter()
+                    .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+                    .collect();
+                self.calls
+                    .run("ModifyLoadBalancerAttributes", || {
+                        self.clients
+                            .elbv2
+                            .modify_load_balancer_attributes()
+                            .load_balancer_arn(arn)
+                            .set_attributes(Some(attributes.clone()))
+                            .send()
+                    })
+                    .await?;
             }
         }
         Ok(lb)
@@ -526,13 +568,15 @@ impl AwsProvider {
 
     async fn listeners_of(&self, lb_arn: &str) -> Result<Vec<ElbListener>> {
         let out = self
-            .clients
-            .elbv2
-            .describe_listeners()
-            .load_balancer_arn(lb_arn)
-            .send()
-            .await
-            .map_err(|e| map("DescribeListeners", e))?;
+            .calls
+            .run("DescribeListeners", || {
+                self.clients
+                    .elbv2
+                    .describe_listeners()
+                    .load_balancer_arn(lb_arn)
+                    .send()
+            })
+            .await?;
         Ok(out.listeners().to_vec())
     }
 
@@ -561,28 +605,30 @@ impl AwsProvider {
                 Some(x)
                     if x.protocol() == Some(&protocol) && forwards_to(x) == Some(tg.as_str()) => {}
                 Some(x) => {
-                    self.clients
+                    let modify = self
+                        .clients
                         .elbv2
                         .modify_listener()
                         .listener_arn(x.listener_arn().unwrap_or_default())
                         .protocol(protocol)
-                        .default_actions(forward)
-                        .send()
-                        .await
-                        .map_err(|e| map("ModifyListener", e))?;
+                        .default_actions(forward);
+                    self.calls
+                        .run("ModifyListener", || modify.clone().send())
+                        .await?;
                 }
                 None => {
-                    self.clients
+                    let create = self
+                        .clients
                         .elbv2
                         .create_listener()
                         .load_balancer_arn(lb_arn)
                         .protocol(protocol)
                         .port(i32::from(l.port))
                         .default_actions(forward)
-                        .set_tags(Some(elb_tags(&spec.resource_tags())))
-                        .send()
-                        .await
-                        .map_err(|e| map("CreateListener", e))?;
+                        .set_tags(Some(elb_tags(&spec.resource_tags())));
+                    self.calls
+                        .run("CreateListener", || create.clone().send())
+                        .await?;
                 }
             }
         }
@@ -591,19 +637,19 @@ impl AwsProvider {
             .iter()
             .filter(|x| x.port().is_some_and(|p| !wanted.contains(&p)))
         {
-            match self
-                .clients
-                .elbv2
-                .delete_listener()
-                .listener_arn(x.listener_arn().unwrap_or_default())
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => match map("DeleteListener", e) {
-                    ProviderError::NotFound { .. } => {}
-                    other => return Err(other),
-                },
+            let deleted = self
+                .calls
+                .run("DeleteListener", || {
+                    self.clients
+                        .elbv2
+                        .delete_listener()
+                        .listener_arn(x.listener_arn().unwrap_or_default())
+                        .send()
+                })
+                .await;
+            match deleted {
+                Ok(_) | Err(ProviderError::NotFound { .. }) => {}
+                Err(other) => return Err(other),
             }
         }
         Ok(())
@@ -635,20 +681,22 @@ impl AwsProvider {
             .iter()
             .filter(|a| tags.get(*a).is_some_and(|t| is_owned_by(t, key)))
         {
+            // Each attempt is one rate-limited, metered call with its
+            // own retries on throttling; this loop is only for "in use".
             let delete = || async {
-                match self
-                    .clients
-                    .elbv2
-                    .delete_target_group()
-                    .target_group_arn(arn)
-                    .send()
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(e) => match map("DeleteTargetGroup", e) {
-                        ProviderError::NotFound { .. } => Ok(()),
-                        other => Err(other),
-                    },
+                let deleted = self
+                    .calls
+                    .run("DeleteTargetGroup", || {
+                        self.clients
+                            .elbv2
+                            .delete_target_group()
+                            .target_group_arn(arn)
+                            .send()
+                    })
+                    .await;
+                match deleted {
+                    Ok(_) | Err(ProviderError::NotFound { .. }) => Ok(()),
+                    Err(other) => Err(other),
                 }
             };
             delete
@@ -678,27 +726,31 @@ impl AwsProvider {
     }
 
     async fn deregister(&self, arn: &str, targets: Vec<TargetDescription>) -> Result<()> {
-        self.clients
-            .elbv2
-            .deregister_targets()
-            .target_group_arn(arn)
-            .set_targets(Some(targets))
-            .send()
-            .await
-            .map_err(|e| map("DeregisterTargets", e))?;
+        self.calls
+            .run("DeregisterTargets", || {
+                self.clients
+                    .elbv2
+                    .deregister_targets()
+                    .target_group_arn(arn)
+                    .set_targets(Some(targets.clone()))
+                    .send()
+            })
+            .await?;
         Ok(())
     }
 
     /// (ip, port) of every target registered in a target group, draining included.
     async fn registered(&self, arn: &str) -> Result<BTreeSet<(String, i32)>> {
         let out = self
-            .clients
-            .elbv2
-            .describe_target_health()
-            .target_group_arn(arn)
-            .send()
-            .await
-            .map_err(|e| map("DescribeTargetHealth", e))?;
+            .calls
+            .run("DescribeTargetHealth", || {
+                self.clients
+                    .elbv2
+                    .describe_target_health()
+                    .target_group_arn(arn)
+                    .send()
+            })
+            .await?;
         Ok(out
             .target_health_descriptions()
             .iter()
@@ -795,14 +847,16 @@ impl LoadBalancerProvider for AwsProvider {
             }
         }
         for chunk in delta.register.chunks(TARGET_BATCH) {
-            self.clients
-                .elbv2
-                .register_targets()
-                .target_group_arn(&arn)
-                .set_targets(Some(chunk.iter().map(target).collect()))
-                .send()
-                .await
-                .map_err(|e| map("RegisterTargets", e))?;
+            self.calls
+                .run("RegisterTargets", || {
+                    self.clients
+                        .elbv2
+                        .register_targets()
+                        .target_group_arn(&arn)
+                        .set_targets(Some(chunk.iter().map(target).collect()))
+                        .send()
+                })
+                .await?;
         }
         Ok(())
     }
@@ -823,13 +877,15 @@ impl LoadBalancerProvider for AwsProvider {
                 continue;
             };
             let out = self
-                .clients
-                .elbv2
-                .describe_target_health()
-                .target_group_arn(arn)
-                .send()
-                .await
-                .map_err(|e| map("DescribeTargetHealth", e))?;
+                .calls
+                .run("DescribeTargetHealth", || {
+                    self.clients
+                        .elbv2
+                        .describe_target_health()
+                        .target_group_arn(arn)
+                        .send()
+                })
+                .await?;
             for d in out.target_health_descriptions() {
                 let Some(t) = d.target() else { continue };
                 let (Some(ip), Some(port)) = (t.id().and_then(|i| i.parse().ok()), t.port()) else {
@@ -867,19 +923,19 @@ impl LoadBalancerProvider for AwsProvider {
             for l in self.listeners_of(arn).await? {
                 target_groups.extend(forwards_to(&l).map(str::to_string));
             }
-            match self
-                .clients
-                .elbv2
-                .delete_load_balancer()
-                .load_balancer_arn(arn)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => match map("DeleteLoadBalancer", e) {
-                    ProviderError::NotFound { .. } => {}
-                    other => return Err(other),
-                },
+            let deleted = self
+                .calls
+                .run("DeleteLoadBalancer", || {
+                    self.clients
+                        .elbv2
+                        .delete_load_balancer()
+                        .load_balancer_arn(arn)
+                        .send()
+                })
+                .await;
+            match deleted {
+                Ok(_) | Err(ProviderError::NotFound { .. }) => {}
+                Err(other) => return Err(other),
             }
         }
         self.delete_target_groups(key, &target_groups).await
@@ -890,13 +946,15 @@ impl LoadBalancerProvider for AwsProvider {
         let mut marker = None;
         loop {
             let out = self
-                .clients
-                .elbv2
-                .describe_load_balancers()
-                .set_marker(marker)
-                .send()
-                .await
-                .map_err(|e| map("DescribeLoadBalancers", e))?;
+                .calls
+                .run("DescribeLoadBalancers", || {
+                    self.clients
+                        .elbv2
+                        .describe_load_balancers()
+                        .set_marker(marker.clone())
+                        .send()
+                })
+                .await?;
             let arns: Vec<String> = out
                 .load_balancers()
                 .iter()
@@ -922,13 +980,15 @@ impl LoadBalancerProvider for AwsProvider {
         let mut marker = None;
         loop {
             let out = self
-                .clients
-                .elbv2
-                .describe_target_groups()
-                .set_marker(marker)
-                .send()
-                .await
-                .map_err(|e| map("DescribeTargetGroups", e))?;
+                .calls
+                .run("DescribeTargetGroups", || {
+                    self.clients
+                        .elbv2
+                        .describe_target_groups()
+                        .set_marker(marker.clone())
+                        .send()
+                })
+                .await?;
             let named: BTreeMap<String, String> = out
                 .target_groups()
                 .iter()

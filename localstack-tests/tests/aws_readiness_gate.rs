@@ -1,0 +1,165 @@
+//! The readiness gate `cnlb.dev/load-balancer-ready`: a Pod that declares it
+//! is registered while not yet Ready, becomes Ready only once its target is
+//! healthy, and so a rolling update (maxUnavailable 0) never has fewer
+//! registered targets than replicas: no target is dropped before its
+//! replacement is registered.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_provider_aws::Clients;
+use common::ccm;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const GATE: &str = "cnlb.dev/load-balancer-ready";
+const WAIT: Duration = Duration::from_secs(90);
+
+fn condition(pod: &Pod, kind: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+async fn pods(client: &Client) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap()
+        .items
+}
+
+#[test]
+fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
+        let env = Env::builder("aws-gate")
+            .nodes(nodes)
+            .moto()
+            .start()
+            .await
+            .unwrap();
+        common::use_endpoints(&env.aws().unwrap());
+        let aws = Clients::from_env().await;
+        let net = common::ec2_network(&aws).await;
+        let _ccm = ccm::spawn(&env, &net.vpc, "cnlb-ccm");
+        let client = env.kube().unwrap().admin_client().unwrap();
+
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3,
+                "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {
+                        "readinessGates": [{"conditionType": GATE}],
+                        "containers": [{"name": "web", "image": "example.invalid/web:1",
+                                        "ports": [{"name": "http", "containerPort": 8080}]}],
+                    },
+                },
+            },
+        }))
+        .unwrap();
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .unwrap();
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        services
+            .create(&PostParams::default(), &ccm::service("web", json!({})))
+            .await
+            .unwrap();
+
+        eventually("every Pod passes the gate and is Ready", WAIT, || async {
+            let ps = pods(&client).await;
+            Ok(ps.len() == 3
+                && ps
+                    .iter()
+                    .all(|p| condition(p, GATE) && condition(p, "Ready")))
+        })
+        .await
+        .unwrap();
+        // A gate is only opened for a registered target.
+        assert_eq!(
+            ccm::all_targets(&aws).await,
+            ccm::pod_targets(&client).await
+        );
+
+        // Rolling update: sample the registered targets until the rollout is done.
+        // By name: a new Pod may get an IP an old one just released.
+        let old: BTreeSet<String> = pods(&client)
+            .await
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}});
+        deployments
+            .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let mut fewest = usize::MAX;
+        loop {
+            let registered = ccm::all_targets(&aws).await;
+            fewest = fewest.min(registered.len());
+            let ps = pods(&client).await;
+            if start.elapsed() > WAIT {
+                let state: Vec<String> = ps
+                    .iter()
+                    .map(|p| {
+                        let conds: Vec<String> = p
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.clone())
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|c| format!("{}={}", c.type_, c.status))
+                            .collect();
+                        format!(
+                            "{} ip={:?} deleting={} {:?}",
+                            p.metadata.name.clone().unwrap_or_default(),
+                            p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                            p.metadata.deletion_timestamp.is_some(),
+                            conds
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "rollout did not finish: registered {registered:?}\npods:\n{}",
+                    state.join("\n")
+                );
+            }
+            let live: BTreeSet<String> = ccm::pod_targets(&client).await;
+            let names: BTreeSet<String> =
+                ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
+            let done = ps.len() == 3
+                && names.is_disjoint(&old)
+                && ps.iter().all(|p| condition(p, "Ready"))
+                && registered == live;
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            fewest >= 3,
+            "registered targets fell to {fewest} during the rollout"
+        );
+    });
+}
