@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
 ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 
-.PHONY: demo test env-deps env-up env-check env-down lint fmt
+.PHONY: demo test env-deps env-up env-check env-down lint fmt bench-aws
 
 ## demo: set up, start the local environment and print how to reach it (Ctrl-C stops it)
 demo: env-deps
@@ -36,6 +36,11 @@ env-check: env-deps
 ## env-down: kill and remove what a killed test left behind
 env-down:
 	$(ENV) down
+
+## bench-aws: N Services x M endpoints through cnlb-ccm and moto (BENCH_ARGS="--services 200 --endpoints 50")
+bench-aws: env-deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-aws -- $(BENCH_ARGS)
 
 ## lint: formatting and clippy, warnings as errors
 lint:

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{ArgAction, Parser, ValueEnum};
+use cnlb_provider_aws::RateLimit;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -75,10 +76,36 @@ pub struct Args {
     )]
     pub aws_vpc_id: Option<String>,
 
+    /// AWS Describe* calls: tokens per second / burst (--provider=aws).
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub aws_read_rate: RateLimit,
+
+    /// AWS RegisterTargets / DeregisterTargets calls (200 targets each at most).
+    #[arg(long, default_value = "5/10", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub aws_targets_rate: RateLimit,
+
+    /// AWS create / modify / delete calls.
+    #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub aws_write_rate: RateLimit,
+
     /// Maximum number of objects reconciled at the same time; bounded so
     /// that a burst cannot flood a rate-limited cloud API.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+}
+
+/// `RATE/BURST`, both positive integers, e.g. `10/20`.
+fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|n| *n > 0);
+    match s.split_once('/') {
+        Some((rate, burst)) => match (parse(rate), parse(burst)) {
+            (Some(rate), Some(burst)) => Ok(RateLimit::new(rate, burst)),
+            _ => Err(format!(
+                "{s:?}: expected RATE/BURST with positive integers, like 10/20"
+            )),
+        },
+        None => Err(format!("{s:?}: expected RATE/BURST, like 10/20")),
+    }
 }
 
 fn parse_vpc_id(s: &str) -> Result<String, String> {
@@ -256,6 +283,16 @@ mod tests {
             err.contains("--aws-vpc-id") && err.contains("not a VPC ID"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn aws_rates_parse_and_reject_nonsense() {
+        let args = parse(&["--aws-write-rate=4/8"]).unwrap();
+        assert_eq!(args.aws_write_rate, RateLimit::new(4, 8));
+        assert_eq!(args.aws_read_rate, RateLimit::new(10, 20));
+        let err = parse(&["--aws-targets-rate=0/5"]).unwrap_err().to_string();
+        assert!(err.contains("--aws-targets-rate"), "{err}");
+        assert!(parse(&["--aws-read-rate=fast"]).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use cnlb_provider_aws::{AwsConfig, AwsProvider};
+use cnlb_provider_aws::{AwsConfig, AwsProvider, RateLimits};
 use cnlb_provider_core::LoadBalancerProvider;
 
 use crate::cli::{Args, BindAddress, Provider};
@@ -232,7 +232,12 @@ async fn build_provider(
                 .clone()
                 .ok_or(Error::MissingFlag("--aws-vpc-id"))?;
             let clients = cnlb_provider_aws::Clients::from_env().await;
-            let config = AwsConfig::new(vpc_id);
+            let mut config = AwsConfig::new(vpc_id);
+            config.rate_limits = RateLimits {
+                read: args.aws_read_rate,
+                targets: args.aws_targets_rate,
+                write: args.aws_write_rate,
+            };
             Ok(Arc::new(AwsProvider::new(
                 clients,
                 config,

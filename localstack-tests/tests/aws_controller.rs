@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_localstack_tests::eventually;
 use cnlb_provider_aws::Clients;
 use common::ccm;
 use k8s_openapi::api::core::v1::{Event, Service};
@@ -39,19 +39,11 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
-        let env = Env::builder("aws-controller")
-            .nodes(nodes)
-            .moto()
-            .start()
-            .await
-            .unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let aws = Clients::from_env().await;
-        let net = common::ec2_network(&aws).await;
-        let _ccm = ccm::spawn(&env, &net.vpc, "cnlb-ccm");
+        let cluster = ccm::cluster("aws-controller", 2).await;
+        let (env, aws, net) = (&cluster.env, &cluster.aws, &cluster.net);
+        let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
 
-        let client = env.kube().unwrap().admin_client().unwrap();
+        let client = cluster.client.clone();
         let pp = PostParams::default();
         ccm::create_web(&client, 3).await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -80,11 +72,11 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
         let host = ccm::hostname(&services, "web").await;
         assert_eq!(host.as_deref(), lbs.load_balancers()[0].dns_name());
 
-        targets_follow_pods(&client, &aws, 3).await;
+        targets_follow_pods(&client, aws, 3).await;
         ccm::scale(&client, 5).await;
-        targets_follow_pods(&client, &aws, 5).await;
+        targets_follow_pods(&client, aws, 5).await;
         ccm::scale(&client, 2).await;
-        targets_follow_pods(&client, &aws, 2).await;
+        targets_follow_pods(&client, aws, 2).await;
 
         // A bad annotation: a Warning Event and a condition naming the key; nothing built.
         let bad = ccm::service(
@@ -126,7 +118,7 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
         )
         .await
         .unwrap();
-        assert_eq!(ccm::counts(&aws).await, (1, 1));
+        assert_eq!(ccm::counts(aws).await, (1, 1));
 
         // Deleting the Service deletes the NLB and its target group, then the Service goes.
         services
@@ -134,7 +126,7 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
             .await
             .unwrap();
         eventually("the NLB and the Service are gone", WAIT, || async {
-            Ok(ccm::counts(&aws).await == (0, 0) && services.get_opt("web").await?.is_none())
+            Ok(ccm::counts(aws).await == (0, 0) && services.get_opt("web").await?.is_none())
         })
         .await
         .unwrap();

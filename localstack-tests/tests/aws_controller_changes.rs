@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_localstack_tests::eventually;
 use cnlb_provider_aws::Clients;
 use common::ccm;
 use k8s_openapi::api::core::v1::Service;
@@ -45,20 +45,18 @@ fn port_and_annotation_changes_update_the_nlb_in_place() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let env = Env::builder("aws-changes").nodes(vec![NodeConfig::numbered(1)]).moto().start().await.unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let aws = Clients::from_env().await;
-        let net = common::ec2_network(&aws).await;
-        let _ccm = ccm::spawn(&env, &net.vpc, "cnlb-ccm");
-        let client = env.kube().unwrap().admin_client().unwrap();
+        let cluster = ccm::cluster("aws-changes", 1).await;
+        let (env, aws, net) = (&cluster.env, &cluster.aws, &cluster.net);
+        let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
+        let client = cluster.client.clone();
         ccm::create_web(&client, 2).await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         services.create(&PostParams::default(), &ccm::service("web", json!({}))).await.unwrap();
         eventually("the NLB serves port 80 with the pods as targets", WAIT, || async {
             let pods = ccm::pod_targets(&client).await;
             Ok(pods.len() == 2
-                && listener_ports(&aws).await == BTreeSet::from([80])
-                && ccm::all_targets(&aws).await == pods)
+                && listener_ports(aws).await == BTreeSet::from([80])
+                && ccm::all_targets(aws).await == pods)
         })
         .await
         .unwrap();
@@ -78,8 +76,8 @@ fn port_and_annotation_changes_update_the_nlb_in_place() {
             let one_new_tg = tgs.target_groups().len() == 1
                 && tgs.target_groups()[0].target_group_arn().map(str::to_string) != tg_before;
             Ok(one_new_tg
-                && listener_ports(&aws).await == BTreeSet::from([8443])
-                && ccm::all_targets(&aws).await == ccm::pod_targets(&client).await)
+                && listener_ports(aws).await == BTreeSet::from([8443])
+                && ccm::all_targets(aws).await == ccm::pod_targets(&client).await)
         })
         .await
         .unwrap();
@@ -101,6 +99,6 @@ fn port_and_annotation_changes_update_the_nlb_in_place() {
         })
         .await
         .unwrap();
-        assert_eq!(ccm::counts(&aws).await, (1, 1));
+        assert_eq!(ccm::counts(aws).await, (1, 1));
     });
 }

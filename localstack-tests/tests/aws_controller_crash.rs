@@ -10,8 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
-use cnlb_provider_aws::Clients;
+use cnlb_localstack_tests::eventually;
 use common::ccm;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
@@ -28,17 +27,9 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
-        let env = Env::builder("aws-crash")
-            .nodes(nodes)
-            .moto()
-            .start()
-            .await
-            .unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let aws = Clients::from_env().await;
-        let net = common::ec2_network(&aws).await;
-        let client = env.kube().unwrap().admin_client().unwrap();
+        let cluster = ccm::cluster("aws-crash", 2).await;
+        let (env, aws, net) = (&cluster.env, &cluster.aws, &cluster.net);
+        let client = cluster.client.clone();
         ccm::create_web(&client, 3).await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         let names: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i}")).collect();
@@ -51,21 +42,21 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
 
         // Kill the controller as soon as the first cloud resource exists:
         // the other Services are half done or not started.
-        let first = ccm::spawn(&env, &net.vpc, "cnlb-ccm-1");
+        let first = ccm::spawn(env, &net.vpc, "cnlb-ccm-1");
         eventually("the first target group exists", WAIT, || async {
-            let (_, tgs) = ccm::counts(&aws).await;
+            let (_, tgs) = ccm::counts(aws).await;
             Ok(tgs > 0)
         })
         .await
         .unwrap();
         first.kill();
-        let (lbs, tgs) = ccm::counts(&aws).await;
+        let (lbs, tgs) = ccm::counts(aws).await;
         assert!(
             lbs < SERVICES || tgs < SERVICES,
             "killed too late to be mid-reconcile"
         );
 
-        let second = ccm::spawn(&env, &net.vpc, "cnlb-ccm-2");
+        let second = ccm::spawn(env, &net.vpc, "cnlb-ccm-2");
         eventually(
             "every Service has its NLB and the pods as targets",
             WAIT,
@@ -80,7 +71,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
                 let tgs = aws.elbv2.describe_target_groups().send().await?;
                 let mut all_full = pods.len() == 3;
                 for tg in tgs.target_groups() {
-                    all_full &= ccm::targets_of(&aws, tg.target_group_arn().unwrap_or_default())
+                    all_full &= ccm::targets_of(aws, tg.target_group_arn().unwrap_or_default())
                         .await
                         == pods;
                 }
@@ -90,7 +81,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
         .await
         .unwrap();
         assert_eq!(
-            ccm::counts(&aws).await,
+            ccm::counts(aws).await,
             (SERVICES, SERVICES),
             "one NLB and one target group each"
         );
@@ -119,7 +110,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
                 >= SERVICES,
             "the finalizer holds the Services while the controller is down"
         );
-        let _third = ccm::spawn(&env, &net.vpc, "cnlb-ccm-3");
+        let _third = ccm::spawn(env, &net.vpc, "cnlb-ccm-3");
         eventually(
             "every NLB, target group and Service is gone",
             WAIT,
@@ -130,7 +121,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
                     .iter()
                     .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
                     .count();
-                Ok(ccm::counts(&aws).await == (0, 0) && ours == 0)
+                Ok(ccm::counts(aws).await == (0, 0) && ours == 0)
             },
         )
         .await

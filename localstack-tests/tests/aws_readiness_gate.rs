@@ -11,8 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
-use cnlb_provider_aws::Clients;
+use cnlb_localstack_tests::eventually;
 use common::ccm;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -45,18 +44,10 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
-        let env = Env::builder("aws-gate")
-            .nodes(nodes)
-            .moto()
-            .start()
-            .await
-            .unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let aws = Clients::from_env().await;
-        let net = common::ec2_network(&aws).await;
-        let _ccm = ccm::spawn(&env, &net.vpc, "cnlb-ccm");
-        let client = env.kube().unwrap().admin_client().unwrap();
+        let cluster = ccm::cluster("aws-gate", 2).await;
+        let (env, aws, net) = (&cluster.env, &cluster.aws, &cluster.net);
+        let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
+        let client = cluster.client.clone();
 
         let deployment: Deployment = serde_json::from_value(json!({
             "metadata": {"name": "web"},
@@ -96,10 +87,7 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         .await
         .unwrap();
         // A gate is only opened for a registered target.
-        assert_eq!(
-            ccm::all_targets(&aws).await,
-            ccm::pod_targets(&client).await
-        );
+        assert_eq!(ccm::all_targets(aws).await, ccm::pod_targets(&client).await);
 
         // Rolling update: sample the registered targets until the rollout is done.
         // By name: a new Pod may get an IP an old one just released.
@@ -116,7 +104,7 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         let start = Instant::now();
         let mut fewest = usize::MAX;
         loop {
-            let registered = ccm::all_targets(&aws).await;
+            let registered = ccm::all_targets(aws).await;
             fewest = fewest.min(registered.len());
             let ps = pods(&client).await;
             if start.elapsed() > WAIT {

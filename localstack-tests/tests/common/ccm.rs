@@ -14,6 +14,38 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+/// An environment with `nodes` harness Nodes and moto, the VPC network of
+/// [`super::ec2_network`], and this process's AWS SDK pointed at moto.
+pub struct Cluster {
+    // Dropped last: the environment outlives the clients.
+    pub aws: Clients,
+    pub net: super::Network,
+    pub client: Client,
+    pub env: Env,
+}
+
+pub async fn cluster(name: &str, nodes: u8) -> Cluster {
+    let nodes = (1..=nodes)
+        .map(cnlb_localstack_tests::NodeConfig::numbered)
+        .collect();
+    let env = Env::builder(name)
+        .nodes(nodes)
+        .moto()
+        .start()
+        .await
+        .unwrap();
+    super::use_endpoints(&env.aws().unwrap());
+    let aws = Clients::from_env().await;
+    let net = super::ec2_network(&aws).await;
+    let client = env.kube().unwrap().admin_client().unwrap();
+    Cluster {
+        aws,
+        net,
+        client,
+        env,
+    }
+}
+
 /// Starts the controller (leader election off) with the environment's AWS endpoints.
 pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
     let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());

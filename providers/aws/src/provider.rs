@@ -205,16 +205,7 @@ impl AwsProvider {
                 })
                 .await?;
             for d in out.tag_descriptions() {
-                let tags = d
-                    .tags()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.key().unwrap_or_default().to_string(),
-                            t.value().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect();
+                let tags = to_map(d.tags().iter().map(|t| (t.key(), t.value())));
                 all.insert(d.resource_arn().unwrap_or_default().to_string(), tags);
             }
         }
@@ -437,16 +428,7 @@ impl AwsProvider {
                         .send()
                 })
                 .await?;
-            let actual: Tags = out
-                .attributes()
-                .iter()
-                .map(|a| {
-                    (
-                        a.key().unwrap_or_default().to_string(),
-                        a.value().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect();
+            let actual: Tags = to_map(out.attributes().iter().map(|a| (a.key(), a.value())));
             let updates = changed(&spec.target_group_attributes, &actual);
             if !updates.is_empty() {
                 let attributes: Vec<TargetGroupAttribute> = updates
@@ -535,16 +517,7 @@ impl AwsProvider {
                         .send()
                 })
                 .await?;
-            let actual: Tags = out
-                .attributes()
-                .iter()
-                .map(|a| {
-                    (
-                        a.key().unwrap_or_default().to_string(),
-                        a.value().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect();
+            let actual: Tags = to_map(out.attributes().iter().map(|a| (a.key(), a.value())));
             let updates = changed(&spec.attributes, &actual);
             if !updates.is_empty() {
                 let attributes: Vec<LoadBalancerAttribute> = updates
@@ -866,7 +839,11 @@ impl LoadBalancerProvider for AwsProvider {
         key: &LoadBalancerKey,
         known: &ResourceIds,
     ) -> Result<Vec<TargetHealth>> {
-        if self.find_load_balancer(key, known).await?.is_none() {
+        // One call per target group; a deleted one answers TargetGroupNotFound
+        // (NotFound). Only without any target group ID is the load balancer
+        // itself looked up, so "gone" is still reported as NotFound.
+        let has_target_groups = known.keys().any(|k| listener_of_id_key(k).is_some());
+        if !has_target_groups && self.find_load_balancer(key, known).await?.is_none() {
             return Err(ProviderError::NotFound {
                 resource: format!("load balancer of {key}"),
             });
@@ -1036,6 +1013,18 @@ fn target(t: &Target) -> TargetDescription {
         .id(t.ip.to_string())
         .port(i32::from(t.port))
         .build()
+}
+
+/// Key/value pairs (tags, attributes) of an SDK answer as a map.
+fn to_map<'a>(pairs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Tags {
+    pairs
+        .map(|(k, v)| {
+            (
+                k.unwrap_or_default().to_string(),
+                v.unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 fn elb_tag(k: &str, v: &str) -> Tag {

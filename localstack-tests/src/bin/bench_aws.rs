@@ -1,0 +1,347 @@
+//! `cnlb-bench-aws`: N LoadBalancer Services x M endpoints against the local
+//! environment (real control plane, moto), driven through `cnlb-ccm`. Prints
+//! propagation latency (EndpointSlice change -> RegisterTargets answered),
+//! cloud calls per change, at rest and on a restart, and the controller's RSS.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use clap::Parser;
+use cnlb_localstack_tests::paths::workspace_bin;
+use cnlb_localstack_tests::process::{Proc, free_port, group_memory};
+use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// LoadBalancer Services, all in front of the same Pods.
+    #[arg(long, default_value_t = 200)]
+    services: usize,
+    /// Endpoints (Pods) per Service.
+    #[arg(long, default_value_t = 50)]
+    endpoints: usize,
+    /// Seconds of rest over which cloud calls are counted.
+    #[arg(long, default_value_t = 60)]
+    rest_secs: u64,
+    /// Passed to cnlb-ccm (e.g. --ccm-arg=--aws-write-rate=20/40).
+    #[arg(long = "ccm-arg")]
+    ccm_args: Vec<String>,
+}
+
+const WAIT: Duration = Duration::from_secs(1800);
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let nodes = (1..=u8::try_from(args.endpoints / 200 + 2)?)
+        .map(NodeConfig::numbered)
+        .collect();
+    println!("starting the environment (control plane, moto)...");
+    let env = Env::builder("bench-aws")
+        .nodes(nodes)
+        .moto()
+        .start()
+        .await?;
+    let aws = env.aws()?;
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&aws.ec2)
+        .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
+        .test_credentials()
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let vpc = network(&ec2).await?;
+    let client = env.kube()?.admin_client()?;
+
+    create_pods(&client, args.endpoints).await?;
+    let ccm = Ccm::start(&env, &vpc, &args.ccm_args, "ccm-1")?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let t = Instant::now();
+    for i in 0..args.services {
+        services
+            .create(&PostParams::default(), &service(&format!("svc-{i}")))
+            .await?;
+    }
+    eventually(
+        "every Service has its NLB and every target",
+        WAIT,
+        || async {
+            Ok(ccm.synced_services()?.len() >= args.services
+                && ccm.quiet(Duration::from_secs(3)).await?)
+        },
+    )
+    .await?;
+    println!(
+        "create: {} Services x {} endpoints converged in {:.1} s with {} cloud calls",
+        args.services,
+        args.endpoints,
+        t.elapsed().as_secs_f64(),
+        ccm.calls().await?
+    );
+
+    let before = ccm.calls().await?;
+    tokio::time::sleep(Duration::from_secs(args.rest_secs)).await;
+    println!(
+        "rest: {} cloud calls in {} s",
+        ccm.calls().await? - before,
+        args.rest_secs
+    );
+
+    // One more Pod: every Service's EndpointSlice changes once.
+    let old_ips = pod_ips(&client).await?;
+    let slice_times = watch_new_endpoint(client.clone(), old_ips, args.services);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ccm.calls().await?;
+    let logged_before = ccm.synced_lines()?;
+    scale(&client, args.endpoints + 1).await?;
+    let changed_at = slice_times.await??;
+    eventually("every Service registered the new Pod", WAIT, || async {
+        Ok(
+            ccm.synced_lines()?.len() >= logged_before.len() + args.services
+                && ccm.quiet(Duration::from_secs(2)).await?,
+        )
+    })
+    .await?;
+    let synced = ccm.synced_lines()?;
+    let mut latencies: Vec<f64> = synced[logged_before.len()..]
+        .iter()
+        .filter_map(|(svc, at)| {
+            let from = changed_at.get(svc)?;
+            Some(at.duration_since(*from).unwrap_or_default().as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let calls = ccm.calls().await? - before;
+    println!(
+        "propagation (EndpointSlice change -> RegisterTargets answered), {} Services: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+    println!(
+        "calls for one endpoint added to {} Services: {} ({:.2} per Service)",
+        args.services,
+        calls,
+        calls as f64 / args.services as f64
+    );
+    println!(
+        "cnlb-ccm RSS: {} MiB now, {} MiB peak",
+        ccm.rss()?.0 >> 20,
+        ccm.rss()?.1 >> 20
+    );
+
+    // Restart with nothing changed.
+    drop(ccm);
+    let t = Instant::now();
+    let ccm = Ccm::start(&env, &vpc, &args.ccm_args, "ccm-2")?;
+    eventually("the restarted controller settles", WAIT, || async {
+        Ok(ccm.calls().await.is_ok() && ccm.quiet(Duration::from_secs(5)).await?)
+    })
+    .await?;
+    println!(
+        "restart with nothing changed: {} cloud calls, settled in {:.1} s (including 5 s of quiet)",
+        ccm.calls().await?,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A VPC (with the pod range as a secondary CIDR) and two subnets tagged for
+/// internal load balancers.
+async fn network(ec2: &aws_sdk_ec2::Client) -> Result<String> {
+    let vpc = ec2.create_vpc().cidr_block("10.0.0.0/16").send().await?;
+    let vpc = vpc.vpc.and_then(|v| v.vpc_id).context("no VPC id")?;
+    ec2.associate_vpc_cidr_block()
+        .vpc_id(&vpc)
+        .cidr_block("100.64.0.0/16")
+        .send()
+        .await?;
+    for (i, az) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
+        let tags = TagSpecification::builder()
+            .resource_type(ResourceType::Subnet)
+            .tags(
+                Tag::builder()
+                    .key("kubernetes.io/role/internal-elb")
+                    .value("1")
+                    .build(),
+            )
+            .build();
+        ec2.create_subnet()
+            .vpc_id(&vpc)
+            .availability_zone(*az)
+            .cidr_block(format!("10.0.{}.0/24", i + 1))
+            .tag_specifications(tags)
+            .send()
+            .await?;
+    }
+    Ok(vpc)
+}
+
+fn service(name: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "cnlb.dev/nlb", "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }))
+    .unwrap_or_default()
+}
+
+async fn create_pods(client: &Client, replicas: usize) -> Result<()> {
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1"}]}}},
+    }))?;
+    Api::<Deployment>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &d)
+        .await?;
+    eventually("every Pod has an IP", WAIT, || async {
+        Ok(pod_ips(client).await?.len() == replicas)
+    })
+    .await
+}
+
+async fn scale(client: &Client, replicas: usize) -> Result<()> {
+    let patch = json!({"spec": {"replicas": replicas}});
+    Api::<Deployment>::namespaced(client.clone(), "default")
+        .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
+async fn pod_ips(client: &Client) -> Result<BTreeSet<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let list = pods.list(&ListParams::default().labels("app=web")).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect())
+}
+
+/// When each Service's EndpointSlice first shows an endpoint not in `old`.
+fn watch_new_endpoint(
+    client: Client,
+    old: BTreeSet<String>,
+    services: usize,
+) -> tokio::task::JoinHandle<Result<BTreeMap<String, SystemTime>>> {
+    tokio::spawn(async move {
+        let api: Api<EndpointSlice> = Api::namespaced(client, "default");
+        let mut events = watcher(api, watcher::Config::default()).boxed();
+        let mut seen = BTreeMap::new();
+        while let Some(ev) = events.next().await {
+            let slice = match ev? {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => s,
+                _ => continue,
+            };
+            let Some(svc) = slice.labels().get("kubernetes.io/service-name").cloned() else {
+                continue;
+            };
+            let new = slice
+                .endpoints
+                .iter()
+                .flatten()
+                .flat_map(|e| e.addresses.iter())
+                .any(|a| !old.contains(a));
+            if new {
+                seen.entry(format!("default/{svc}"))
+                    .or_insert_with(SystemTime::now);
+                if seen.len() >= services {
+                    return Ok(seen);
+                }
+            }
+        }
+        bail!("the EndpointSlice watch ended")
+    })
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Ccm {
+    proc: Proc,
+    metrics: String,
+    http: reqwest::Client,
+}
+
+impl Ccm {
+    fn start(env: &Env, vpc: &str, extra: &[String], name: &str) -> Result<Ccm> {
+        let port = free_port()?;
+        let mut cmd = Command::new(workspace_bin("cnlb-ccm")?);
+        cmd.arg(format!("--kubeconfig={}", env.kube()?.kubeconfig.display()))
+            .args([
+                "--cluster-name=bench",
+                "--provider=aws",
+                "--leader-elect=false",
+                "--log-format=json",
+            ])
+            .arg(format!("--aws-vpc-id={vpc}"))
+            .arg(format!("--metrics-bind-address=127.0.0.1:{port}"))
+            .args(extra)
+            .envs(env.aws()?.env_vars());
+        Ok(Ccm {
+            proc: Proc::spawn(name, cmd, &env.dir)?,
+            metrics: format!("http://127.0.0.1:{port}/metrics"),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Total cloud API calls (every attempt) so far.
+    async fn calls(&self) -> Result<u64> {
+        let text = self.http.get(&self.metrics).send().await?.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("cnlb_cloud_api_calls_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
+    /// True if no cloud call happened during `period`.
+    async fn quiet(&self, period: Duration) -> Result<bool> {
+        let before = self.calls().await?;
+        tokio::time::sleep(period).await;
+        Ok(self.calls().await? == before)
+    }
+
+    /// (service, time) of every "targets synced" log line so far.
+    fn synced_lines(&self) -> Result<Vec<(String, SystemTime)>> {
+        let log = std::fs::read_to_string(self.proc.log())?;
+        Ok(log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "targets synced")
+            .filter_map(|v| {
+                let at: Timestamp = v["timestamp"].as_str()?.parse().ok()?;
+                Some((v["service"].as_str()?.to_string(), SystemTime::from(at)))
+            })
+            .collect())
+    }
+
+    fn synced_services(&self) -> Result<BTreeSet<String>> {
+        Ok(self.synced_lines()?.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// Resident memory now and at peak, in bytes.
+    fn rss(&self) -> Result<(u64, u64)> {
+        let m = group_memory(&[self.proc.pid()]);
+        Ok((m.rss, m.peak))
+    }
+}
