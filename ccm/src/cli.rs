@@ -32,6 +32,12 @@ pub struct Args {
     #[arg(long)]
     pub manage_unclassed: bool,
 
+    /// Also manage class-less Services that carry aws-load-balancer-controller's
+    /// NLB IP-mode opt-in (aws-load-balancer-type: external + nlb-target-type:
+    /// ip), so they move over unchanged. Do not run both controllers on them.
+    #[arg(long)]
+    pub manage_lbc_annotated: bool,
+
     /// Path to a kubeconfig file; without it, KUBECONFIG or the in-cluster
     /// service account is used.
     #[arg(long, value_name = "PATH")]

@@ -47,6 +47,7 @@ pub struct Settings {
     pub cluster: String,
     pub class: String,
     pub manage_unclassed: bool,
+    pub manage_lbc_annotated: bool,
     pub concurrency: u16,
 }
 
@@ -121,7 +122,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
     let ns = svc.namespace().unwrap_or_default();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let s = &ctx.settings;
-    if !opted_in(&svc, &s.class, s.manage_unclassed) {
+    if !opted_in(&svc, &s.class, s.manage_unclassed, s.manage_lbc_annotated) {
         // No longer ours (type or class changed): clean up what we built.
         if svc.finalizers().iter().any(|f| f == FINALIZER)
             && svc.meta().deletion_timestamp.is_none()

@@ -97,6 +97,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         cluster: args.cluster_name.clone(),
         class: args.load_balancer_class.clone(),
         manage_unclassed: args.manage_unclassed,
+        manage_lbc_annotated: args.manage_lbc_annotated,
         concurrency: args.concurrency,
     };
     let api_check = tokio::spawn(check_api_periodically(client.clone(), metrics.clone()));

@@ -1,6 +1,7 @@
 //! Changing a Service changes its NLB in place: a new Service port moves
 //! the listener to a new target group (the old one is deleted) and the Pod
-//! IPs follow; a changed health-check annotation modifies the target group.
+//! IPs follow; a changed health-check annotation modifies the target group;
+//! a bad annotation on a working Service is reported and tears nothing down.
 
 #![allow(clippy::unwrap_used)]
 
@@ -99,6 +100,28 @@ fn port_and_annotation_changes_update_the_nlb_in_place() {
         })
         .await
         .unwrap();
+        assert_eq!(ccm::counts(aws).await, (1, 1));
+
+        // A bad value on a working Service: reported, and nothing torn down.
+        let condition = |status: &'static str| {
+            let services = services.clone();
+            async move {
+                let svc = services.get("web").await?;
+                let conditions = svc.status.and_then(|s| s.conditions).unwrap_or_default();
+                Ok(conditions
+                    .iter()
+                    .any(|c| c.type_ == "cnlb.dev/LoadBalancerReady" && c.status == status))
+            }
+        };
+        let scheme = "service.beta.kubernetes.io/aws-load-balancer-scheme";
+        let patch = json!({"metadata": {"annotations": {scheme: "public"}}});
+        services.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        eventually("the bad value is reported", WAIT, || condition("False")).await.unwrap();
+        assert_eq!(ccm::counts(aws).await, (1, 1));
+        assert_eq!(ccm::all_targets(aws).await, ccm::pod_targets(&client).await);
+        let patch = json!({"metadata": {"annotations": {scheme: null}}});
+        services.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        eventually("fixed, the Service is ready again", WAIT, || condition("True")).await.unwrap();
         assert_eq!(ccm::counts(aws).await, (1, 1));
     });
 }

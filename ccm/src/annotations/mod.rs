@@ -172,10 +172,17 @@ impl AnnotationError {
 
 /// Whether cnlb handles `service`: a `type: LoadBalancer` Service whose
 /// `spec.loadBalancerClass` is `class`, or, without a class, when
-/// `manage_unclassed` is set or the Service carries LBC's NLB IP mode opt-in
-/// (`aws-load-balancer-type: external` + `aws-load-balancer-nlb-target-type:
-/// ip`, or LBC's deprecated `aws-load-balancer-type: nlb-ip`).
-pub fn opted_in(service: &Service, class: &str, manage_unclassed: bool) -> bool {
+/// `manage_unclassed` is set, or when `manage_lbc_annotated` is set and the
+/// Service carries LBC's NLB IP mode opt-in (`aws-load-balancer-type:
+/// external` + `aws-load-balancer-nlb-target-type: ip`, or LBC's deprecated
+/// `aws-load-balancer-type: nlb-ip`). Both are off by default, so a cluster
+/// that still runs LBC does not get two controllers for one Service.
+pub fn opted_in(
+    service: &Service,
+    class: &str,
+    manage_unclassed: bool,
+    manage_lbc_annotated: bool,
+) -> bool {
     let Some(spec) = &service.spec else {
         return false;
     };
@@ -184,7 +191,7 @@ pub fn opted_in(service: &Service, class: &str, manage_unclassed: bool) -> bool 
     }
     match spec.load_balancer_class.as_deref() {
         Some(other) => other == class,
-        None => manage_unclassed || lbc_ip_mode(service),
+        None => manage_unclassed || (manage_lbc_annotated && lbc_ip_mode(service)),
     }
 }
 

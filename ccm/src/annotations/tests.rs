@@ -891,14 +891,18 @@ fn opted_in_cases() {
         spec.type_ = type_.map(str::to_owned);
         spec.load_balancer_class = class.map(str::to_owned);
         assert_eq!(
-            opted_in(&svc, CLASS, manage_unclassed),
+            opted_in(&svc, CLASS, manage_unclassed, true),
             want,
             "{type_:?} {class:?} {annotations:?} unclassed={manage_unclassed}"
         );
     }
     let mut no_spec = service(&[]);
     no_spec.spec = None;
-    assert!(!opted_in(&no_spec, CLASS, true));
+    assert!(!opted_in(&no_spec, CLASS, true, true));
+    // LBC's opt-in counts only behind its flag.
+    let lbc = service(&lbc_ip);
+    assert!(!opted_in(&lbc, CLASS, false, false));
+    assert!(opted_in(&lbc, CLASS, false, true));
 }
 
 #[test]
