@@ -123,10 +123,9 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let s = &ctx.settings;
     if !opted_in(&svc, &s.class, s.manage_unclassed, s.manage_lbc_annotated) {
-        // No longer ours (type or class changed): clean up what we built.
-        if svc.finalizers().iter().any(|f| f == FINALIZER)
-            && svc.meta().deletion_timestamp.is_none()
-        {
+        // No longer ours (type or class changed, maybe being deleted too):
+        // clean up what we built, then let go.
+        if svc.finalizers().iter().any(|f| f == FINALIZER) {
             cleanup(&svc, &ctx).await?;
             remove_finalizer(&api, &svc).await?;
         }
@@ -388,7 +387,14 @@ async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
+/// Forgets a Service that is no longer ours: its status first, while the
+/// object surely exists, then the finalizer (which may let a pending
+/// deletion finish).
 async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), Error> {
+    let name = svc.name_any();
+    let status = json!({"status": {"loadBalancer": {}}});
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
     let finalizers: Vec<&String> = svc
         .finalizers()
         .iter()
@@ -400,18 +406,8 @@ async fn remove_finalizer(api: &Api<Service>, svc: &Service) -> Result<(), Error
             "annotations": {IDS_ANNOTATION: null, APPLIED_ANNOTATION: null},
         },
     });
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"loadBalancer": {}}})),
-    )
-    .await?;
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Changing a Service changes its NLB in place: a new Service port moves
 //! the listener to a new target group (the old one is deleted) and the Pod
 //! IPs follow; a changed health-check annotation modifies the target group;
-//! a bad annotation on a working Service is reported and tears nothing down.
+//! a bad annotation on a working Service is reported and tears nothing down;
+//! a Service that stops being a LoadBalancer loses its NLB and the finalizer.
 
 #![allow(clippy::unwrap_used)]
 
@@ -123,5 +124,16 @@ fn port_and_annotation_changes_update_the_nlb_in_place() {
         services.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
         eventually("fixed, the Service is ready again", WAIT, || condition("True")).await.unwrap();
         assert_eq!(ccm::counts(aws).await, (1, 1));
+
+        // No longer a LoadBalancer: the NLB goes, and so does the finalizer.
+        let patch = json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}});
+        services.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        eventually("the NLB is deleted and the finalizer removed", WAIT, || async {
+            let svc = services.get("web").await?;
+            let finalizers = svc.metadata.finalizers.unwrap_or_default();
+            Ok(ccm::counts(aws).await == (0, 0) && finalizers.is_empty())
+        })
+        .await
+        .unwrap();
     });
 }
