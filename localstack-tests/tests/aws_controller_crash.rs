@@ -1,6 +1,6 @@
 //! Many Services at once, and the controller killed with SIGKILL in the
 //! middle of reconciling them: after a restart every Service has exactly one
-//! NLB and one target group (no duplicate, nothing leaked). Services deleted
+//! NLB, one target group and one security group (no duplicate, nothing leaked). Services deleted
 //! while the controller is down are cleaned up when it comes back.
 
 #![allow(clippy::unwrap_used)]
@@ -80,6 +80,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
         )
         .await
         .unwrap();
+        assert_eq!(ccm::owned_security_groups(aws).await, SERVICES);
         assert_eq!(
             ccm::counts(aws).await,
             (SERVICES, SERVICES),
@@ -121,7 +122,9 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
                     .iter()
                     .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
                     .count();
-                Ok(ccm::counts(aws).await == (0, 0) && ours == 0)
+                Ok(ccm::counts(aws).await == (0, 0)
+                    && ccm::owned_security_groups(aws).await == 0
+                    && ours == 0)
             },
         )
         .await

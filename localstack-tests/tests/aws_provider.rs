@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cnlb_localstack_tests::Env;
 use cnlb_provider_aws::elbv2::types::ProtocolEnum;
@@ -29,7 +29,45 @@ fn spec(target_port: u16) -> LoadBalancerSpec {
     spec.target_group_attributes =
         BTreeMap::from([("deregistration_delay.timeout_seconds".into(), "30".into())]);
     spec.tags = BTreeMap::from([("team".into(), "web".into())]);
+    spec.source_ranges = vec!["10.1.0.0/16".into()];
     spec
+}
+
+/// (protocol, port, CIDR) ingress rules of the security group `id`.
+async fn sg_rules(clients: &Clients, id: &str) -> BTreeSet<(String, i32, String)> {
+    let out = clients
+        .ec2
+        .describe_security_groups()
+        .group_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let mut rules = BTreeSet::new();
+    for p in out.security_groups()[0].ip_permissions() {
+        for r in p.ip_ranges() {
+            rules.insert((
+                p.ip_protocol().unwrap().to_string(),
+                p.from_port().unwrap(),
+                r.cidr_ip().unwrap().to_string(),
+            ));
+        }
+    }
+    rules
+}
+
+async fn security_groups_named(clients: &Clients, name: &str) -> usize {
+    let filter = cnlb_provider_aws::ec2::types::Filter::builder()
+        .name("group-name")
+        .values(name)
+        .build();
+    let out = clients
+        .ec2
+        .describe_security_groups()
+        .filters(filter)
+        .send()
+        .await
+        .unwrap();
+    out.security_groups().len()
 }
 
 fn targets(ips: &[String], port: u16) -> Vec<Target> {
@@ -112,6 +150,13 @@ fn nlb_lifecycle_with_ip_targets() {
         assert_eq!(tg.protocol(), Some(&ProtocolEnum::Tcp));
         assert_eq!(tg.port(), Some(8080));
 
+        // The frontend security group admits the listener port from the
+        // Service's source ranges only, and is attached to the NLB.
+        let sg = ids["security-group"].clone();
+        let from_ranges = BTreeSet::from([("tcp".to_string(), 80, "10.1.0.0/16".to_string())]);
+        assert_eq!(sg_rules(&clients, &sg).await, from_ranges);
+        assert_eq!(lb.security_groups(), std::slice::from_ref(&sg));
+
         // Again, with the IDs and without them (a crash before they were
         // persisted): the same resources, no duplicates.
         assert_eq!(p.ensure_load_balancer(&s, &ids).await.unwrap().ids, ids);
@@ -131,6 +176,19 @@ fn nlb_lifecycle_with_ip_targets() {
         assert_eq!(all.load_balancers().len(), 1);
         let all = clients.elbv2.describe_target_groups().send().await.unwrap();
         assert_eq!(all.target_groups().len(), 1);
+        assert_eq!(
+            security_groups_named(&clients, &key.resource_name("sg")).await,
+            1
+        );
+
+        // New source ranges: only the difference is authorized and revoked.
+        let mut ranged = s.clone();
+        ranged.source_ranges = vec!["10.2.0.0/16".into()];
+        p.ensure_load_balancer(&ranged, &ids).await.unwrap();
+        let moved_ranges = BTreeSet::from([("tcp".to_string(), 80, "10.2.0.0/16".to_string())]);
+        assert_eq!(sg_rules(&clients, &sg).await, moved_ranges);
+        p.ensure_load_balancer(&s, &ids).await.unwrap();
+        assert_eq!(sg_rules(&clients, &sg).await, from_ranges);
 
         // Targets follow deltas.
         let listener = s.listeners[0].clone();
@@ -198,6 +256,10 @@ fn nlb_lifecycle_with_ip_targets() {
         assert!(all.load_balancers().is_empty());
         let all = clients.elbv2.describe_target_groups().send().await.unwrap();
         assert!(all.target_groups().is_empty());
+        assert_eq!(
+            security_groups_named(&clients, &key.resource_name("sg")).await,
+            0
+        );
         assert!(matches!(
             p.target_health(&key, &new_ids).await,
             Err(ProviderError::NotFound { .. })

@@ -59,6 +59,8 @@ pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
         "--leader-elect=false",
     ])
     .args(["--metrics-bind-address=0", &format!("--aws-vpc-id={vpc}")])
+    // These tests check behaviour; the benchmark measures the default limits.
+    .args(["--aws-write-rate=20/40", "--aws-targets-rate=20/40"])
     .envs(env.aws().unwrap().env_vars());
     Proc::spawn(name, cmd, &env.dir).unwrap()
 }
@@ -153,6 +155,22 @@ pub async fn counts(aws: &Clients) -> (usize, usize) {
     let lbs = aws.elbv2.describe_load_balancers().send().await.unwrap();
     let tgs = aws.elbv2.describe_target_groups().send().await.unwrap();
     (lbs.load_balancers().len(), tgs.target_groups().len())
+}
+
+/// Security groups tagged for cluster `test` (the controller's own).
+pub async fn owned_security_groups(aws: &Clients) -> usize {
+    let filter = cnlb_provider_aws::ec2::types::Filter::builder()
+        .name("tag:cnlb.dev/cluster")
+        .values("test")
+        .build();
+    let out = aws
+        .ec2
+        .describe_security_groups()
+        .filters(filter)
+        .send()
+        .await
+        .unwrap();
+    out.security_groups().len()
 }
 
 /// The hostname in `status.loadBalancer.ingress`, once there.

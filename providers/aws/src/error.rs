@@ -49,6 +49,7 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         | "TargetGroupNotFound"
         | "ListenerNotFound"
         | "InvalidSubnetID.NotFound"
+        | "InvalidGroup.NotFound"
         | "InvalidSubnet"
         | "SubnetNotFound"
         | "InvalidVpcID.NotFound" => ProviderError::NotFound {
@@ -57,7 +58,9 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         "DuplicateLoadBalancerName"
         | "DuplicateTargetGroupName"
         | "DuplicateListener"
-        | "ResourceInUse" => ProviderError::Conflict {
+        | "ResourceInUse"
+        | "DependencyViolation"
+        | "InvalidPermission.Duplicate" => ProviderError::Conflict {
             resource: operation,
             reason: message.to_string(),
         },

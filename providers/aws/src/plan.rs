@@ -3,10 +3,46 @@
 
 use std::collections::BTreeMap;
 
-use cnlb_provider_core::{Listener, LoadBalancerKey, Protocol, ProviderError, Result};
+use cnlb_provider_core::{
+    IpAddressType, Listener, LoadBalancerKey, LoadBalancerSpec, Protocol, ProviderError, Result,
+};
+
+/// One ingress rule of the frontend security group: (protocol, port, CIDR).
+pub type IngressRule = (String, u16, String);
+
+/// The NLB's frontend security group rules: each listener's port and
+/// protocol(s), from `loadBalancerSourceRanges`, or from anywhere when the
+/// Service names none (as aws-load-balancer-controller does).
+pub fn ingress_rules(spec: &LoadBalancerSpec) -> std::collections::BTreeSet<IngressRule> {
+    let mut anywhere = vec!["0.0.0.0/0".to_string()];
+    if spec.ip_address_type == IpAddressType::DualStack {
+        anywhere.push("::/0".to_string());
+    }
+    let cidrs = if spec.source_ranges.is_empty() {
+        &anywhere
+    } else {
+        &spec.source_ranges
+    };
+    let mut rules = std::collections::BTreeSet::new();
+    for l in &spec.listeners {
+        let protocols: &[&str] = match l.protocol {
+            Protocol::Tcp | Protocol::Tls => &["tcp"],
+            Protocol::Udp => &["udp"],
+            Protocol::TcpUdp => &["tcp", "udp"],
+        };
+        for p in protocols {
+            for cidr in cidrs {
+                rules.insert((p.to_string(), l.port, cidr.clone()));
+            }
+        }
+    }
+    rules
+}
 
 /// Key of the load balancer ARN in the persisted [`ResourceIds`](cnlb_provider_core::ResourceIds).
 pub const LOAD_BALANCER_ID: &str = "load-balancer";
+/// Key of the frontend security group ID.
+pub const SECURITY_GROUP_ID: &str = "security-group";
 /// Prefix of target group ARN keys: `target-group/<listener name>`.
 pub const TARGET_GROUP_ID_PREFIX: &str = "target-group/";
 
@@ -95,6 +131,19 @@ mod tests {
             tcp,
             target_group_name(&key(), &listener(80, Protocol::Tcp)).unwrap()
         );
+    }
+
+    #[test]
+    fn ingress_rules_follow_listeners_and_source_ranges() {
+        let mut spec = LoadBalancerSpec::new(key());
+        spec.listeners = vec![listener(80, Protocol::Tcp), listener(53, Protocol::TcpUdp)];
+        let rules = ingress_rules(&spec);
+        assert_eq!(rules.len(), 3);
+        assert!(rules.contains(&("udp".into(), 53, "0.0.0.0/0".into())));
+        spec.source_ranges = vec!["10.1.0.0/16".into(), "192.168.0.0/24".into()];
+        let rules = ingress_rules(&spec);
+        assert_eq!(rules.len(), 6);
+        assert!(rules.iter().all(|(_, _, c)| c != "0.0.0.0/0"));
     }
 
     #[test]

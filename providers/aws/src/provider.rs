@@ -13,7 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::Filter;
+use aws_sdk_ec2::types::{
+    Filter, IpPermission, IpRange, Ipv6Range, ResourceType, SecurityGroup, Tag as Ec2Tag,
+    TagSpecification,
+};
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, IpAddressType as ElbIpAddressType, Listener as ElbListener,
     LoadBalancer, LoadBalancerAttribute, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher,
@@ -24,7 +27,7 @@ use backon::{ExponentialBuilder, Retryable};
 use cnlb_provider_core::{
     HealthCheckPort, HealthCheckProtocol, IpAddressType, Listener, LoadBalancerIngress,
     LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
-    ProviderError, ResourceIds, Result, Scheme, Target, TargetDelta, TargetHealth,
+    ProviderError, ResourceIds, Result, Scheme, TAG_CLUSTER, Target, TargetDelta, TargetHealth,
     TargetHealthState, is_owned_by, is_owned_by_cluster, key_from_owner_tags,
 };
 use prometheus_client::registry::Registry;
@@ -32,8 +35,8 @@ use prometheus_client::registry::Registry;
 use crate::Clients;
 use crate::calls::{Calls, RateLimits};
 use crate::plan::{
-    DESCRIBE_TAGS_BATCH, LOAD_BALANCER_ID, TARGET_BATCH, changed, elb_protocol, listener_of_id_key,
-    target_group_id_key, target_group_name,
+    DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID, TARGET_BATCH, changed,
+    elb_protocol, ingress_rules, listener_of_id_key, target_group_id_key, target_group_name,
 };
 
 /// Subnet tags through which load balancer subnets are discovered, as in
@@ -454,6 +457,7 @@ impl AwsProvider {
         &self,
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
+        security_group: &str,
     ) -> Result<LoadBalancer> {
         let scheme = match spec.scheme {
             Scheme::Internal => LoadBalancerSchemeEnum::Internal,
@@ -494,6 +498,8 @@ impl AwsProvider {
                     .scheme(scheme)
                     .ip_address_type(ip_type)
                     .set_subnets(Some(subnets))
+                    // Only at creation can an NLB get security groups.
+                    .security_groups(security_group)
                     .set_tags(Some(elb_tags(&spec.resource_tags())));
                 let out = self
                     .calls
@@ -731,6 +737,172 @@ impl AwsProvider {
             .filter_map(|t| Some((t.id()?.to_string(), t.port()?)))
             .collect())
     }
+
+    /// The NLB's frontend security group, with ingress rules brought to
+    /// [`ingress_rules`]: only the differences are authorized or revoked.
+    async fn ensure_security_group(
+        &self,
+        spec: &LoadBalancerSpec,
+        known: &ResourceIds,
+    ) -> Result<String> {
+        let name = spec.key.resource_name("sg");
+        let found = self
+            .find_security_group(&spec.key, &name, known.get(SECURITY_GROUP_ID))
+            .await?;
+        let (id, existing) = match found {
+            Some(sg) => (sg.group_id().unwrap_or_default().to_string(), rules_of(&sg)),
+            None => {
+                let tags = TagSpecification::builder()
+                    .resource_type(ResourceType::SecurityGroup)
+                    .set_tags(Some(
+                        spec.resource_tags()
+                            .iter()
+                            .map(|(k, v)| Ec2Tag::builder().key(k).value(v).build())
+                            .collect(),
+                    ))
+                    .build();
+                let create = self
+                    .clients
+                    .ec2
+                    .create_security_group()
+                    .group_name(&name)
+                    .description(format!("cnlb frontend of {}", spec.key.service()))
+                    .vpc_id(&self.config.vpc_id)
+                    .tag_specifications(tags);
+                let out = self
+                    .calls
+                    .run("CreateSecurityGroup", || create.clone().send())
+                    .await?;
+                let id = out.group_id().map(str::to_string);
+                (
+                    id.ok_or_else(|| cloud("CreateSecurityGroup", "no group id in the answer"))?,
+                    BTreeSet::new(),
+                )
+            }
+        };
+        let desired = ingress_rules(spec);
+        let add: Vec<IpPermission> = desired.difference(&existing).map(permission).collect();
+        let remove: Vec<IpPermission> = existing.difference(&desired).map(permission).collect();
+        if !add.is_empty() {
+            self.calls
+                .run("AuthorizeSecurityGroupIngress", || {
+                    self.clients
+                        .ec2
+                        .authorize_security_group_ingress()
+                        .group_id(&id)
+                        .set_ip_permissions(Some(add.clone()))
+                        .send()
+                })
+                .await?;
+        }
+        if !remove.is_empty() {
+            self.calls
+                .run("RevokeSecurityGroupIngress", || {
+                    self.clients
+                        .ec2
+                        .revoke_security_group_ingress()
+                        .group_id(&id)
+                        .set_ip_permissions(Some(remove.clone()))
+                        .send()
+                })
+                .await?;
+        }
+        Ok(id)
+    }
+
+    /// By persisted ID, else by name in the VPC if its tags say it is ours.
+    async fn find_security_group(
+        &self,
+        key: &LoadBalancerKey,
+        name: &str,
+        known_id: Option<&String>,
+    ) -> Result<Option<SecurityGroup>> {
+        if let Some(id) = known_id {
+            let found = self
+                .calls
+                .run("DescribeSecurityGroups", || {
+                    self.clients
+                        .ec2
+                        .describe_security_groups()
+                        .group_ids(id)
+                        .send()
+                })
+                .await;
+            match found {
+                Ok(out) => {
+                    if let Some(sg) = out.security_groups().first() {
+                        return Ok(Some(sg.clone()));
+                    }
+                }
+                Err(ProviderError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let vpc = Filter::builder()
+            .name("vpc-id")
+            .values(&self.config.vpc_id)
+            .build();
+        let named = Filter::builder().name("group-name").values(name).build();
+        let out = self
+            .calls
+            .run("DescribeSecurityGroups", || {
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .filters(vpc.clone())
+                    .filters(named.clone())
+                    .send()
+            })
+            .await?;
+        let Some(sg) = out.security_groups().first() else {
+            return Ok(None);
+        };
+        let tags = to_map(sg.tags().iter().map(|t| (t.key(), t.value())));
+        if !is_owned_by(&tags, key) {
+            return Err(ProviderError::Conflict {
+                resource: name.to_string(),
+                reason: format!("security group {name} exists but is not tagged as owned by {key}"),
+            });
+        }
+        Ok(Some(sg.clone()))
+    }
+
+    /// Deletes `key`'s security group, retrying while the load balancer's
+    /// network interfaces still use it.
+    async fn delete_security_group(
+        &self,
+        key: &LoadBalancerKey,
+        known: &ResourceIds,
+    ) -> Result<()> {
+        let name = key.resource_name("sg");
+        let Some(sg) = self
+            .find_security_group(key, &name, known.get(SECURITY_GROUP_ID))
+            .await?
+        else {
+            return Ok(());
+        };
+        let id = sg.group_id().unwrap_or_default().to_string();
+        let delete = || async {
+            match self
+                .calls
+                .run("DeleteSecurityGroup", || {
+                    self.clients
+                        .ec2
+                        .delete_security_group()
+                        .group_id(&id)
+                        .send()
+                })
+                .await
+            {
+                Ok(_) | Err(ProviderError::NotFound { .. }) => Ok(()),
+                Err(other) => Err(other),
+            }
+        };
+        delete
+            .retry(in_use_backoff())
+            .when(|e| matches!(e, ProviderError::Conflict { .. }))
+            .await
+    }
 }
 
 #[async_trait]
@@ -756,7 +928,9 @@ impl LoadBalancerProvider for AwsProvider {
             ids.insert(target_group_id_key(l), arn.clone());
             by_port.insert(l.port, arn);
         }
-        let lb = self.ensure_nlb(spec, known).await?;
+        let security_group = self.ensure_security_group(spec, known).await?;
+        ids.insert(SECURITY_GROUP_ID.to_string(), security_group.clone());
+        let lb = self.ensure_nlb(spec, known, &security_group).await?;
         let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
         ids.insert(LOAD_BALANCER_ID.to_string(), lb_arn.clone());
         self.ensure_listeners(spec, &lb_arn, &by_port).await?;
@@ -915,7 +1089,8 @@ impl LoadBalancerProvider for AwsProvider {
                 Err(other) => return Err(other),
             }
         }
-        self.delete_target_groups(key, &target_groups).await
+        self.delete_target_groups(key, &target_groups).await?;
+        self.delete_security_group(key, known).await
     }
 
     async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
@@ -993,6 +1168,29 @@ impl LoadBalancerProvider for AwsProvider {
                 break;
             }
         }
+        let tagged = Filter::builder()
+            .name(format!("tag:{TAG_CLUSTER}"))
+            .values(cluster)
+            .build();
+        let out = self
+            .calls
+            .run("DescribeSecurityGroups", || {
+                self.clients
+                    .ec2
+                    .describe_security_groups()
+                    .filters(tagged.clone())
+                    .send()
+            })
+            .await?;
+        for sg in out.security_groups() {
+            let tags = to_map(sg.tags().iter().map(|t| (t.key(), t.value())));
+            if let (Some(key), Some(id)) = (key_from_owner_tags(&tags), sg.group_id()) {
+                owned
+                    .entry(key)
+                    .or_default()
+                    .insert(SECURITY_GROUP_ID.to_string(), id.to_string());
+            }
+        }
         Ok(owned
             .into_iter()
             .map(|(key, ids)| OwnedLoadBalancer { key, ids })
@@ -1013,6 +1211,42 @@ fn target(t: &Target) -> TargetDescription {
         .id(t.ip.to_string())
         .port(i32::from(t.port))
         .build()
+}
+
+/// The ingress rules a security group has, in [`ingress_rules`]' shape.
+fn rules_of(sg: &SecurityGroup) -> BTreeSet<IngressRule> {
+    let mut rules = BTreeSet::new();
+    for p in sg.ip_permissions() {
+        let (Some(proto), Some(port)) = (
+            p.ip_protocol(),
+            p.from_port().and_then(|f| u16::try_from(f).ok()),
+        ) else {
+            continue;
+        };
+        let cidrs = p
+            .ip_ranges()
+            .iter()
+            .filter_map(|r| r.cidr_ip())
+            .chain(p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6()));
+        for cidr in cidrs {
+            rules.insert((proto.to_string(), port, cidr.to_string()));
+        }
+    }
+    rules
+}
+
+fn permission((proto, port, cidr): &IngressRule) -> IpPermission {
+    let b = IpPermission::builder()
+        .ip_protocol(proto)
+        .from_port(i32::from(*port))
+        .to_port(i32::from(*port));
+    if cidr.contains(':') {
+        b.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(cidr).build())
+            .build()
+    } else {
+        b.ip_ranges(IpRange::builder().cidr_ip(cidr).build())
+            .build()
+    }
 }
 
 /// Key/value pairs (tags, attributes) of an SDK answer as a map.
