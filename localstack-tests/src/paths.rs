@@ -1,7 +1,7 @@
 //! Where the environment's parts live: binaries built by the scripts in
 //! `localstack-tests/scripts/`, cached outside the checkout.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
@@ -62,20 +62,27 @@ pub fn helm() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The pinned requirements of each emulator venv, compiled in (so a build
+/// never reads another checkout's files).
+const PINS: [(&str, &str); 2] = [
+    ("moto", include_str!("../pins/moto.txt")),
+    ("localstack", include_str!("../pins/localstack.txt")),
+];
+
 /// The Python interpreter of an emulator venv (`moto` or `localstack`), checked
 /// against the pins in the checkout so a stale venv is reported, not used.
 pub fn venv_python(name: &str) -> Result<PathBuf> {
     let dir = cache_dir().join("venv").join(name);
-    let pins = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("pins")
-        .join(format!("{name}.txt"));
-    let want = std::fs::read(&pins).with_context(|| format!("reading {}", pins.display()))?;
+    let want = PINS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, pins)| pins.as_bytes())
+        .with_context(|| format!("no pinned requirements for venv {name}"))?;
     match std::fs::read(dir.join(".pins")) {
         Ok(have) if have == want => Ok(dir.join("bin").join("python")),
         Ok(_) => bail!(
-            "venv {} is older than {}; run `make env-deps` (or localstack-tests/scripts/python-venvs.sh)",
-            dir.display(),
-            pins.display()
+            "venv {} is older than localstack-tests/pins/{name}.txt; run `make env-deps` (or localstack-tests/scripts/python-venvs.sh)",
+            dir.display()
         ),
         Err(_) => bail!(
             "venv {} is missing; run `make env-deps` (or localstack-tests/scripts/python-venvs.sh)",

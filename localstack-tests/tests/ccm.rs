@@ -1,10 +1,10 @@
 //! The `cnlb-ccm` binary runs against the real API server: it becomes ready
 //! once the API answers, serves metrics, and stops cleanly on SIGTERM.
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
-use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::{Proc, free_port};
 use cnlb_localstack_tests::{Env, eventually};
 
@@ -12,18 +12,9 @@ use cnlb_localstack_tests::{Env, eventually};
 async fn ccm_is_ready_against_the_real_api_server_and_stops_on_sigterm() {
     let env = Env::builder("ccm").kube().start().await.unwrap();
     let port = free_port().unwrap();
-    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
-    cmd.arg(format!(
-        "--kubeconfig={}",
-        env.kube().unwrap().kubeconfig.display()
-    ))
-    .args([
-        "--cluster-name=test",
-        "--provider=aws",
-        "--aws-vpc-id=vpc-0123",
-        "--leader-elect=false",
-    ])
-    .arg(format!("--metrics-bind-address=127.0.0.1:{port}"));
+    let mut cmd = common::ccm::command(&env, "vpc-0123");
+    cmd.arg("--leader-elect=false")
+        .arg(format!("--metrics-bind-address=127.0.0.1:{port}"));
     let ccm = Proc::spawn("cnlb-ccm", cmd, &env.dir).unwrap();
 
     let http = reqwest::Client::new();

@@ -4,10 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
-use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::Proc;
 use cnlb_localstack_tests::{Env, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,19 +17,10 @@ use kube::{Api, Client};
 use serde_json::json;
 
 fn replica(env: &Env, name: &str) -> Proc {
-    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
-    cmd.arg(format!(
-        "--kubeconfig={}",
-        env.kube().unwrap().kubeconfig.display()
-    ))
-    .args([
-        "--cluster-name=test",
-        "--provider=aws",
-        "--aws-vpc-id=vpc-0123",
-    ])
-    .args(["--leader-elect=true", "--metrics-bind-address=0"])
-    // No AWS endpoint: the Services below are rejected before any cloud call.
-    .env("AWS_EC2_METADATA_DISABLED", "true");
+    let mut cmd = common::ccm::command(env, "vpc-0123");
+    cmd.args(["--leader-elect=true", "--metrics-bind-address=0"])
+        // No AWS endpoint: the Services below are rejected before any cloud call.
+        .env("AWS_EC2_METADATA_DISABLED", "true");
     Proc::spawn(name, cmd, &env.dir).unwrap()
 }
 

@@ -46,8 +46,9 @@ pub async fn cluster(name: &str, nodes: u8) -> Cluster {
     }
 }
 
-/// Starts the controller (leader election off) with the environment's AWS endpoints.
-pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
+/// `cnlb-ccm --provider=aws` for cluster `test` against the environment's
+/// API server; callers add leader election, metrics and AWS endpoints.
+pub fn command(env: &Env, vpc: &str) -> Command {
     let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
     cmd.arg(format!(
         "--kubeconfig={}",
@@ -56,12 +57,18 @@ pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
     .args([
         "--cluster-name=test",
         "--provider=aws",
-        "--leader-elect=false",
-    ])
-    .args(["--metrics-bind-address=0", &format!("--aws-vpc-id={vpc}")])
-    // These tests check behaviour; the benchmark measures the default limits.
-    .args(["--aws-write-rate=20/40", "--aws-targets-rate=20/40"])
-    .envs(env.aws().unwrap().env_vars());
+        &format!("--aws-vpc-id={vpc}"),
+    ]);
+    cmd
+}
+
+/// Starts the controller (leader election off) with the environment's AWS endpoints.
+pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
+    let mut cmd = command(env, vpc);
+    cmd.args(["--leader-elect=false", "--metrics-bind-address=0"])
+        // These tests check behaviour; the benchmark measures the default limits.
+        .args(["--aws-write-rate=20/40", "--aws-targets-rate=20/40"])
+        .envs(env.aws().unwrap().env_vars());
     Proc::spawn(name, cmd, &env.dir).unwrap()
 }
 
