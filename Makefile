@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
 ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 
-.PHONY: demo test env-deps env-up env-check env-down lint fmt bench-aws
+.PHONY: demo test env-deps env-up env-check env-down lint fmt bench-aws bench-ipam
 
 ## demo: set up, start the local environment and print how to reach it (Ctrl-C stops it)
 demo: env-deps
@@ -41,6 +41,11 @@ env-down:
 bench-aws: env-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-aws -- $(BENCH_ARGS)
+
+## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s
+bench-ipam: env-deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
 
 ## lint: formatting and clippy, warnings as errors
 lint:

@@ -102,16 +102,7 @@ pub struct Args {
 
 /// `RATE/BURST`, both positive integers, e.g. `10/20`.
 fn parse_rate(s: &str) -> Result<RateLimit, String> {
-    let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|n| *n > 0);
-    match s.split_once('/') {
-        Some((rate, burst)) => match (parse(rate), parse(burst)) {
-            (Some(rate), Some(burst)) => Ok(RateLimit::new(rate, burst)),
-            _ => Err(format!(
-                "{s:?}: expected RATE/BURST with positive integers, like 10/20"
-            )),
-        },
-        None => Err(format!("{s:?}: expected RATE/BURST, like 10/20")),
-    }
+    s.parse()
 }
 
 fn parse_vpc_id(s: &str) -> Result<String, String> {

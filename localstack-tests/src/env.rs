@@ -3,7 +3,9 @@
 //! in which case the logs are kept and their place printed).
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +14,7 @@ use crate::aws::{AwsEndpoints, Emulator, external_url};
 use crate::controlplane::ControlPlane;
 use crate::kubelet::{Kubelet, NodeConfig};
 use crate::paths::run_root;
+use crate::podnet::{AgentBackend, PodNet, PodNetContext, PodNetworkConfig, PodSandbox};
 use crate::process::Proc;
 
 /// Set to keep an environment's directory (logs, kubeconfig) after a passing run too.
@@ -23,6 +26,7 @@ pub struct EnvBuilder {
     nodes: Vec<NodeConfig>,
     moto: bool,
     localstack: bool,
+    pod_network: Option<PodNetworkConfig>,
     timeout: Duration,
 }
 
@@ -52,13 +56,47 @@ impl EnvBuilder {
         self
     }
 
+    /// Real Pod networking on the harness's Nodes (needs `nodes`): a
+    /// `vpc-ipam-agent` per Node, and per Pod a network namespace attached
+    /// by CNI ADD through Debian's ptp plugin, with `cnlb-pod-server`
+    /// inside answering on the Pod's container ports. Pod IPs come from
+    /// this environment's own /16 (see [`Env::pod_range`]). Without it Pods
+    /// get made-up IPs and nothing runs.
+    pub fn pod_network(mut self) -> Self {
+        self.pod_network
+            .get_or_insert_with(PodNetworkConfig::default);
+        self
+    }
+
+    /// The agents' backend (default static over each Node's pod range;
+    /// implies `pod_network`).
+    pub fn agent_backend(mut self, backend: AgentBackend) -> Self {
+        self.pod_network
+            .get_or_insert_with(PodNetworkConfig::default)
+            .backend = backend;
+        self
+    }
+
+    /// How long a deleted Pod keeps serving, not Ready, before its server
+    /// stops (default 0; a container's preStop `sleep` takes precedence;
+    /// implies `pod_network`).
+    pub fn pod_drain(mut self, drain: Duration) -> Self {
+        self.pod_network
+            .get_or_insert_with(PodNetworkConfig::default)
+            .drain = drain;
+        self
+    }
+
     /// Deadline for each part's readiness check (default 60 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    pub async fn start(self) -> Result<Env> {
+    pub async fn start(mut self) -> Result<Env> {
+        if self.pod_network.is_some() && self.nodes.is_empty() {
+            bail!("a pod network needs nodes");
+        }
         let started = Instant::now();
         let root = run_root();
         std::fs::create_dir_all(&root)?;
@@ -70,6 +108,7 @@ impl EnvBuilder {
             dir: dir.path().to_path_buf(),
             tmp: Some(dir),
             kubelet: None,
+            pod_net: None,
             control_plane: None,
             moto: None,
             localstack: None,
@@ -119,7 +158,21 @@ impl EnvBuilder {
         if let Some(cp) = &env.control_plane
             && !self.nodes.is_empty()
         {
-            env.kubelet = Some(Kubelet::start(cp.admin_client()?, self.nodes).await?);
+            if let Some(config) = self.pod_network.take() {
+                let aws = env.aws().ok();
+                let ctx = PodNetContext {
+                    env_dir: &env.dir,
+                    cluster: &self.name,
+                    aws: aws.as_ref(),
+                    kubeconfig: Some(&cp.kubeconfig),
+                };
+                env.pod_net = Some(Arc::new(PodNet::new(config, &mut self.nodes, &ctx)?));
+            }
+            let kubelet =
+                Kubelet::start(cp.admin_client()?, self.nodes, env.pod_net.clone(), t).await;
+            // An agent that failed to start is what the logs are for.
+            env.keep = kubelet.is_err();
+            env.kubelet = Some(kubelet?);
         }
         env.ready_in = started.elapsed();
         tracing::info!(dir = %env.dir.display(), "environment ready in {:.1?}", env.ready_in);
@@ -133,6 +186,7 @@ pub struct Env {
     tmp: Option<tempfile::TempDir>,
     // Field order is drop order: the kubelet stops before the API server.
     kubelet: Option<Kubelet>,
+    pod_net: Option<Arc<PodNet>>,
     control_plane: Option<ControlPlane>,
     moto: Option<Emulator>,
     localstack: Option<Emulator>,
@@ -151,6 +205,7 @@ impl Env {
             nodes: Vec::new(),
             moto: false,
             localstack: false,
+            pod_network: None,
             timeout: Duration::from_secs(60),
         }
     }
@@ -186,6 +241,80 @@ impl Env {
         Ok(AwsEndpoints::single(&l.url))
     }
 
+    fn pod_net(&self) -> Result<&Arc<PodNet>> {
+        self.pod_net
+            .as_ref()
+            .context("this environment was built without .pod_network()")
+    }
+
+    /// This environment's Pod addresses, `10.<k>.0.0/16`: `k` is unique
+    /// among the environments running on this host.
+    pub fn pod_cidr(&self) -> Result<String> {
+        Ok(self.pod_net()?.cidr())
+    }
+
+    /// The pod range of the Node at `node` (index in the builder's list),
+    /// `10.<k>.<node>.0/24`; also the Node's `spec.podCIDR`.
+    pub fn pod_range(&self, node: usize) -> Result<String> {
+        self.pod_net()?.pod_range(node)
+    }
+
+    /// The unix socket of the Node's vpc-ipam-agent.
+    pub fn agent_socket(&self, node: usize) -> Result<PathBuf> {
+        self.pod_net()?.agent_socket(node)
+    }
+
+    /// The state directory of the Node's vpc-ipam-agent.
+    pub fn agent_state_dir(&self, node: usize) -> Result<PathBuf> {
+        self.pod_net()?.agent_state_dir(node)
+    }
+
+    /// Where the Node's vpc-ipam-agent serves its metrics (`--metrics-addr`).
+    pub fn agent_metrics_addr(&self, node: usize) -> Result<SocketAddr> {
+        self.pod_net()?.agent_metrics_addr(node)
+    }
+
+    /// Pid (and process group) of the Node's vpc-ipam-agent, if running.
+    pub fn agent_pid(&self, node: usize) -> Result<Option<i32>> {
+        self.pod_net()?.agent_pid(node)
+    }
+
+    /// Kills the Node's agent if it still runs (SIGKILL), starts it again
+    /// with the same flags and state, and waits until it serves.
+    pub async fn restart_agent(&self, node: usize) -> Result<()> {
+        self.pod_net()?
+            .restart_agent(node, Duration::from_secs(60))
+            .await
+    }
+
+    /// The sandbox (network namespace, IP, server) of a running Pod.
+    pub fn pod_sandbox(&self, namespace: &str, name: &str) -> Result<Option<PodSandbox>> {
+        Ok(self
+            .pod_net()?
+            .sandboxes()
+            .into_iter()
+            .find(|s| s.namespace == namespace && s.name == name))
+    }
+
+    /// Every Pod sandbox of this environment.
+    pub fn pod_sandboxes(&self) -> Result<Vec<PodSandbox>> {
+        Ok(self.pod_net()?.sandboxes())
+    }
+
+    /// Every network namespace of this environment's Pods starts with it
+    /// (`cnlb-<k>-`, `k` as in [`Env::pod_cidr`]).
+    pub fn netns_prefix(&self) -> Result<String> {
+        Ok(self.pod_net()?.netns_prefix())
+    }
+
+    /// The network namespaces of this environment that exist now (by name,
+    /// from /run/netns): what must be gone after teardown.
+    pub fn pod_netns(&self) -> Result<Vec<String>> {
+        Ok(crate::podnet::netns_with_prefix(
+            &self.pod_net()?.netns_prefix(),
+        ))
+    }
+
     /// Time from `start()` to every part ready.
     pub fn ready_in(&self) -> Duration {
         self.ready_in
@@ -205,9 +334,14 @@ impl Env {
         v
     }
 
-    /// Process group ids of the running parts.
+    /// Process group ids of the running parts (with the pod network's
+    /// agents and Pod servers).
     pub fn pids(&self) -> Vec<i32> {
-        self.procs().iter().map(|p| p.pid()).collect()
+        let mut pids: Vec<i32> = self.procs().iter().map(|p| p.pid()).collect();
+        if let Some(net) = &self.pod_net {
+            pids.extend(net.pids());
+        }
+        pids
     }
 
     /// Current and peak resident memory of every process of the environment
@@ -234,6 +368,11 @@ pub use crate::process::Memory;
 impl Drop for Env {
     fn drop(&mut self) {
         self.kubelet.take();
+        // Pods and agents go while the parts still run (nothing they do
+        // needs the API), and before the directory their records are in.
+        if let Some(net) = self.pod_net.take() {
+            net.shutdown();
+        }
         for p in self.procs() {
             p.terminate();
         }
@@ -252,6 +391,16 @@ impl Drop for Env {
 }
 
 const PIDS: &str = "pids";
+
+/// Adds a process started after `start()` (an agent) to the pids file, for
+/// `cnlb-env down`.
+pub(crate) fn record_pid(dir: &Path, proc: &Proc) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(PIDS))?;
+    writeln!(f, "{}\t{}", proc.pid(), proc.name())?;
+    Ok(())
+}
 /// Marks a directory kept for its logs: `cnlb-env down` leaves it alone.
 const KEPT: &str = "KEPT";
 
@@ -262,14 +411,20 @@ pub struct Cleaned {
     pub removed: Vec<PathBuf>,
     /// Logs of failed runs, left for a person to read.
     pub kept: Vec<PathBuf>,
+    /// Network namespaces of Pods of dead environments, removed.
+    pub netns: Vec<String>,
 }
 
 /// Stops what a killed test process left behind: for each environment
 /// directory whose owner process is gone, every part still running there is
-/// killed and the directory removed. Environments of live processes and
-/// directories kept for their logs are left alone.
+/// killed and the directory removed; first their Pods' network namespaces
+/// (servers killed, CNI DEL, namespace deleted). Environments of live
+/// processes and directories kept for their logs are left alone.
 pub fn clean_stale() -> Result<Cleaned> {
-    let mut cleaned = Cleaned::default();
+    let mut cleaned = Cleaned {
+        netns: crate::podnet::clean_stale_netns()?,
+        ..Cleaned::default()
+    };
     let Ok(entries) = std::fs::read_dir(run_root()) else {
         return Ok(cleaned);
     };
@@ -285,9 +440,8 @@ pub fn clean_stale() -> Result<Cleaned> {
         for line in pids.lines() {
             match line.split_once('\t') {
                 Some(("owner", pid)) => {
-                    owner_alive = pid
-                        .parse::<i32>()
-                        .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    // A zombie owner is dead too: it can no longer drop its environment.
+                    owner_alive = pid.parse::<i32>().is_ok_and(crate::process::is_running);
                 }
                 Some((pid, _name)) => parts.extend(pid.parse::<i32>().ok()),
                 None => {}
@@ -305,10 +459,10 @@ pub fn clean_stale() -> Result<Cleaned> {
     Ok(cleaned)
 }
 
-/// True when `pid` still runs in `dir` (every part is started there), so a
-/// recycled pid is never signalled.
+/// True when `pid` still runs in `dir` or below (every part is started
+/// there), so a recycled pid is never signalled.
 fn owned_by_env(pid: i32, dir: &Path) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+    std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
 }
 
 /// Fails unless `cond` becomes true within `timeout`, polling every 200 ms.

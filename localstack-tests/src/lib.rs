@@ -6,11 +6,14 @@
 pub mod aws;
 pub mod controlplane;
 pub mod env;
+pub mod ipam;
 pub mod kubelet;
 pub mod paths;
+pub mod podnet;
 pub mod process;
 
 pub use aws::AwsEndpoints;
 pub use controlplane::ControlPlane;
 pub use env::{Env, EnvBuilder, eventually};
 pub use kubelet::NodeConfig;
+pub use podnet::{AgentBackend, AgentLaunch, PodSandbox};

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use cnlb_localstack_tests::env::{KEEP_VAR, clean_stale};
 use cnlb_localstack_tests::{Env, NodeConfig};
 
@@ -30,10 +30,21 @@ enum Cmd {
         /// Readiness deadline per part, in seconds.
         #[arg(long, default_value_t = 90)]
         timeout: u64,
+        /// Real Pod networking (network namespaces, ptp, a server per Pod)
+        /// with this IPAM; `none` makes Pod IPs up.
+        #[arg(long, value_enum, default_value_t = PodNetwork::None)]
+        pod_network: PodNetwork,
     },
     /// Kill what a killed test or `up` left behind and remove its directories
     /// (environments of running processes and kept logs are left alone).
     Down,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PodNetwork {
+    None,
+    /// vpc-ipam with a vpc-ipam-agent per Node (static backend).
+    VpcIpam,
 }
 
 #[tokio::main]
@@ -48,6 +59,9 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Down => {
             let cleaned = clean_stale()?;
+            for netns in &cleaned.netns {
+                println!("cnlb-env: removed network namespace {netns}");
+            }
             for dir in &cleaned.removed {
                 println!("cnlb-env: stopped and removed {}", dir.display());
             }
@@ -63,6 +77,7 @@ async fn main() -> Result<()> {
             no_aws,
             check,
             timeout,
+            pod_network,
         } => {
             let mut b = Env::builder("up")
                 .nodes((1..=nodes).map(NodeConfig::numbered).collect())
@@ -70,6 +85,10 @@ async fn main() -> Result<()> {
                 .timeout(Duration::from_secs(timeout));
             if !no_aws {
                 b = b.moto().localstack();
+            }
+            match pod_network {
+                PodNetwork::None => {}
+                PodNetwork::VpcIpam => b = b.pod_network(),
             }
             let env = b.start().await?;
             print_summary(&env, no_aws)?;
@@ -103,6 +122,23 @@ fn print_summary(env: &Env, no_aws: bool) -> Result<()> {
     );
     if let Ok(kubectl) = cnlb_localstack_tests::paths::control_plane_bin("kubectl") {
         println!("  {} get nodes", kubectl.display());
+    }
+    if let Ok(cidr) = env.pod_cidr() {
+        println!("\nPod network: {cidr}");
+        println!(
+            "  network namespaces: ip netns list | grep {}",
+            env.netns_prefix()?
+        );
+        for i in 0.. {
+            let Ok(range) = env.pod_range(i) else { break };
+            match env.agent_pid(i)? {
+                Some(_) => println!(
+                    "  node {i}: pod range {range}, agent socket {}",
+                    env.agent_socket(i)?.display()
+                ),
+                None => println!("  node {i}: pod range {range}"),
+            }
+        }
     }
     if !no_aws {
         println!("\nAWS (moto: EC2 + ELBv2):");

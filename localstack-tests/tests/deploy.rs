@@ -3,8 +3,12 @@
 //! What a cluster operator applies (deploy/): the plain manifests go onto a
 //! real kube-apiserver and the controller's ServiceAccount can do exactly
 //! what cnlb-ccm needs and nothing else; the Helm chart grants the same RBAC
-//! rules; the IAM policy lists exactly the AWS calls the provider makes,
-//! every mutation conditioned on the ownership tag.
+//! rules; the IAM policies list exactly the AWS calls the provider and the
+//! vpc-ipam agent make, every mutation conditioned on the ownership tag.
+//! The vpc-ipam DaemonSet likewise: its chart renders its manifests, its
+//! Pods are created on every Node (tainted ones too) and admitted, they
+//! hold no capability and only their four host paths, the conflist is one
+//! our plugin accepts, and its ServiceAccount can read Nodes, nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -54,7 +58,12 @@ fn yaml_docs(text: &str, what: &str) -> Vec<Value> {
 
 /// Every object of deploy/ccm/*.yaml, in file order (the order to apply them).
 fn plain_manifests() -> Vec<Value> {
-    let dir = repo().join("deploy/ccm");
+    manifests_in("deploy/ccm")
+}
+
+/// Every object of `<rel>/*.yaml`, in file order (the order to apply them).
+fn manifests_in(rel: &str) -> Vec<Value> {
+    let dir = repo().join(rel);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -74,7 +83,7 @@ fn plain_manifests() -> Vec<Value> {
 fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/ccm/"))
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
 }
 
 /// What a list of RBAC rules grants: (apiGroup, resource, resourceName or
@@ -176,21 +185,32 @@ fn chart_grants_the_same_rbac_as_the_plain_manifests() {
     assert!(args.contains(&"--leader-elect=true"), "{args:?}");
 }
 
+/// `helm template <release> deploy/charts/<release> <extra>` in kube-system:
+/// the objects, or helm's error.
+fn helm_template(release: &str, extra: &[&str]) -> Result<Vec<Value>, String> {
+    let helm = cnlb_localstack_tests::paths::helm().unwrap();
+    let out = std::process::Command::new(&helm)
+        .args(["template", release])
+        .arg(repo().join("deploy/charts").join(release))
+        .args(["--namespace", NS, "--kube-version", "1.36.0"])
+        .args(extra)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(yaml_docs(&text, "helm template"))
+}
+
 /// The chart's default rendering is the plain manifests, object for object.
 #[test]
 fn chart_default_rendering_is_the_plain_manifests() {
-    let helm = cnlb_localstack_tests::paths::helm().unwrap();
-    let out = std::process::Command::new(&helm)
-        .args(["template", NAME])
-        .arg(repo().join("deploy/charts/cnlb-ccm"))
-        .args(["--namespace", NS, "--kube-version", "1.36.0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rendered = helm_template(NAME, &[]).unwrap();
+    same_objects(rendered, plain_manifests(), "deploy/ccm/");
+}
+
+fn same_objects(rendered: Vec<Value>, plain: Vec<Value>, dir: &str) {
     let key = |d: &Value| {
         format!(
             "{} {}/{}",
@@ -199,24 +219,14 @@ fn chart_default_rendering_is_the_plain_manifests() {
             d["metadata"]["name"].as_str().unwrap()
         )
     };
-    let rendered: BTreeMap<String, Value> =
-        yaml_docs(&String::from_utf8(out.stdout).unwrap(), "helm template")
-            .into_iter()
-            .map(|d| (key(&d), d))
-            .collect();
-    let plain: BTreeMap<String, Value> = plain_manifests()
-        .into_iter()
-        .map(|d| (key(&d), d))
-        .collect();
+    let rendered: BTreeMap<String, Value> = rendered.into_iter().map(|d| (key(&d), d)).collect();
+    let plain: BTreeMap<String, Value> = plain.into_iter().map(|d| (key(&d), d)).collect();
     assert_eq!(
         rendered.keys().collect::<Vec<_>>(),
         plain.keys().collect::<Vec<_>>()
     );
     for (k, v) in &plain {
-        assert_eq!(
-            &rendered[k], v,
-            "{k}: chart rendering differs from deploy/ccm/"
-        );
+        assert_eq!(&rendered[k], v, "{k}: chart rendering differs from {dir}");
     }
 }
 
@@ -357,12 +367,10 @@ fn sdk_call_scanner_finds_calls_and_only_calls() {
     );
 }
 
-#[test]
-fn iam_policy_allows_exactly_the_aws_calls_the_provider_makes() {
-    let mut files = Vec::new();
-    rust_files(&repo().join("providers/aws/src"), &mut files);
+/// The IAM actions (`ec2:DescribeSubnets`, ...) of the SDK calls in `files`.
+fn iam_actions_called(files: &[PathBuf]) -> BTreeSet<String> {
     let mut called = BTreeSet::new();
-    for f in &files {
+    for f in files {
         for (client, op) in sdk_calls(&std::fs::read_to_string(f).unwrap()) {
             let service = if client == "elbv2" {
                 "elasticloadbalancing"
@@ -372,12 +380,11 @@ fn iam_policy_allows_exactly_the_aws_calls_the_provider_makes() {
             called.insert(format!("{service}:{}", pascal(&op)));
         }
     }
-    assert!(
-        called.contains("elasticloadbalancing:CreateLoadBalancer"),
-        "the scan of providers/aws/src found no CreateLoadBalancer call: {called:?}"
-    );
+    called
+}
 
-    let policy = policy();
+/// `policy` allows exactly `called` (plus tagging on create), by name.
+fn assert_policy_allows_exactly(file: &str, policy: &Value, called: BTreeSet<String>, code: &str) {
     let mut allowed = BTreeSet::new();
     for s in policy["Statement"].as_array().unwrap() {
         assert_eq!(s["Effect"], "Allow", "{s}");
@@ -397,8 +404,103 @@ fn iam_policy_allows_exactly_the_aws_calls_the_provider_makes() {
     let unused: Vec<_> = allowed.difference(&called).collect();
     assert!(
         missing.is_empty() && unused.is_empty(),
-        "providers/aws calls these but deploy/aws/iam-policy.json does not allow them: {missing:?}; \
-         the policy allows these but providers/aws never calls them: {unused:?}"
+        "{code} calls these but {file} does not allow them: {missing:?}; \
+         the policy allows these but {code} never calls them: {unused:?}"
+    );
+}
+
+/// vpc-ipam's EC2 calls, in the provider crate; the rest is the ccm's.
+const VPC_IPAM_EC2: &str = "providers/aws/src/ipam.rs";
+
+#[test]
+fn iam_policy_allows_exactly_the_aws_calls_the_provider_makes() {
+    let mut files = Vec::new();
+    rust_files(&repo().join("providers/aws/src"), &mut files);
+    files.retain(|f| !f.ends_with(VPC_IPAM_EC2));
+    let called = iam_actions_called(&files);
+    assert!(
+        called.contains("elasticloadbalancing:CreateLoadBalancer"),
+        "the scan of providers/aws/src found no CreateLoadBalancer call: {called:?}"
+    );
+    assert_policy_allows_exactly(
+        "deploy/aws/iam-policy.json",
+        &policy(),
+        called,
+        "providers/aws",
+    );
+}
+
+fn vpc_ipam_policy() -> Value {
+    serde_json::from_str(&read("deploy/aws/vpc-ipam-iam-policy.json")).unwrap()
+}
+
+#[test]
+fn vpc_ipam_iam_policy_allows_exactly_the_ec2_calls_of_the_agent() {
+    // The agent reaches EC2 only through the provider crate's ipam module;
+    // its own sources are scanned too, so a direct call would show.
+    let mut files = vec![repo().join(VPC_IPAM_EC2)];
+    rust_files(&repo().join("vpc-ipam/src"), &mut files);
+    let called = iam_actions_called(&files);
+    assert!(
+        called.contains("ec2:CreateNetworkInterface"),
+        "the scan of {VPC_IPAM_EC2} found no CreateNetworkInterface call: {called:?}"
+    );
+    assert_policy_allows_exactly(
+        "deploy/aws/vpc-ipam-iam-policy.json",
+        &vpc_ipam_policy(),
+        called,
+        "vpc-ipam",
+    );
+}
+
+/// Every change to a network interface needs the ownership tag on it (in
+/// the request when created). Subnets, security groups and instances are
+/// not the agent's and carry no such tag; statements on them alone are
+/// allowed untagged because each of their actions also needs the network
+/// interface, which the tagged statements guard.
+#[test]
+fn vpc_ipam_iam_policy_conditions_every_change_on_the_ownership_tag() {
+    let policy = vpc_ipam_policy();
+    assert_eq!(policy["Version"], "2012-10-17");
+    let resources = |s: &Value| -> Vec<String> {
+        match &s["Resource"] {
+            Value::String(r) => vec![r.clone()],
+            Value::Array(r) => r.iter().map(|r| r.as_str().unwrap().to_string()).collect(),
+            other => panic!("Resource must be a string or a list: {other}"),
+        }
+    };
+    let eni = "arn:aws:ec2:*:*:network-interface/*";
+    let mut guarded = BTreeSet::new();
+    let mut unguarded = BTreeSet::new();
+    for s in policy["Statement"].as_array().unwrap() {
+        let actions = statement_actions(s);
+        if actions.iter().all(|a| a.starts_with("ec2:Describe")) {
+            continue;
+        }
+        let tagged = [
+            format!("aws:RequestTag/{OWNERSHIP_TAG}"),
+            format!("aws:ResourceTag/{OWNERSHIP_TAG}"),
+        ]
+        .iter()
+        .any(|k| s["Condition"]["Null"].get(k) == Some(&json!("false")));
+        if tagged {
+            assert_eq!(resources(s), [eni], "{actions:?}");
+            guarded.extend(actions);
+        } else {
+            let foreign = ["subnet/*", "security-group/*", "instance/*"];
+            for r in resources(s) {
+                assert!(
+                    foreign.iter().any(|f| r == format!("arn:aws:ec2:*:*:{f}")),
+                    "{actions:?} are allowed on {r} without the ownership tag"
+                );
+            }
+            unguarded.extend(actions);
+        }
+    }
+    let loose: Vec<_> = unguarded.difference(&guarded).collect();
+    assert!(
+        loose.is_empty(),
+        "{loose:?} need no tagged network interface"
     );
 }
 
@@ -910,5 +1012,396 @@ async fn plain_manifests_apply_and_the_controller_gets_exactly_its_rbac() {
                 .await
         ),
         "another lease updatable"
+    );
+}
+
+// ---------------------------------------------------------------- the vpc-ipam DaemonSet
+
+const AGENT: &str = "vpc-ipam-agent";
+const VPC_IPAM_CHART: &str = "cnlb-vpc-ipam";
+const CONFLIST: &str = "10-cnlb.conflist";
+
+fn vpc_ipam_manifests() -> Vec<Value> {
+    manifests_in("deploy/vpc-ipam")
+}
+
+fn containers<'a>(pod_spec: &'a Value, key: &str) -> &'a Vec<Value> {
+    pod_spec[key].as_array().unwrap()
+}
+
+fn container<'a>(pod_spec: &'a Value, key: &str, name: &str) -> &'a Value {
+    containers(pod_spec, key)
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {key} {name}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The value of `--<flag>=<value>` in `args`.
+fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
+    let prefix = format!("--{flag}=");
+    args.iter()
+        .find_map(|a| a.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no --{flag}= in {args:?}"))
+}
+
+#[test]
+fn vpc_ipam_chart_default_rendering_is_the_plain_manifests() {
+    let rendered = helm_template(VPC_IPAM_CHART, &[]).unwrap();
+    same_objects(rendered, vpc_ipam_manifests(), "deploy/vpc-ipam/");
+}
+
+#[test]
+fn vpc_ipam_chart_takes_static_ranges_with_the_static_backend_only() {
+    let err = helm_template(VPC_IPAM_CHART, &["--set", "backend=static"]).unwrap_err();
+    assert!(err.contains("backend=static needs staticRanges"), "{err}");
+    let err = helm_template(VPC_IPAM_CHART, &["--set", "staticRanges={10.1.0.0/24}"]).unwrap_err();
+    assert!(err.contains("only used with backend=static"), "{err}");
+    let err = helm_template(VPC_IPAM_CHART, &["--set", "bakend=static"]).unwrap_err();
+    assert!(
+        err.contains("bakend"),
+        "the schema names an unknown key: {err}"
+    );
+
+    let docs = helm_template(
+        VPC_IPAM_CHART,
+        &[
+            "--set",
+            "backend=static",
+            "--set",
+            "staticRanges={10.1.0.0/24,10.1.1.0/24}",
+        ],
+    )
+    .unwrap();
+    let spec = &object(&docs, "DaemonSet", AGENT)["spec"]["template"]["spec"];
+    let args = strings(&container(spec, "containers", "agent")["args"]);
+    assert_eq!(
+        args[..3],
+        [
+            "--backend=static",
+            "--static-range=10.1.0.0/24",
+            "--static-range=10.1.1.0/24"
+        ]
+    );
+}
+
+/// No capability, no privilege, read-only root, and of the host only the
+/// node's network and four paths, each mounted by the one container that
+/// needs it; the agent's socket and state are under its mounts, the
+/// conflist points the plugin at that socket, the ServiceAccount is bound
+/// to a role that reads Nodes.
+#[test]
+fn vpc_ipam_daemonset_is_least_privilege_and_consistent() {
+    let docs = vpc_ipam_manifests();
+    let ds = object(&docs, "DaemonSet", AGENT);
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    assert!(spec["hostPID"].is_null() && spec["hostIPC"].is_null());
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert_eq!(spec["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(spec["securityContext"]["runAsUser"], 0);
+
+    let host_paths: BTreeMap<String, String> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["hostPath"].is_null())
+        .map(|v| {
+            let path = v["hostPath"]["path"].as_str().unwrap().to_string();
+            (v["name"].as_str().unwrap().to_string(), path)
+        })
+        .collect();
+    assert_eq!(
+        host_paths.values().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(
+            [
+                "/opt/cni/bin",
+                "/etc/cni/net.d",
+                "/run/cnlb",
+                "/var/lib/cnlb"
+            ]
+            .map(String::from)
+        )
+    );
+    // Host paths each container mounts: host path -> mount path.
+    let mounts = |c: &Value| -> BTreeMap<String, String> {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| {
+                let host = host_paths.get(m["name"].as_str().unwrap())?;
+                Some((host.clone(), m["mountPath"].as_str().unwrap().to_string()))
+            })
+            .collect()
+    };
+    for (key, c) in [("initContainers", 1), ("containers", 1)] {
+        assert_eq!(containers(spec, key).len(), c, "{key}");
+    }
+    let init = container(spec, "initContainers", "install-cni");
+    let agent = container(spec, "containers", "agent");
+    for c in [init, agent] {
+        let sc = &c["securityContext"];
+        assert_eq!(
+            sc["capabilities"],
+            json!({"drop": ["ALL"]}),
+            "{}",
+            c["name"]
+        );
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", c["name"]);
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert!(sc["privileged"].is_null(), "{}", c["name"]);
+    }
+    assert_eq!(
+        mounts(init).keys().collect::<Vec<_>>(),
+        ["/etc/cni/net.d", "/opt/cni/bin"]
+    );
+    let agent_mounts = mounts(agent);
+    assert_eq!(
+        agent_mounts.keys().collect::<Vec<_>>(),
+        ["/run/cnlb", "/var/lib/cnlb"]
+    );
+    // The agent sees its host paths where they are on the node.
+    assert!(agent_mounts.iter().all(|(host, mount)| host == mount));
+
+    let args = strings(&agent["args"]);
+    assert_eq!(flag(&args, "backend"), "aws");
+    let socket = flag(&args, "socket");
+    assert!(socket.starts_with("/run/cnlb/"), "{socket}");
+    assert!(flag(&args, "state-dir").starts_with("/var/lib/cnlb/"));
+    let env = agent["env"].as_array().unwrap();
+    let node_name = env.iter().find(|e| e["name"] == "NODE_NAME").unwrap();
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert!(env.iter().any(|e| e["name"] == "CNLB_CLUSTER_NAME"));
+
+    // The conflist the init container installs points the plugin at the socket.
+    let cm_name = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .unwrap();
+    let cm = object(&docs, "ConfigMap", cm_name);
+    let conflist: Value = serde_json::from_str(cm["data"][CONFLIST].as_str().unwrap()).unwrap();
+    assert_eq!(conflist["plugins"][0]["type"], "ptp");
+    assert_eq!(conflist["plugins"][0]["ipam"]["type"], "vpc-ipam");
+    assert_eq!(conflist["plugins"][0]["ipam"]["agentSocket"], socket);
+    let script = strings(&init["args"]).join("\n");
+    assert!(
+        script.contains(&format!("/host/etc/cni/net.d/{CONFLIST}")),
+        "{script}"
+    );
+    assert!(script.contains("/host/opt/cni/bin/vpc-ipam"), "{script}");
+
+    // The ServiceAccount it runs as is bound to a role that only reads Nodes.
+    assert_eq!(spec["serviceAccountName"], AGENT);
+    object(&docs, "ServiceAccount", AGENT);
+    let role = object(&docs, "ClusterRole", AGENT);
+    assert_eq!(
+        grants(&role["rules"]),
+        BTreeSet::from([(String::new(), "nodes".into(), "*".into(), "get".into())])
+    );
+    let binding = object(&docs, "ClusterRoleBinding", AGENT);
+    assert_eq!(binding["roleRef"]["name"], AGENT);
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": AGENT, "namespace": NS}])
+    );
+}
+
+/// The conflist's version is one Debian's ptp and portmap (1.1.1) speak, and
+/// our plugin takes its part of it: each plugin gets its object with the
+/// list's name and version, as libcni passes it.
+#[test]
+fn vpc_ipam_conflist_is_accepted_by_the_plugins() {
+    let docs = vpc_ipam_manifests();
+    let cm = object(&docs, "ConfigMap", "vpc-ipam-cni");
+    let conflist: Value = serde_json::from_str(cm["data"][CONFLIST].as_str().unwrap()).unwrap();
+    let version = conflist["cniVersion"].clone();
+    for plugin in conflist["plugins"].as_array().unwrap() {
+        let name = plugin["type"].as_str().unwrap();
+        let out = std::process::Command::new(format!("/usr/lib/cni/{name}"))
+            .env("CNI_COMMAND", "VERSION")
+            .output()
+            .unwrap();
+        let supported: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            supported["supportedVersions"]
+                .as_array()
+                .unwrap()
+                .contains(&version),
+            "{name} does not speak cniVersion {version}: {supported}"
+        );
+    }
+
+    let mut conf = conflist["plugins"][0].clone();
+    conf["name"] = conflist["name"].clone();
+    conf["cniVersion"] = version;
+    // A socket of our own: the plugin may queue the release next to it.
+    let dir = tempfile::tempdir().unwrap();
+    conf["ipam"]["agentSocket"] = json!(dir.path().join("vpc-ipam.sock"));
+    let plugin = cnlb_localstack_tests::paths::workspace_bin("vpc-ipam").unwrap();
+    let mut child = std::process::Command::new(plugin)
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", "deploy-test")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        conf.to_string().as_bytes(),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    // No agent runs here: DEL succeeds (nothing to release) or asks to try
+    // again later; what it must not report is a configuration error
+    // (1 version, 2 unsupported field, 6 decode, 7 invalid configuration).
+    if !out.status.success() {
+        let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let code = err["code"].as_u64().unwrap();
+        assert!(
+            ![1, 2, 6, 7].contains(&code),
+            "the plugin refuses the conflist: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn vpc_ipam_manifests_apply_and_the_agent_can_only_read_nodes() {
+    let env = Env::builder("deploy-vpc-ipam")
+        .kube()
+        .start()
+        .await
+        .unwrap();
+    let cp = env.kube().unwrap();
+    let admin = cp.admin_client().unwrap();
+    let pp = PostParams::default();
+
+    // Linux Nodes, one tainted as special nodes are: the agent runs on
+    // both; a Windows Node gets none.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for (name, os) in [("node-a", "linux"), ("node-w", "windows")] {
+        let node = json!({"metadata": {"name": name, "labels": {"kubernetes.io/os": os}}});
+        nodes.create(&pp, &obj(node)).await.unwrap();
+    }
+    nodes
+        .create(
+            &pp,
+            &obj(json!({
+                "metadata": {"name": "node-b", "labels": {"kubernetes.io/os": "linux"}},
+                "spec": {"taints": [
+                    {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"},
+                    {"key": "example.com/maintenance", "effect": "NoExecute"},
+                ]},
+            })),
+        )
+        .await
+        .unwrap();
+    for doc in &vpc_ipam_manifests() {
+        apply(&admin, doc).await;
+    }
+
+    // The DaemonSet controller makes a Pod per Node, which admission takes
+    // (ServiceAccount, system-node-critical priority).
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let selector = ListParams::default().labels("app.kubernetes.io/name=vpc-ipam-agent");
+    eventually("a vpc-ipam-agent Pod per Node", WAIT, || async {
+        Ok(pods.list(&selector).await?.items.len() == 2)
+    })
+    .await
+    .unwrap();
+    let mut placed = BTreeSet::new();
+    for pod in pods.list(&selector).await.unwrap().items {
+        let spec = serde_json::to_value(pod.spec.unwrap()).unwrap();
+        assert_eq!(spec["priority"], 2_000_001_000, "system-node-critical");
+        assert_eq!(spec["serviceAccountName"], AGENT);
+        assert_eq!(spec["hostNetwork"], true);
+        let terms = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"];
+        placed.extend(strings(&terms[0]["matchFields"][0]["values"]));
+    }
+    assert_eq!(placed, BTreeSet::from(["node-a".into(), "node-b".into()]));
+
+    // Acting as the agent's ServiceAccount: its Node (providerID) readable.
+    let agent = cp.service_account_client(NS, AGENT).unwrap();
+    let agent_nodes: Api<Node> = Api::all(agent.clone());
+    // The authorizer sees new bindings through an informer: allow it a moment.
+    eventually("the ServiceAccount can get a Node", WAIT, || async {
+        Ok(agent_nodes.get("node-a").await.is_ok())
+    })
+    .await
+    .unwrap();
+    assert!(can(&agent, "get", "", "nodes", None).await);
+
+    // And nothing else.
+    for (verb, group, resource, ns) in [
+        ("list", "", "nodes", None),
+        ("watch", "", "nodes", None),
+        ("patch", "", "nodes", None),
+        ("patch", "", "nodes/status", None),
+        ("get", "", "secrets", Some(NS)),
+        ("list", "", "secrets", None),
+        ("list", "", "pods", None),
+        ("patch", "", "pods", Some(NS)),
+        ("patch", "", "pods/status", Some(NS)),
+        ("get", "", "configmaps", Some(NS)),
+        ("create", "", "events", Some(NS)),
+    ] {
+        assert!(
+            !can(&agent, verb, group, resource, ns).await,
+            "the agent may {verb} {resource} in {ns:?}"
+        );
+    }
+    assert!(
+        forbidden(agent_nodes.list(&ListParams::default()).await),
+        "nodes listable"
+    );
+    assert!(
+        forbidden(
+            Api::<Secret>::namespaced(agent.clone(), NS)
+                .list(&ListParams::default())
+                .await
+        ),
+        "secrets listable in kube-system"
+    );
+    let agent_pod = pods.list(&selector).await.unwrap().items[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    assert!(
+        forbidden(
+            Api::<Pod>::namespaced(agent.clone(), NS)
+                .patch(
+                    &agent_pod,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+                )
+                .await
+        ),
+        "pods patchable"
+    );
+    assert!(
+        forbidden(
+            agent_nodes
+                .patch(
+                    "node-a",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+                )
+                .await
+        ),
+        "nodes patchable"
     );
 }

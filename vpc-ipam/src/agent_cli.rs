@@ -32,6 +32,10 @@ pub struct AgentArgs {
     #[arg(long, value_enum)]
     pub backend: Backend,
 
+    /// Name of this cluster; tags the cloud resources the agent creates.
+    #[arg(long, env = "CNLB_CLUSTER_NAME", value_parser = NonEmptyStringValueParser::new())]
+    pub cluster_name: String,
+
     /// Unix socket the CNI plugin connects to.
     #[arg(long, default_value = DEFAULT_AGENT_SOCKET, value_name = "PATH")]
     pub socket: PathBuf,
@@ -66,6 +70,23 @@ pub struct AgentArgs {
     /// must cover the load balancers' deregistration delay (NLB default 300s).
     #[arg(long, default_value = "300s", value_parser = parse_duration, value_name = "DURATION")]
     pub cooldown: Duration,
+
+    /// How long an ADD waits for an address when the pool is empty, before
+    /// it fails with "try again later" (kubelet's runtime requests time out
+    /// after 2m by default).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub add_timeout: Duration,
+
+    /// How often leaked cloud resources (detached ENIs) are looked for.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub gc_interval: Duration,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9971", value_name = "ADDR")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    #[command(flatten)]
+    pub aws: crate::backend::aws::AwsArgs,
 
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -189,7 +210,13 @@ mod tests {
     use super::*;
 
     fn parse(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
-        let base = ["vpc-ipam-agent", "--node-name", "node-1"];
+        let base = [
+            "vpc-ipam-agent",
+            "--node-name",
+            "node-1",
+            "--cluster-name",
+            "c1",
+        ];
         AgentArgs::try_parse_validated_from(base.iter().chain(extra))
     }
 

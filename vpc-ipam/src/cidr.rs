@@ -66,6 +66,30 @@ impl Cidr {
     }
 
     /// True when no host bits are set, as a range ("10.1.0.0/16") must be.
+    /// How many addresses the prefix spans (saturating at u128::MAX).
+    pub fn size(&self) -> u128 {
+        let host_bits = u32::from(max_prefix_len(self.addr) - self.prefix_len);
+        1u128.checked_shl(host_bits).unwrap_or(u128::MAX)
+    }
+
+    /// The `offset`-th address of the prefix, if it is inside.
+    pub fn nth(&self, offset: u128) -> Option<IpAddr> {
+        if offset >= self.size() {
+            return None;
+        }
+        Some(match self.network().addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(
+                u32::from(a).checked_add(u32::try_from(offset).ok()?)?,
+            )),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a).checked_add(offset)?)),
+        })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Cidr::new(*ip, self.prefix_len).map(|c| c.network()) == Ok(self.network())
+    }
+
     pub fn is_network(&self) -> bool {
         self.network() == *self
     }

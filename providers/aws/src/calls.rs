@@ -72,6 +72,25 @@ impl RateLimit {
     }
 }
 
+/// `RATE/BURST`, both positive integers, e.g. `10/20` (the form of the
+/// `--aws-*-rate` flags).
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<RateLimit, String> {
+        let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|n| *n > 0);
+        match s.split_once('/') {
+            Some((rate, burst)) => match (parse(rate), parse(burst)) {
+                (Some(rate), Some(burst)) => Ok(RateLimit::new(rate, burst)),
+                _ => Err(format!(
+                    "{s:?}: expected RATE/BURST with positive integers, like 10/20"
+                )),
+            },
+            None => Err(format!("{s:?}: expected RATE/BURST, like 10/20")),
+        }
+    }
+}
+
 /// Client-side rate limits per group of operations, shared by every
 /// reconcile of this process (EC2 and ELBv2 alike).
 ///
@@ -525,6 +544,15 @@ mod tests {
             "AddTags",
         ] {
             assert_eq!(group_of(op), Group::Write, "{op}");
+        }
+    }
+
+    #[test]
+    fn rates_parse_from_rate_slash_burst() {
+        assert_eq!("4/8".parse(), Ok(RateLimit::new(4, 8)));
+        assert_eq!(" 10 / 20 ".parse(), Ok(RateLimit::new(10, 20)));
+        for bad in ["", "5", "0/5", "5/0", "fast/1", "1/2/3", "-1/2"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad:?}");
         }
     }
 

@@ -52,7 +52,10 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         | "InvalidGroup.NotFound"
         | "InvalidSubnet"
         | "SubnetNotFound"
-        | "InvalidVpcID.NotFound" => ProviderError::NotFound {
+        | "InvalidVpcID.NotFound"
+        | "InvalidNetworkInterfaceID.NotFound"
+        | "InvalidAttachmentID.NotFound"
+        | "InvalidInstanceID.NotFound" => ProviderError::NotFound {
             resource: message.to_string(),
         },
         "DuplicateLoadBalancerName"
@@ -60,6 +63,7 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         | "DuplicateListener"
         | "ResourceInUse"
         | "DependencyViolation"
+        | "InvalidNetworkInterface.InUse"
         | "InvalidPermission.Duplicate" => ProviderError::Conflict {
             resource: operation,
             reason: message.to_string(),
@@ -119,6 +123,14 @@ mod tests {
         assert!(matches!(
             c("TargetGroupNotFound"),
             ProviderError::NotFound { .. }
+        ));
+        assert!(matches!(
+            c("InvalidNetworkInterfaceID.NotFound"),
+            ProviderError::NotFound { .. }
+        ));
+        assert!(matches!(
+            c("InvalidNetworkInterface.InUse"),
+            ProviderError::Conflict { .. }
         ));
         assert!(matches!(
             c("DuplicateLoadBalancerName"),

@@ -7,10 +7,12 @@
 //! rate-limits it per group of operations ([`RateLimits`]), retries it with
 //! backoff and jitter on throttling and transient errors, and records the
 //! `cnlb_cloud_api_*` metrics per operation in the registry given to
-//! [`AwsProvider::new`].
+//! [`AwsProvider::new`]. [`ipam::Ec2Ipam`] is vpc-ipam's door to EC2
+//! (ENIs, secondary IPs and prefixes), through the same wrapper.
 
 mod calls;
 mod error;
+pub mod ipam;
 pub mod plan;
 mod provider;
 

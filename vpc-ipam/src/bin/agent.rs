@@ -1,15 +1,31 @@
 //! `vpc-ipam-agent`: the per-node agent behind the vpc-ipam CNI plugin.
 //!
-//! This build validates its configuration and prepares its state
-//! directory; the cloud backends and the allocation server are not built
-//! yet, so it stops with an error instead of pretending to serve.
+//! Start-up order matters for crash safety: the state is reconciled with
+//! the backend before any request is answered; the socket is bound first
+//! so that plugins arriving meanwhile queue instead of finding no agent.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use cnlb_vpc_ipam::agent_cli::{AgentArgs, NLB_DEFAULT_DEREGISTRATION_DELAY};
-use cnlb_vpc_ipam::telemetry;
-use tracing::{info, warn};
+use cnlb_vpc_ipam::agent::{Agent, AgentConfig, StartError};
+use cnlb_vpc_ipam::agent_cli::{
+    AgentArgs, Backend as BackendKind, NLB_DEFAULT_DEREGISTRATION_DELAY,
+};
+use cnlb_vpc_ipam::backend::Backend;
+use cnlb_vpc_ipam::backend::aws::AwsBackend;
+use cnlb_vpc_ipam::backend::static_ranges::StaticRanges;
+use cnlb_vpc_ipam::metrics::Metrics;
+use cnlb_vpc_ipam::pool::Targets;
+use cnlb_vpc_ipam::store::Store;
+use cnlb_vpc_ipam::{server, telemetry};
+use prometheus_client::registry::Registry;
+use tracing::{error, info, warn};
+
+/// Waits before retrying a start that failed on a transient cloud error.
+const START_RETRY: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let args = AgentArgs::parse_validated();
@@ -17,15 +33,33 @@ fn main() -> ExitCode {
         eprintln!("vpc-ipam-agent: {err}");
         return ExitCode::FAILURE;
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("vpc-ipam-agent: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            error!("{msg}");
+            eprintln!("vpc-ipam-agent: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: AgentArgs) -> Result<(), String> {
     info!(
         node = %args.node_name,
         backend = %args.backend,
         socket = %args.socket.display(),
         state_dir = %args.state_dir.display(),
-        static_ranges = ?args.static_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        min_target = args.min_target,
-        warm_target = args.warm_target,
-        max_target = args.max_target,
         cooldown = ?args.cooldown,
         "starting vpc-ipam-agent"
     );
@@ -36,23 +70,104 @@ fn main() -> ExitCode {
              a released address may be reused while a load balancer still sends it traffic"
         );
     }
-
     // Allocation state is private to root: 0700 for a directory we create.
-    if let Err(err) = std::fs::DirBuilder::new()
+    std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&args.state_dir)
-    {
-        eprintln!(
-            "vpc-ipam-agent: cannot create --state-dir {}: {err}",
-            args.state_dir.display()
-        );
-        return ExitCode::FAILURE;
-    }
+        .map_err(|e| {
+            format!(
+                "cannot create --state-dir {}: {e}",
+                args.state_dir.display()
+            )
+        })?;
+    let store_path = args.state_dir.join("state.redb");
+    let store = Store::open(&store_path)
+        .map_err(|e| format!("cannot open {}: {e}", store_path.display()))?;
 
-    eprintln!(
-        "vpc-ipam-agent: the {} backend is not built yet",
-        args.backend
-    );
-    ExitCode::FAILURE
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let backend: Arc<dyn Backend> = match args.backend {
+        BackendKind::Static => {
+            Arc::new(StaticRanges::new(&args.static_ranges).map_err(|e| e.to_string())?)
+        }
+        BackendKind::Aws => Arc::new(
+            AwsBackend::new(&args.aws, &args.cluster_name, &args.node_name, &mut registry)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        BackendKind::Gcp => return Err("the gcp backend is not built into this agent yet".into()),
+    };
+    let registry = Arc::new(registry);
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    info!(addr = %http_addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(server::serve_http(http, registry.clone(), ready.clone()));
+
+    let listener = server::bind(&args.socket)
+        .map_err(|e| format!("cannot listen on --socket {}: {e}", args.socket.display()))?;
+
+    let config = AgentConfig {
+        targets: Targets {
+            min: args.min_target as usize,
+            warm: args.warm_target as usize,
+            max: args.max_target as usize,
+        },
+        cooldown: args.cooldown,
+        add_timeout: args.add_timeout,
+        batch_delay: Duration::from_millis(100),
+    };
+    let mut store = Some(store);
+    let agent = loop {
+        let Some(s) = store.take() else {
+            return Err("internal: store consumed".into());
+        };
+        // The store moves into the agent only on success; on a transient
+        // failure it is reopened (redb releases its lock on drop).
+        match Agent::start(backend.clone(), s, config.clone(), metrics.clone()).await {
+            Ok(agent) => break agent,
+            Err(StartError::Backend(err)) if err.is_transient() => {
+                warn!(error = %err, "cannot reconcile with the backend yet; retrying");
+                tokio::time::sleep(START_RETRY).await;
+                store = Some(
+                    Store::open(&store_path)
+                        .map_err(|e| format!("cannot open {}: {e}", store_path.display()))?,
+                );
+            }
+            Err(err) => return Err(format!("cannot start: {err}")),
+        }
+    };
+
+    server::deliver_pending(&agent, &args.socket).await;
+    if agent.elastic() {
+        tokio::spawn(agent.clone().run_pool());
+        tokio::spawn(agent.clone().run_garbage_collection(args.gc_interval));
+    }
+    ready.store(true, Ordering::Relaxed);
+    info!(socket = %args.socket.display(), "serving the CNI plugin");
+    server::serve(listener, agent, shutdown_signal())
+        .await
+        .map_err(|e| format!("socket {}: {e}", args.socket.display()))?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

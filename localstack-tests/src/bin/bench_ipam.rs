@@ -1,0 +1,315 @@
+//! `cnlb-bench-ipam`: vpc-ipam's latency and throughput, printed.
+//!
+//! - warm-pool ADD latency, p50/p99, of the IPAM plugin alone (process
+//!   start, socket round trip, durable commit) and through Debian's ptp
+//!   plugin in a fresh network namespace;
+//! - sustained allocations per second (concurrent ADD+DEL pairs);
+//! - with the AWS backend on moto: cold-pool ADD latency (the pool is empty,
+//!   the ADD waits for the cloud) and EC2 calls per Pod, warm and cold.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use cnlb_localstack_tests::ipam::{self, CniCall, IpamAgent, Netns, PTP_CNI_VERSION};
+use cnlb_localstack_tests::{Env, eventually};
+
+#[derive(Parser)]
+struct Args {
+    /// ADDs timed for the plugin alone.
+    #[arg(long, default_value_t = 1000)]
+    adds: usize,
+    /// ADDs timed through ptp (each in a new network namespace).
+    #[arg(long, default_value_t = 100)]
+    ptp_adds: usize,
+    /// Seconds of concurrent ADD+DEL for the throughput figure.
+    #[arg(long, default_value_t = 10)]
+    sustained_secs: u64,
+    /// Concurrent workers for the throughput figure.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// ADDs timed on an empty pool (AWS backend, moto).
+    #[arg(long, default_value_t = 20)]
+    cold_adds: usize,
+    /// ADDs at a steady pace on a warm pool (AWS backend, moto), for EC2
+    /// calls per Pod.
+    #[arg(long, default_value_t = 100)]
+    warm_adds: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn report(what: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{what}: n={} p50={:.2} ms p99={:.2} ms max={:.2} ms",
+        samples.len(),
+        percentile(&samples, 50.0).as_secs_f64() * 1e3,
+        percentile(&samples, 99.0).as_secs_f64() * 1e3,
+        samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+async fn static_agent(dir: &std::path::Path, range: &str) -> Result<IpamAgent> {
+    IpamAgent::start(
+        dir,
+        "bench-node",
+        &[
+            "--cluster-name",
+            "bench",
+            "--backend",
+            "static",
+            "--static-range",
+            range,
+            "--cooldown",
+            "0s",
+        ],
+        &[],
+    )
+    .await
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+
+    let agent = static_agent(&dir.path().join("static"), "10.239.0.0/22").await?;
+    let conf = agent.netconf("1.1.0", "vpc-ipam");
+    let mut samples = Vec::with_capacity(args.adds);
+    for i in 0..args.adds {
+        let id = format!("warm-{i}");
+        let started = Instant::now();
+        let add = CniCall::new("vpc-ipam", "ADD", &id)
+            .netns("/var/run/netns/x")
+            .run(&conf)
+            .await?;
+        samples.push(started.elapsed());
+        add.ip()?;
+        CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+    }
+    report("warm ADD, IPAM plugin alone (static backend)", samples);
+
+    let ptp_conf = agent.netconf(PTP_CNI_VERSION, "ptp");
+    let mut samples = Vec::with_capacity(args.ptp_adds);
+    for i in 0..args.ptp_adds {
+        let id = format!("ptp-{i}");
+        let netns = Netns::create(&format!("cnlb-bench-{i}"))?;
+        let started = Instant::now();
+        let add = CniCall::new("ptp", "ADD", &id)
+            .netns(&netns.path())
+            .run(&ptp_conf)
+            .await?;
+        samples.push(started.elapsed());
+        add.ip()?;
+        CniCall::new("ptp", "DEL", &id)
+            .netns(&netns.path())
+            .run(&ptp_conf)
+            .await?;
+    }
+    report("warm ADD through ptp (veth + routes + IPAM)", samples);
+
+    let deadline = Instant::now() + Duration::from_secs(args.sustained_secs);
+    let workers: Vec<_> = (0..args.workers)
+        .map(|w| {
+            let conf = conf.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let id = format!("tp-{w}-{n}");
+                    CniCall::new("vpc-ipam", "ADD", &id)
+                        .netns("/var/run/netns/x")
+                        .run(&conf)
+                        .await?
+                        .ip()?;
+                    CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w.await.context("worker")??;
+    }
+    println!(
+        "sustained: {:.0} allocations/s (ADD+DEL pairs, {} workers, {} s, plugin processes included)",
+        total as f64 / args.sustained_secs as f64,
+        args.workers,
+        args.sustained_secs
+    );
+    drop(agent);
+
+    aws(&args, dir.path()).await
+}
+
+/// Sum of `cnlb_cloud_api_calls_total` over all operations.
+async fn ec2_calls(agent: &IpamAgent) -> Result<f64> {
+    Ok(agent
+        .metrics()
+        .await?
+        .lines()
+        .filter(|l| l.starts_with("cnlb_cloud_api_calls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+async fn aws_agent(
+    dir: &std::path::Path,
+    env: &Env,
+    node: &str,
+    targets: [&str; 3],
+    extra: &[&str],
+) -> Result<IpamAgent> {
+    let kube = env.kube()?;
+    let endpoints = env.aws()?;
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&endpoints.ec2)
+        .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
+        .test_credentials()
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    ipam::aws_node(&ec2, &kube.admin_client()?, node, "100.64.0.0/17").await?;
+    let mut envs: Vec<(String, String)> = endpoints
+        .env_vars()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    envs.push(("KUBECONFIG".into(), kube.kubeconfig.display().to_string()));
+    let tag = format!("cnlb.dev/pods={node}");
+    let [min, warm, max] = targets;
+    let mut flags = vec![
+        "--cluster-name",
+        "bench",
+        "--backend",
+        "aws",
+        "--aws-pod-subnet-tag",
+        &tag,
+        "--min-target",
+        min,
+        "--warm-target",
+        warm,
+        "--max-target",
+        max,
+        "--cooldown",
+        "0s",
+        // m5.large takes 3 ENIs of 10 addresses (18 for Pods); the
+        // emulator does not enforce it, and the warm run needs more.
+        "--aws-max-enis",
+        "8",
+        "--aws-ips-per-eni",
+        "30",
+    ];
+    flags.extend_from_slice(extra);
+    IpamAgent::start(&dir.join(node), node, &flags, &envs).await
+}
+
+/// Cold ADDs: no warm pool, so each ADD waits for the cloud and each DEL's
+/// address goes back. The first ADD of the node creates and attaches its
+/// first Pod ENI; that address is kept so the ENI stays, and the others
+/// measure AssignPrivateIpAddresses on an attached ENI.
+async fn cold(
+    args: &Args,
+    dir: &std::path::Path,
+    env: &Env,
+    node: &str,
+    extra: &[&str],
+    limits: &str,
+) -> Result<()> {
+    let agent = aws_agent(dir, env, node, ["0", "0", "0"], extra).await?;
+    let conf = agent.netconf("1.1.0", "vpc-ipam");
+    let started = Instant::now();
+    CniCall::new("vpc-ipam", "ADD", "first")
+        .netns("/var/run/netns/x")
+        .run(&conf)
+        .await?
+        .ip()?;
+    println!(
+        "cold ADD, node without a Pod ENI (create, attach, assign), {limits}: {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let mut samples = Vec::new();
+    for i in 0..args.cold_adds {
+        let id = format!("cold-{i}");
+        let started = Instant::now();
+        CniCall::new("vpc-ipam", "ADD", &id)
+            .netns("/var/run/netns/x")
+            .run(&conf)
+            .await?
+            .ip()?;
+        samples.push(started.elapsed());
+        CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+        eventually("address given back", Duration::from_secs(30), || async {
+            Ok(agent.metric("vpc_ipam_addresses{state=\"free\"}").await? == 0.0)
+        })
+        .await?;
+    }
+    report(
+        &format!("cold ADD, empty pool, Pod ENI attached, {limits}"),
+        samples,
+    );
+    Ok(())
+}
+
+async fn aws(args: &Args, dir: &std::path::Path) -> Result<()> {
+    println!("starting the environment (control plane, moto) for the AWS backend...");
+    let env = Env::builder("bench-ipam").kube().moto().start().await?;
+
+    cold(args, dir, &env, "cold", &[], "default rate limits").await?;
+    cold(
+        args,
+        dir,
+        &env,
+        "cold-raised",
+        &["--aws-write-rate", "20/40", "--aws-read-rate", "40/80"],
+        "raised rate limits",
+    )
+    .await?;
+
+    // Warm: the default watermarks (min 1, warm 4, max 16); ADDs at 10/s.
+    let agent = aws_agent(dir, &env, "warm", ["1", "4", "16"], &[]).await?;
+    let conf = agent.netconf("1.1.0", "vpc-ipam");
+    eventually("warm pool", Duration::from_secs(30), || async {
+        Ok(agent.metric("vpc_ipam_addresses{state=\"free\"}").await? >= 4.0)
+    })
+    .await?;
+    let calls_before = ec2_calls(&agent).await?;
+    let waits_before = agent.metric("vpc_ipam_add_waits_total").await?;
+    let mut samples = Vec::new();
+    for i in 0..args.warm_adds {
+        let started = Instant::now();
+        CniCall::new("vpc-ipam", "ADD", &format!("warm-{i}"))
+            .netns("/var/run/netns/x")
+            .run(&conf)
+            .await?
+            .ip()?;
+        samples.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = ec2_calls(&agent).await? - calls_before;
+    let waits = agent.metric("vpc_ipam_add_waits_total").await? - waits_before;
+    report("warm ADD, AWS backend on moto, 10 ADDs/s", samples);
+    println!(
+        "EC2 calls per Pod: {:.2} (pool refills in the background: {calls} calls for {} Pods); \
+         on the ADD path: 0 ({waits} of {} ADDs waited for the cloud)",
+        calls / args.warm_adds as f64,
+        args.warm_adds,
+        args.warm_adds
+    );
+    let rest_before = ec2_calls(&agent).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    println!(
+        "EC2 calls in 10 s at rest: {}",
+        ec2_calls(&agent).await? - rest_before
+    );
+    Ok(())
+}

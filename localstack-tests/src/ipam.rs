@@ -1,0 +1,421 @@
+//! A vpc-ipam agent as a process, and the CNI plugin run the way a runtime
+//! runs it: the IPAM plugin alone, or Debian's `ptp` delegating to it in a
+//! real network namespace.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+
+use crate::paths::workspace_bin;
+use crate::process::{Proc, free_port};
+
+/// Debian's containernetworking-plugins.
+pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
+/// The newest version Debian's plugins (1.1.1) speak.
+pub const PTP_CNI_VERSION: &str = "1.0.0";
+
+pub struct IpamAgent {
+    proc: Option<Proc>,
+    args: Vec<OsString>,
+    envs: Vec<(String, String)>,
+    dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_port: u16,
+    starts: u32,
+}
+
+impl IpamAgent {
+    /// Starts `vpc-ipam-agent --node-name <node>` with its socket and state
+    /// in `dir`, plus `extra` flags (backend, ranges, targets) and `envs`,
+    /// and waits until it is ready (state reconciled).
+    pub async fn start(
+        dir: &Path,
+        node: &str,
+        extra: &[&str],
+        envs: &[(String, String)],
+    ) -> Result<IpamAgent> {
+        std::fs::create_dir_all(dir)?;
+        let metrics_port = free_port()?;
+        let socket = dir.join("vpc-ipam.sock");
+        let state_dir = dir.join("state");
+        let mut args: Vec<OsString> = vec![
+            "--node-name".into(),
+            node.into(),
+            "--socket".into(),
+            socket.clone().into(),
+            "--state-dir".into(),
+            state_dir.clone().into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics_port}").into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let mut agent = IpamAgent {
+            proc: None,
+            args,
+            envs: envs.to_vec(),
+            dir: dir.to_path_buf(),
+            socket,
+            state_dir,
+            metrics_port,
+            starts: 0,
+        };
+        agent.launch().await?;
+        Ok(agent)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let mut cmd = std::process::Command::new(workspace_bin("vpc-ipam-agent")?);
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info,cnlb_vpc_ipam=debug");
+        self.starts += 1;
+        let proc = Proc::spawn(&format!("vpc-ipam-agent-{}", self.starts), cmd, &self.dir)?;
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        proc.wait_ready(Duration::from_secs(60), || {
+            let url = url.clone();
+            async move {
+                let status = reqwest::get(&url).await?.status();
+                if !status.is_success() {
+                    bail!("/readyz: {status}");
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the agent again with the same flags (after [`Self::kill9`]).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.launch().await
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    pub fn log(&self) -> Option<PathBuf> {
+        self.proc.as_ref().map(|p| p.log().to_path_buf())
+    }
+
+    /// The agent's Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        Ok(reqwest::get(&url).await?.error_for_status()?.text().await?)
+    }
+
+    /// One sample of a metric: `name{labels}` as printed, e.g.
+    /// `vpc_ipam_addresses{state="allocated"}`.
+    pub async fn metric(&self, sample: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .with_context(|| format!("no sample {sample} in:\n{text}"))
+    }
+
+    /// The network configuration a runtime would pass (`type` is the main
+    /// plugin: `ptp`, or `vpc-ipam` to run the IPAM plugin alone).
+    pub fn netconf(&self, version: &str, plugin: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "cnlb-pods",
+            "type": plugin,
+            "ipam": { "type": "vpc-ipam", "agentSocket": self.socket },
+        })
+    }
+}
+
+/// How one plugin run went.
+#[derive(Debug)]
+pub struct CniRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniRun {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("plugin stdout is not JSON: {self:?}"))
+    }
+
+    /// The first address of an ADD result, without its prefix length.
+    pub fn ip(&self) -> Result<String> {
+        if !self.ok() {
+            bail!("ADD failed: {self:?}");
+        }
+        let address = self.json()?["ips"][0]["address"]
+            .as_str()
+            .context("result without ips[0].address")?
+            .to_owned();
+        Ok(address
+            .split_once('/')
+            .map_or(address.clone(), |(ip, _)| ip.to_owned()))
+    }
+}
+
+/// One CNI invocation: `plugin` is `vpc-ipam` (ours, alone) or a Debian
+/// plugin such as `ptp` that delegates to it.
+pub struct CniCall<'a> {
+    pub plugin: &'a str,
+    pub command: &'a str,
+    pub container_id: &'a str,
+    pub netns: Option<&'a str>,
+    pub ifname: &'a str,
+    pub args: String,
+}
+
+impl<'a> CniCall<'a> {
+    pub fn new(plugin: &'a str, command: &'a str, container_id: &'a str) -> Self {
+        CniCall {
+            plugin,
+            command,
+            container_id,
+            netns: None,
+            ifname: "eth0",
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
+        }
+    }
+
+    pub fn netns(mut self, path: &'a str) -> Self {
+        self.netns = Some(path);
+        self
+    }
+
+    fn command(&self) -> Result<tokio::process::Command> {
+        let ours = workspace_bin("vpc-ipam")?;
+        let ours_dir = ours.parent().context("plugin without a directory")?;
+        let path = if self.plugin == "vpc-ipam" {
+            ours.clone()
+        } else {
+            Path::new(DEBIAN_CNI_DIR).join(self.plugin)
+        };
+        let mut cmd = tokio::process::Command::new(path);
+        cmd.env_clear()
+            .env("CNI_COMMAND", self.command)
+            .env("CNI_CONTAINERID", self.container_id)
+            .env("CNI_IFNAME", self.ifname)
+            .env("CNI_ARGS", &self.args)
+            .env(
+                "CNI_PATH",
+                format!("{DEBIAN_CNI_DIR}:{}", ours_dir.display()),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(netns) = self.netns {
+            cmd.env("CNI_NETNS", netns);
+        }
+        Ok(cmd)
+    }
+
+    /// Runs the plugin with `conf` on stdin.
+    pub async fn run(&self, conf: &Value) -> Result<CniRun> {
+        self.run_raw(conf.to_string().as_bytes()).await
+    }
+
+    pub async fn run_raw(&self, stdin: &[u8]) -> Result<CniRun> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = self.command()?.spawn().context("running the CNI plugin")?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin).await?;
+        }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = child.wait_with_output().await?;
+        Ok(CniRun {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Netns> {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", name])
+            .output();
+        run("ip", &["netns", "add", name])?;
+        run(
+            "ip",
+            &["netns", "exec", name, "ip", "link", "set", "lo", "up"],
+        )?;
+        Ok(Netns { name: name.into() })
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs `argv` inside the namespace and returns its stdout.
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(argv);
+        run("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The zone of [`aws_node`]'s instance and subnets.
+pub const AWS_ZONE: &str = "us-east-1a";
+
+/// An EC2 node for the AWS backend: a VPC with the secondary CIDR
+/// 100.64.0.0/16, a pod subnet `pod_cidr` in it tagged `cnlb.dev/pods=<node>`
+/// (for `--aws-pod-subnet-tag`), an instance in a node subnet, and the
+/// Kubernetes Node `node` whose providerID names it. Returns the instance id.
+pub async fn aws_node(
+    ec2: &aws_sdk_ec2::Client,
+    kube: &kube::Client,
+    node: &str,
+    pod_cidr: &str,
+) -> Result<String> {
+    let vpc = ec2.create_vpc().cidr_block("10.0.0.0/16").send().await?;
+    let vpc = vpc.vpc.and_then(|v| v.vpc_id).context("VPC without id")?;
+    ec2.associate_vpc_cidr_block()
+        .vpc_id(&vpc)
+        .cidr_block("100.64.0.0/16")
+        .send()
+        .await?;
+    let node_subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc)
+        .availability_zone(AWS_ZONE)
+        .cidr_block("10.0.1.0/24")
+        .send()
+        .await?
+        .subnet
+        .and_then(|s| s.subnet_id)
+        .context("subnet without id")?;
+    ec2.create_subnet()
+        .vpc_id(&vpc)
+        .availability_zone(AWS_ZONE)
+        .cidr_block(pod_cidr)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Subnet)
+                .tags(Tag::builder().key("cnlb.dev/pods").value(node).build())
+                .build(),
+        )
+        .send()
+        .await?;
+    let images = ec2.describe_images().send().await?;
+    let image = images
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .context("the emulator lists no image")?
+        .to_string();
+    let run = ec2
+        .run_instances()
+        .image_id(image)
+        .instance_type(InstanceType::M5Large)
+        .subnet_id(&node_subnet)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await?;
+    let instance = run
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .context("RunInstances returned no instance")?
+        .to_string();
+    let object = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+        "spec": {"providerID": format!("aws:///{AWS_ZONE}/{instance}")},
+    });
+    Api::<Node>::all(kube.clone())
+        .create(&PostParams::default(), &serde_json::from_value(object)?)
+        .await?;
+    Ok(instance)
+}
+
+/// Secondary addresses of the instance's Pod ENIs (every ENI but device 0),
+/// with the ENI holding each.
+pub async fn pod_eni_addresses(
+    ec2: &aws_sdk_ec2::Client,
+    instance: &str,
+) -> Result<BTreeMap<IpAddr, String>> {
+    let out = ec2
+        .describe_network_interfaces()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(instance)
+                .build(),
+        )
+        .send()
+        .await?;
+    let mut addresses = BTreeMap::new();
+    for eni in out.network_interfaces() {
+        if eni.attachment().and_then(|a| a.device_index()) == Some(0) {
+            continue;
+        }
+        let id = eni.network_interface_id().unwrap_or_default();
+        for a in eni.private_ip_addresses() {
+            if a.primary() == Some(true) {
+                continue;
+            }
+            let ip: IpAddr = a.private_ip_address().unwrap_or_default().parse()?;
+            if let Some(other) = addresses.insert(ip, id.to_string()) {
+                // Real EC2 never does this; the emulators' random pick can.
+                eprintln!("emulator assigned {ip} to both {other} and {id}");
+            }
+        }
+    }
+    Ok(addresses)
+}

@@ -1,0 +1,277 @@
+//! vpc-ipam end to end with the AWS backend: the real agent process and
+//! CNI plugin, the Node (with its providerID) in the real kube-apiserver,
+//! EC2 in moto and then in LocalStack. ADDs on an empty pool wait for the
+//! cloud; 200 concurrent ADDs get 200 distinct addresses, each assigned to
+//! one of the node's Pod ENIs; kill -9 during churn leaves no duplicate and
+//! no leak, in the agent and in the cloud; surplus addresses go back; and
+//! nothing calls EC2 at rest.
+
+#![allow(clippy::unwrap_used)] // test code
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cnlb_localstack_tests::ipam::{self, CniCall, IpamAgent};
+use cnlb_localstack_tests::{AwsEndpoints, Env, eventually};
+use cnlb_provider_aws::Clients;
+use serde_json::Value;
+
+/// Large, because moto (and LocalStack, built on it) picks secondary
+/// addresses at random per ENI without looking at the subnet's other ENIs
+/// (real EC2 never gives one address to two ENIs).
+const POD_CIDR: &str = "100.64.0.0/17";
+
+#[test]
+fn aws_agent_in_moto_and_localstack() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let env = Env::builder("vpc-ipam-agent-aws")
+            .kube()
+            .moto()
+            .localstack()
+            .start()
+            .await
+            .unwrap();
+        let kube = env.kube().unwrap();
+        let client = kube.admin_client().unwrap();
+        for (name, endpoints) in [
+            ("moto", env.aws().unwrap()),
+            ("localstack", env.localstack().unwrap()),
+        ] {
+            eprintln!("--- {name}");
+            scenario(name, &endpoints, &kube.kubeconfig, &client).await;
+        }
+    });
+}
+
+struct Cloud {
+    clients: Clients,
+    instance: String,
+}
+
+async fn cloud(endpoints: &AwsEndpoints, node: &str, kube: &kube::Client) -> Cloud {
+    common::use_endpoints(endpoints);
+    let clients = Clients::from_env().await;
+    let instance = ipam::aws_node(&clients.ec2, kube, node, POD_CIDR)
+        .await
+        .unwrap();
+    Cloud { clients, instance }
+}
+
+async fn cloud_addresses(cloud: &Cloud) -> BTreeMap<IpAddr, String> {
+    ipam::pod_eni_addresses(&cloud.clients.ec2, &cloud.instance)
+        .await
+        .unwrap()
+}
+
+async fn add(conf: &Value, id: &str) -> Option<String> {
+    let run = CniCall::new("vpc-ipam", "ADD", id)
+        .netns("/var/run/netns/x")
+        .run(conf)
+        .await
+        .unwrap();
+    run.ok().then(|| run.ip().unwrap())
+}
+
+async fn del(conf: &Value, id: &str) {
+    let run = CniCall::new("vpc-ipam", "DEL", id).run(conf).await.unwrap();
+    assert!(run.ok(), "DEL must succeed: {run:?}");
+}
+
+async fn scenario(
+    name: &str,
+    endpoints: &AwsEndpoints,
+    kubeconfig: &std::path::Path,
+    kube: &kube::Client,
+) {
+    let node = format!("ipam-{name}");
+    let cloud = cloud(endpoints, &node, kube).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut envs: Vec<(String, String)> = endpoints
+        .env_vars()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    envs.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    let tag = format!("cnlb.dev/pods={node}");
+    let mut agent = IpamAgent::start(
+        dir.path(),
+        &node,
+        &[
+            "--cluster-name",
+            "ipam-test",
+            "--backend",
+            "aws",
+            "--aws-pod-subnet-tag",
+            &tag,
+            // The emulators do not enforce instance limits; these are
+            // m5.large's own would be 3 ENIs x 10: raised for 200 Pods.
+            "--aws-max-enis",
+            "8",
+            "--aws-ips-per-eni",
+            "50",
+            "--aws-write-rate",
+            "20/40",
+            "--aws-read-rate",
+            "40/80",
+            "--min-target",
+            "2",
+            "--warm-target",
+            "8",
+            "--max-target",
+            "16",
+            "--cooldown",
+            "0s",
+        ],
+        &envs,
+    )
+    .await
+    .unwrap();
+    let conf = agent.netconf("1.1.0", "vpc-ipam");
+
+    // The pool fills to the warm target from the cloud.
+    eventually("warm pool", Duration::from_secs(60), || async {
+        let free = agent.metric("vpc_ipam_addresses{state=\"free\"}").await?;
+        Ok(free >= 8.0)
+    })
+    .await
+    .unwrap();
+
+    // 200 ADDs at once: most find the pool empty and wait for the cloud.
+    let ids: Vec<String> = (0..200).map(|i| format!("{name}-{i}")).collect();
+    let ips: Vec<String> = futures::future::join_all(ids.iter().map(|id| add(&conf, id)))
+        .await
+        .into_iter()
+        .map(|ip| ip.expect("ADD waits for the cloud instead of failing"))
+        .collect();
+    let unique: HashSet<&String> = ips.iter().collect();
+    assert_eq!(unique.len(), 200, "duplicates: {ips:?}");
+    let in_cloud = cloud_addresses(&cloud).await;
+    for ip in &ips {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(
+            in_cloud.contains_key(&ip),
+            "{ip} is not assigned in the cloud"
+        );
+        assert!(
+            ip.to_string().starts_with("100.64."),
+            "{ip} not in the pod subnet"
+        );
+    }
+    assert!(agent.metric("vpc_ipam_add_waits_total").await.unwrap() > 0.0);
+
+    // Churn with three kill -9s; a failed ADD is followed by DEL, as
+    // kubelet does.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let conf = conf.clone();
+            let stop = stop.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let mut live = BTreeMap::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{name}-w{w}-{n}");
+                    n += 1;
+                    match add(&conf, &id).await {
+                        Some(ip) => {
+                            live.insert(id, ip);
+                        }
+                        None => del(&conf, &id).await,
+                    }
+                    if n % 2 == 0
+                        && let Some(old) = live.keys().next().cloned()
+                    {
+                        del(&conf, &old).await;
+                        live.remove(&old);
+                    }
+                }
+                live
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        agent.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        agent.restart().await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut live: BTreeMap<String, String> = ids.iter().cloned().zip(ips.iter().cloned()).collect();
+    for w in workers {
+        live.extend(w.await.unwrap());
+    }
+    agent.restart().await.unwrap();
+
+    let unique: HashSet<&String> = live.values().collect();
+    assert_eq!(
+        unique.len(),
+        live.len(),
+        "duplicate addresses after crashes"
+    );
+    assert_eq!(
+        agent
+            .metric("vpc_ipam_addresses{state=\"allocated\"}")
+            .await
+            .unwrap(),
+        live.len() as f64,
+        "allocations leaked or lost"
+    );
+    // The agent's pool is exactly what the cloud has assigned.
+    let in_cloud = cloud_addresses(&cloud).await;
+    let pool = agent
+        .metric("vpc_ipam_addresses{state=\"free\"}")
+        .await
+        .unwrap()
+        + agent
+            .metric("vpc_ipam_addresses{state=\"allocated\"}")
+            .await
+            .unwrap()
+        + agent
+            .metric("vpc_ipam_addresses{state=\"cooling\"}")
+            .await
+            .unwrap();
+    assert_eq!(pool, in_cloud.len() as f64, "pool and cloud differ");
+    for ip in live.values() {
+        assert!(
+            in_cloud.contains_key(&ip.parse::<IpAddr>().unwrap()),
+            "{ip} lost in the cloud"
+        );
+    }
+
+    // Everything released: the surplus goes back to the cloud.
+    let keys: BTreeSet<String> = live.keys().cloned().collect();
+    futures::future::join_all(keys.iter().map(|id| del(&conf, id))).await;
+    eventually("surplus released", Duration::from_secs(60), || async {
+        Ok(cloud_addresses(&cloud).await.len() <= 16)
+    })
+    .await
+    .unwrap();
+
+    // At rest, no EC2 call.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = total_calls(&agent).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(total_calls(&agent).await, calls, "EC2 calls at rest");
+    agent.kill9();
+}
+
+async fn total_calls(agent: &IpamAgent) -> f64 {
+    agent
+        .metrics()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cnlb_cloud_api_calls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

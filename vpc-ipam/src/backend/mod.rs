@@ -1,0 +1,89 @@
+//! Where a node's Pod addresses come from. The agent owns allocation,
+//! cooldowns and crash safety; a backend only tells what the cloud has
+//! assigned to this node and changes that.
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+
+use crate::cidr::Cidr;
+
+pub mod aws;
+pub mod static_ranges;
+
+/// An address the cloud (or the static configuration) has given this node
+/// for Pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assigned {
+    pub ip: IpAddr,
+    /// The subnet the address is in: its prefix goes into the CNI result,
+    /// and its first host address is the Pods' gateway.
+    pub subnet: Cidr,
+    /// What holds it in the cloud (an ENI id, "static"), for logs and GC.
+    pub holder: String,
+}
+
+/// The Pods' gateway in `subnet`: its first host address, which pools never
+/// hand out (in AWS subnets it is the VPC router's, one of the four
+/// addresses AWS reserves). Debian's ptp plugin puts it on the host side
+/// of each Pod's veth and routes the Pod's traffic through it.
+pub fn gateway(subnet: &Cidr) -> Option<IpAddr> {
+    subnet.nth(1)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Worth retrying: throttling, 5xx, timeouts, an ENI still attaching.
+    #[error("{0}")]
+    Transient(String),
+    /// Needs a person: bad configuration, missing permission, no subnet.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl BackendError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackendError::Transient(_))
+    }
+}
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Short name for logs and metrics ("aws", "static").
+    fn name(&self) -> &'static str;
+
+    /// Whether the pool can grow and shrink (cloud) or is fixed (static):
+    /// a fixed pool never calls [`Backend::acquire`] or [`Backend::release`].
+    fn elastic(&self) -> bool;
+
+    /// Prepares the backend (finds the node's instance, subnets) and
+    /// finishes what a crash interrupted (e.g. attaches or deletes an ENI
+    /// created for this node but never attached). Called once, before
+    /// anything else.
+    async fn start(&self) -> BackendResult<()>;
+
+    /// Every address assigned to this node for Pods, as the cloud has it
+    /// now. The agent rebuilds its pool from this on start, before it serves.
+    async fn assigned(&self) -> BackendResult<Vec<Assigned>>;
+
+    /// Asks for about `count` more addresses (a backend may round up, e.g.
+    /// to a /28 prefix, or give fewer when an ENI is full). Returns the
+    /// addresses added. `op_id` identifies the operation in the agent's
+    /// store and is usable as an idempotency token.
+    async fn acquire(&self, count: usize, op_id: &str) -> BackendResult<Vec<Assigned>>;
+
+    /// Gives addresses back to the cloud. They are free and out of
+    /// cooldown. Addresses already gone count as released.
+    async fn release(&self, ips: &[IpAddr]) -> BackendResult<()>;
+
+    /// Assigns these exact addresses again (allocations hold them but the
+    /// cloud lost them, e.g. someone unassigned them by hand). Returns
+    /// those it could not get back.
+    async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>>;
+
+    /// Deletes cloud resources this cluster's agents created and nobody
+    /// uses (detached ENIs). Returns how many were deleted.
+    async fn collect_garbage(&self) -> BackendResult<usize>;
+}

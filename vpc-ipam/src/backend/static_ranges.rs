@@ -1,0 +1,117 @@
+//! On-prem: fixed per-node ranges from configuration. Nothing to ask a
+//! cloud for, so the pool is every usable address of the ranges.
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+
+use super::{Assigned, Backend, BackendError, BackendResult};
+use crate::cidr::Cidr;
+
+/// Ranges larger than this are refused: the agent keeps every address in
+/// memory, and a node never runs anywhere near this many Pods.
+pub const MAX_RANGE_ADDRESSES: u128 = 1 << 16;
+
+pub struct StaticRanges {
+    addresses: Vec<Assigned>,
+}
+
+impl StaticRanges {
+    /// Each range gives all its addresses but the network address, the
+    /// first host (the Pods' gateway) and, for IPv4, the broadcast address.
+    pub fn new(ranges: &[Cidr]) -> BackendResult<StaticRanges> {
+        let mut addresses = Vec::new();
+        for range in ranges {
+            let size = range.size();
+            if size > MAX_RANGE_ADDRESSES {
+                return Err(BackendError::Permanent(format!(
+                    "--static-range {range} has {size} addresses; at most {MAX_RANGE_ADDRESSES} \
+                     are supported (use a longer prefix)"
+                )));
+            }
+            let last = if range.addr().is_ipv4() {
+                size - 1
+            } else {
+                size
+            };
+            if last <= 2 {
+                return Err(BackendError::Permanent(format!(
+                    "--static-range {range} has no usable address besides the gateway"
+                )));
+            }
+            addresses.extend((2..last).filter_map(|i| range.nth(i)).map(|ip| Assigned {
+                ip,
+                subnet: *range,
+                holder: "static".into(),
+            }));
+        }
+        Ok(StaticRanges { addresses })
+    }
+}
+
+#[async_trait]
+impl Backend for StaticRanges {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+
+    fn elastic(&self) -> bool {
+        false
+    }
+
+    async fn start(&self) -> BackendResult<()> {
+        Ok(())
+    }
+
+    async fn assigned(&self) -> BackendResult<Vec<Assigned>> {
+        Ok(self.addresses.clone())
+    }
+
+    async fn acquire(&self, _count: usize, _op_id: &str) -> BackendResult<Vec<Assigned>> {
+        Ok(Vec::new())
+    }
+
+    async fn release(&self, _ips: &[IpAddr]) -> BackendResult<()> {
+        Ok(())
+    }
+
+    async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>> {
+        Ok(ips.iter().map(|a| a.ip).collect())
+    }
+
+    async fn collect_garbage(&self) -> BackendResult<usize> {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gateway;
+
+    #[test]
+    fn usable_addresses_skip_network_gateway_and_broadcast() {
+        let b = StaticRanges::new(&["10.1.0.0/29".parse().unwrap()]).unwrap();
+        let ips: Vec<String> = b.addresses.iter().map(|a| a.ip.to_string()).collect();
+        assert_eq!(
+            ips,
+            ["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"]
+        );
+        assert_eq!(
+            gateway(&"10.1.0.0/29".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "10.1.0.1"
+        );
+    }
+
+    #[test]
+    fn refuses_ranges_too_small_or_too_large() {
+        for range in ["10.1.0.0/31", "10.0.0.0/15", "fd00::/64"] {
+            let err = StaticRanges::new(&[range.parse().unwrap()]).err().unwrap();
+            assert!(err.to_string().contains(range), "{err}");
+        }
+        let v6 = StaticRanges::new(&["fd00::/120".parse().unwrap()]).unwrap();
+        assert_eq!(v6.addresses.len(), 254);
+    }
+}

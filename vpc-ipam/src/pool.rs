@@ -1,0 +1,323 @@
+//! The node's address pool in memory, and the pure decisions made on it:
+//! which address to hand out, and how much to ask from or give back to the
+//! cloud. The agent keeps it in step with the store and the backend.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use crate::backend::Assigned;
+use crate::protocol::AttachmentKey;
+use crate::store::{Allocation, Snapshot};
+
+/// Free-address watermarks; see the agent's `--*-target` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Targets {
+    pub min: usize,
+    pub warm: usize,
+    pub max: usize,
+}
+
+/// What the pool wants from the cloud now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Nothing,
+    /// `urgent`: below the minimum or ADDs are waiting, so no batching delay.
+    Acquire {
+        count: usize,
+        urgent: bool,
+    },
+    Release(Vec<IpAddr>),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub assigned: usize,
+    pub allocated: usize,
+    pub cooling: usize,
+    pub free: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Pool {
+    assigned: BTreeMap<IpAddr, Assigned>,
+    allocations: BTreeMap<AttachmentKey, Allocation>,
+    by_ip: HashMap<IpAddr, AttachmentKey>,
+    /// Last release of an address: it is not handed out before this time
+    /// (Unix ms); after it, addresses released longest ago go first.
+    cooldowns: HashMap<IpAddr, u64>,
+    /// Being given back to the cloud: not free any more.
+    releasing: BTreeSet<IpAddr>,
+}
+
+impl Pool {
+    pub fn new(assigned: Vec<Assigned>, snapshot: &Snapshot) -> Pool {
+        let mut pool = Pool {
+            cooldowns: snapshot.cooldowns.iter().map(|(ip, t)| (*ip, *t)).collect(),
+            ..Pool::default()
+        };
+        pool.replace_assigned(assigned);
+        for (key, allocation) in &snapshot.allocations {
+            pool.allocate(key.clone(), allocation.clone());
+        }
+        pool
+    }
+
+    pub fn lookup(&self, key: &AttachmentKey) -> Option<&Allocation> {
+        self.allocations.get(key)
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = (&AttachmentKey, &Allocation)> {
+        self.allocations.iter()
+    }
+
+    pub fn is_assigned(&self, ip: &IpAddr) -> bool {
+        self.assigned.contains_key(ip)
+    }
+
+    fn is_free(&self, ip: &IpAddr, now: u64) -> bool {
+        !self.by_ip.contains_key(ip)
+            && !self.releasing.contains(ip)
+            && self.cooldowns.get(ip).is_none_or(|until| *until <= now)
+    }
+
+    /// Free addresses in the order they are handed out: never released
+    /// first, then those released longest ago, each by address.
+    fn free_in_order(&self, now: u64) -> Vec<&Assigned> {
+        let mut free: Vec<&Assigned> = self
+            .assigned
+            .values()
+            .filter(|a| self.is_free(&a.ip, now))
+            .collect();
+        free.sort_by_key(|a| (self.cooldowns.get(&a.ip).copied(), a.ip));
+        free
+    }
+
+    /// The address to hand out next.
+    pub fn pick(&self, now: u64) -> Option<&Assigned> {
+        self.free_in_order(now).into_iter().next()
+    }
+
+    pub fn allocate(&mut self, key: AttachmentKey, allocation: Allocation) {
+        self.cooldowns.remove(&allocation.ip);
+        self.by_ip.insert(allocation.ip, key.clone());
+        self.allocations.insert(key, allocation);
+    }
+
+    /// Drops the allocation of `key`; `cooldown_until` starts the cooldown
+    /// of its address.
+    pub fn free(&mut self, key: &AttachmentKey, cooldown_until: Option<u64>) -> Option<Allocation> {
+        let allocation = self.allocations.remove(key)?;
+        self.by_ip.remove(&allocation.ip);
+        if let Some(until) = cooldown_until {
+            self.cooldowns.insert(allocation.ip, until);
+        }
+        Some(allocation)
+    }
+
+    pub fn counts(&self, now: u64) -> Counts {
+        let allocated = self.allocations.len();
+        let free = self
+            .assigned
+            .keys()
+            .filter(|ip| self.is_free(ip, now))
+            .count();
+        let cooling = self
+            .assigned
+            .keys()
+            .filter(|ip| {
+                !self.by_ip.contains_key(ip)
+                    && self.cooldowns.get(ip).is_some_and(|until| *until > now)
+            })
+            .count();
+        Counts {
+            assigned: self.assigned.len(),
+            allocated,
+            cooling,
+            free,
+        }
+    }
+
+    /// When the next cooling address becomes free.
+    pub fn next_cooldown_end(&self, now: u64) -> Option<u64> {
+        self.cooldowns
+            .iter()
+            .filter(|(ip, until)| **until > now && self.assigned.contains_key(ip))
+            .map(|(_, until)| *until)
+            .min()
+    }
+
+    /// What to ask of the cloud, given `waiting` ADDs blocked on an empty
+    /// pool. Cooling addresses count as neither free nor releasable: giving
+    /// one back could let another node's Pod take it while a load balancer
+    /// still sends it traffic.
+    pub fn plan(&self, now: u64, targets: Targets, waiting: usize) -> Plan {
+        let free = self.free_in_order(now);
+        let want = targets.warm + waiting;
+        if free.len() < want {
+            let deficit = want - free.len();
+            // At least a warm target's worth per call (within the maximum):
+            // under a stream of ADDs, one-address top-ups each cost a cloud
+            // call and fall behind the write rate limit.
+            let room = targets.max.saturating_sub(free.len());
+            return Plan::Acquire {
+                count: deficit.max(targets.warm.min(room)),
+                urgent: waiting > 0 || free.len() < targets.min,
+            };
+        }
+        if free.len() > targets.max && waiting == 0 {
+            let surplus = free.len() - targets.warm;
+            // Give back those that would be handed out last.
+            let ips = free.iter().rev().take(surplus).map(|a| a.ip).collect();
+            return Plan::Release(ips);
+        }
+        Plan::Nothing
+    }
+
+    pub fn add_assigned(&mut self, added: Vec<Assigned>) {
+        for a in added {
+            self.assigned.insert(a.ip, a);
+        }
+    }
+
+    /// Takes the cloud's view as the truth (on start, after a release).
+    pub fn replace_assigned(&mut self, assigned: Vec<Assigned>) {
+        self.assigned = assigned.into_iter().map(|a| (a.ip, a)).collect();
+        self.releasing.clear();
+        // A cooldown only matters for an address the node still holds.
+        let held = &self.assigned;
+        self.cooldowns.retain(|ip, _| held.contains_key(ip));
+    }
+
+    pub fn start_release(&mut self, ips: &[IpAddr]) {
+        self.releasing.extend(ips.iter().copied());
+    }
+
+    /// Allocations whose address the cloud no longer assigns to the node.
+    pub fn orphans(&self) -> Vec<(AttachmentKey, Allocation)> {
+        self.allocations
+            .iter()
+            .filter(|(_, a)| !self.assigned.contains_key(&a.ip))
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PodRef;
+
+    fn assigned(last: u8) -> Assigned {
+        Assigned {
+            ip: format!("10.0.0.{last}").parse().unwrap(),
+            subnet: "10.0.0.0/24".parse().unwrap(),
+            holder: "eni-1".into(),
+        }
+    }
+
+    fn pool(lasts: impl IntoIterator<Item = u8>) -> Pool {
+        Pool::new(
+            lasts.into_iter().map(assigned).collect(),
+            &Snapshot::default(),
+        )
+    }
+
+    fn key(id: &str) -> AttachmentKey {
+        AttachmentKey {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    fn allocation(a: &Assigned) -> Allocation {
+        Allocation {
+            ip: a.ip,
+            subnet: a.subnet,
+            pod: PodRef::default(),
+            allocated_at: 0,
+        }
+    }
+
+    const TARGETS: Targets = Targets {
+        min: 1,
+        warm: 2,
+        max: 4,
+    };
+
+    #[test]
+    fn hands_out_never_used_addresses_before_released_ones() {
+        let mut p = pool([5, 6]);
+        let first = p.pick(0).unwrap().clone();
+        assert_eq!(first.ip.to_string(), "10.0.0.5");
+        p.allocate(key("a"), allocation(&first));
+        p.free(&key("a"), Some(0));
+        // .5 is out of cooldown, but .6 was never used.
+        assert_eq!(p.pick(10).unwrap().ip.to_string(), "10.0.0.6");
+    }
+
+    #[test]
+    fn cooling_addresses_are_neither_free_nor_released() {
+        let mut p = pool([5, 6, 7, 8, 9, 10]);
+        let a = p.pick(0).unwrap().clone();
+        p.allocate(key("a"), allocation(&a));
+        p.free(&key("a"), Some(1_000));
+        let counts = p.counts(500);
+        assert_eq!((counts.free, counts.cooling), (5, 1));
+        assert_eq!(p.next_cooldown_end(500), Some(1_000));
+        let Plan::Release(ips) = p.plan(500, TARGETS, 0) else {
+            panic!("expected a release")
+        };
+        assert_eq!(ips.len(), 3);
+        assert!(!ips.contains(&a.ip));
+        assert_eq!(p.counts(1_000).free, 6);
+    }
+
+    #[test]
+    fn plans_to_keep_the_warm_target_free() {
+        assert_eq!(
+            pool([]).plan(0, TARGETS, 0),
+            Plan::Acquire {
+                count: 2,
+                urgent: true
+            }
+        );
+        // A top-up asks for a warm target's worth at once.
+        assert_eq!(
+            pool([5]).plan(0, TARGETS, 0),
+            Plan::Acquire {
+                count: 2,
+                urgent: false
+            }
+        );
+        assert_eq!(pool([5, 6, 7]).plan(0, TARGETS, 0), Plan::Nothing);
+        // Waiting ADDs are demand on top of the warm target.
+        assert_eq!(
+            pool([5, 6]).plan(0, TARGETS, 3),
+            Plan::Acquire {
+                count: 3,
+                urgent: true
+            }
+        );
+    }
+
+    #[test]
+    fn releasing_addresses_are_not_handed_out() {
+        let mut p = pool([5, 6]);
+        p.start_release(&["10.0.0.5".parse().unwrap()]);
+        assert_eq!(p.pick(0).unwrap().ip.to_string(), "10.0.0.6");
+        p.replace_assigned(vec![assigned(6)]);
+        assert_eq!(p.counts(0).assigned, 1);
+    }
+
+    #[test]
+    fn allocations_the_cloud_lost_are_orphans() {
+        let snapshot = Snapshot {
+            allocations: [(key("a"), allocation(&assigned(9)))].into(),
+            ..Snapshot::default()
+        };
+        let p = Pool::new(vec![assigned(5)], &snapshot);
+        assert_eq!(p.orphans().len(), 1);
+        // An orphan's address is still never handed out twice.
+        assert_eq!(p.pick(0).unwrap().ip.to_string(), "10.0.0.5");
+    }
+}

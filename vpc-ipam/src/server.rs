@@ -1,0 +1,205 @@
+//! The agent's unix socket (for the CNI plugin) and HTTP endpoints (for
+//! Prometheus and probes).
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info, warn};
+
+use crate::agent::Agent;
+use crate::cni::ErrorCode;
+use crate::protocol::{AttachmentKey, Request, Response};
+
+/// A request line must arrive within this time of connecting.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the plugin leaves DELs it could not deliver (the agent was down):
+/// next to the socket, so both sides find it from the plugin's config.
+pub fn pending_dir(socket: &Path) -> PathBuf {
+    socket.with_extension("pending")
+}
+
+/// Binds the plugin socket, root-only (0600). A socket file left by a dead
+/// agent is replaced; one a live agent answers on is an error.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another agent is serving on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Delivers the DELs the plugin left while the agent was down.
+pub async fn deliver_pending(agent: &Agent, socket: &Path) {
+    let dir = pending_dir(socket);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let key = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<AttachmentKey>(&bytes).ok());
+        match key {
+            Some(key) => {
+                info!(%key, "delivering a DEL made while the agent was down");
+                if let Response::Error { msg, details, .. } =
+                    agent.handle(Request::Del { key }).await
+                {
+                    // Kept for the next start.
+                    warn!(msg, details, "pending DEL failed");
+                    continue;
+                }
+            }
+            None => warn!(path = %path.display(), "ignoring an unreadable pending DEL"),
+        }
+        if let Err(err) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %err, "cannot remove a delivered DEL");
+        }
+    }
+}
+
+/// Serves plugin requests until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    agent: Arc<Agent>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = connection(stream, &agent).await {
+                        debug!(error = %err, "plugin connection ended");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Only root (and the agent's own user, which is root in a cluster) may
+/// allocate: the socket's mode says so, and the peer's credentials are
+/// checked too, in case the socket's directory is shared more widely.
+fn allowed(stream: &UnixStream) -> Result<(), String> {
+    let creds = stream.peer_cred().map_err(|e| e.to_string())?;
+    let me = nix::unistd::geteuid().as_raw();
+    if creds.uid() == 0 || creds.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} may not use the agent socket (root only)",
+            creds.uid()
+        ))
+    }
+}
+
+async fn connection(stream: UnixStream, agent: &Agent) -> io::Result<()> {
+    let response = match allowed(&stream) {
+        Err(why) => {
+            warn!(why, "refused a plugin connection");
+            Response::error(ErrorCode::PluginNotAvailable, "permission denied", why)
+        }
+        Ok(()) => {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            tokio::time::timeout(READ_TIMEOUT, BufReader::new(read).read_line(&mut line))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+            let response = match serde_json::from_str::<Request>(&line) {
+                Ok(request) => agent.handle(request).await,
+                Err(err) => Response::error(
+                    ErrorCode::DecodeFailure,
+                    "the agent cannot decode the request",
+                    err.to_string(),
+                ),
+            };
+            return reply(&mut write, &response).await;
+        }
+    };
+    let (_, mut write) = stream.into_split();
+    reply(&mut write, &response).await
+}
+
+async fn reply(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    write.shutdown().await
+}
+
+// ------------------------------------------------------------------ HTTP
+
+#[derive(Clone)]
+struct Http {
+    ready: Arc<AtomicBool>,
+    registry: Arc<Registry>,
+}
+
+/// Serves /metrics, /healthz and /readyz (ready once the state is
+/// reconciled and the socket accepts requests).
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+) -> io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(Http { ready, registry });
+    axum::serve(listener, app).await
+}
+
+async fn readyz(State(http): State<Http>) -> HttpResponse {
+    if http.ready.load(Ordering::Relaxed) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "reconciling").into_response()
+    }
+}
+
+async fn metrics(State(http): State<Http>) -> HttpResponse {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &http.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
