@@ -257,6 +257,22 @@ impl<'a> CniCall<'a> {
     }
 }
 
+/// ADD of `container_id` through our plugin alone (an IPAM plugin never
+/// enters the namespace, so any path will do).
+pub async fn ipam_add(conf: &Value, container_id: &str) -> Result<CniRun> {
+    CniCall::new("vpc-ipam", "ADD", container_id)
+        .netns("/var/run/netns/unused")
+        .run(conf)
+        .await
+}
+
+/// DEL of `container_id` through our plugin alone.
+pub async fn ipam_del(conf: &Value, container_id: &str) -> Result<CniRun> {
+    CniCall::new("vpc-ipam", "DEL", container_id)
+        .run(conf)
+        .await
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use cnlb_localstack_tests::ipam::{CniCall, IpamAgent, Netns, PTP_CNI_VERSION};
+use cnlb_localstack_tests::ipam::{CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -42,12 +42,7 @@ async fn concurrent_adds_and_dels_never_share_an_address() {
     let ids: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
     let adds = ids.iter().map(|id| {
         let conf = conf.clone();
-        async move {
-            CniCall::new("vpc-ipam", "ADD", id)
-                .netns("/var/run/netns/x")
-                .run(&conf)
-                .await
-        }
+        async move { ipam_add(&conf, id).await }
     });
     let ips: Vec<String> = futures::future::join_all(adds)
         .await
@@ -61,21 +56,13 @@ async fn concurrent_adds_and_dels_never_share_an_address() {
     // Churn: 100 DELs and 50 new ADDs at once.
     let dels = ids[..100].iter().map(|id| {
         let conf = conf.clone();
-        async move {
-            CniCall::new("vpc-ipam", "DEL", id)
-                .run(&conf)
-                .await
-                .map(|r| (None::<String>, r))
-        }
+        async move { ipam_del(&conf, id).await.map(|r| (None::<String>, r)) }
     });
     let new_ids: Vec<String> = (200..250).map(|i| format!("c{i}")).collect();
     let adds = new_ids.iter().map(|id| {
         let conf = conf.clone();
         async move {
-            let r = CniCall::new("vpc-ipam", "ADD", id)
-                .netns("/var/run/netns/x")
-                .run(&conf)
-                .await;
+            let r = ipam_add(&conf, id).await;
             r.map(|r| (Some(id.clone()), r))
         }
     });
@@ -106,11 +93,7 @@ async fn concurrent_adds_and_dels_never_share_an_address() {
     assert_eq!(agent.metric(allocated_metric()).await.unwrap(), 150.0);
 
     // A retried ADD gets the address it already has.
-    let again = CniCall::new("vpc-ipam", "ADD", "c150")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap();
+    let again = ipam_add(&conf, "c150").await.unwrap();
     assert_eq!(again.ip().unwrap(), live["c150"]);
 }
 
@@ -132,29 +115,19 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let id = format!("w{w}-{n}");
                     n += 1;
-                    let add = CniCall::new("vpc-ipam", "ADD", &id)
-                        .netns("/var/run/netns/x")
-                        .run(&conf)
-                        .await
-                        .unwrap();
+                    let add = ipam_add(&conf, &id).await.unwrap();
                     if add.ok() {
                         live.insert(id.clone(), add.ip().unwrap());
                     } else {
                         failed += 1;
-                        let del = CniCall::new("vpc-ipam", "DEL", &id)
-                            .run(&conf)
-                            .await
-                            .unwrap();
+                        let del = ipam_del(&conf, &id).await.unwrap();
                         assert!(del.ok(), "DEL must succeed, agent up or not: {del:?}");
                     }
                     // Keep about half: release every other one.
                     if n % 2 == 0
                         && let Some(old) = live.keys().next().cloned()
                     {
-                        let del = CniCall::new("vpc-ipam", "DEL", &old)
-                            .run(&conf)
-                            .await
-                            .unwrap();
+                        let del = ipam_del(&conf, &old).await.unwrap();
                         assert!(del.ok(), "{del:?}");
                         live.remove(&old);
                     }
@@ -197,11 +170,7 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
         live.len() as f64
     );
     for (id, ip) in &live {
-        let again = CniCall::new("vpc-ipam", "ADD", id)
-            .netns("/var/run/netns/x")
-            .run(&conf)
-            .await
-            .unwrap();
+        let again = ipam_add(&conf, id).await.unwrap();
         assert_eq!(
             &again.ip().unwrap(),
             ip,
@@ -215,35 +184,19 @@ async fn del_while_the_agent_is_down_is_delivered_when_it_is_back() {
     let (_dir, mut agent) = agent("10.242.0.0/24", &["--cooldown", "0s"]).await;
     let conf = agent.netconf("1.0.0", "vpc-ipam");
     for id in ["a", "b"] {
-        CniCall::new("vpc-ipam", "ADD", id)
-            .netns("/var/run/netns/x")
-            .run(&conf)
-            .await
-            .unwrap()
-            .ip()
-            .unwrap();
+        ipam_add(&conf, id).await.unwrap().ip().unwrap();
     }
     agent.kill9();
 
-    let del = CniCall::new("vpc-ipam", "DEL", "a")
-        .run(&conf)
-        .await
-        .unwrap();
+    let del = ipam_del(&conf, "a").await.unwrap();
     assert!(del.ok(), "{del:?}");
     assert!(del.stdout.is_empty(), "{del:?}");
     assert!(del.stderr.contains("queued"), "{del:?}");
     // DEL of something never allocated succeeds too.
-    let del = CniCall::new("vpc-ipam", "DEL", "never")
-        .run(&conf)
-        .await
-        .unwrap();
+    let del = ipam_del(&conf, "never").await.unwrap();
     assert!(del.ok(), "{del:?}");
     // ADD while down asks the runtime to retry.
-    let add = CniCall::new("vpc-ipam", "ADD", "c")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap();
+    let add = ipam_add(&conf, "c").await.unwrap();
     assert_eq!(add.json().unwrap()["code"], 11, "{add:?}");
 
     agent.restart().await.unwrap();
@@ -291,10 +244,7 @@ async fn check_through_ptp_detects_a_missing_address() {
     // The allocation vanishes from the agent: our CHECK sees it.
     let mut ipam_prev = agent.netconf(PTP_CNI_VERSION, "vpc-ipam");
     ipam_prev["prevResult"] = add.json().unwrap();
-    let del = CniCall::new("vpc-ipam", "DEL", "chk")
-        .run(&ipam_prev)
-        .await
-        .unwrap();
+    let del = ipam_del(&ipam_prev, "chk").await.unwrap();
     assert!(del.ok(), "{del:?}");
     let check = CniCall::new("vpc-ipam", "CHECK", "chk")
         .netns(&netns.path())
@@ -336,13 +286,7 @@ async fn gc_frees_the_allocations_of_containers_that_are_gone() {
     let (_dir, agent) = agent("10.244.0.0/24", &[]).await;
     let conf = agent.netconf("1.1.0", "vpc-ipam");
     for id in ["keep", "gone-1", "gone-2"] {
-        CniCall::new("vpc-ipam", "ADD", id)
-            .netns("/var/run/netns/x")
-            .run(&conf)
-            .await
-            .unwrap()
-            .ip()
-            .unwrap();
+        ipam_add(&conf, id).await.unwrap().ip().unwrap();
     }
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
@@ -437,29 +381,13 @@ async fn a_released_address_cools_down_and_an_empty_pool_makes_add_wait() {
         ips.insert(ip);
     }
     assert_eq!(ips.len(), 5);
-    let released = CniCall::new("vpc-ipam", "ADD", "p0")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap()
-        .ip()
-        .unwrap();
-    assert!(
-        CniCall::new("vpc-ipam", "DEL", "p0")
-            .run(&conf)
-            .await
-            .unwrap()
-            .ok()
-    );
+    let released = ipam_add(&conf, "p0").await.unwrap().ip().unwrap();
+    assert!(ipam_del(&conf, "p0").await.unwrap().ok());
 
     // The only address left is cooling: ADD waits for the cooldown instead
     // of failing, then gets it.
     let started = Instant::now();
-    let add = CniCall::new("vpc-ipam", "ADD", "late")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap();
+    let add = ipam_add(&conf, "late").await.unwrap();
     let waited = started.elapsed();
     assert_eq!(add.ip().unwrap(), released);
     assert!(
@@ -477,18 +405,8 @@ async fn an_exhausted_pool_fails_add_with_try_again_later_after_the_timeout() {
     )
     .await;
     let conf = agent.netconf("1.0.0", "vpc-ipam");
-    CniCall::new("vpc-ipam", "ADD", "only")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap()
-        .ip()
-        .unwrap();
-    let add = CniCall::new("vpc-ipam", "ADD", "more")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await
-        .unwrap();
+    ipam_add(&conf, "only").await.unwrap().ip().unwrap();
+    let add = ipam_add(&conf, "more").await.unwrap();
     let err = add.json().unwrap();
     assert_eq!(err["code"], 11, "{add:?}");
     assert!(

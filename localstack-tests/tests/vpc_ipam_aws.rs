@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cnlb_localstack_tests::ipam::{self, CniCall, IpamAgent};
+use cnlb_localstack_tests::ipam::{self, IpamAgent, ipam_add, ipam_del};
 use cnlb_localstack_tests::{AwsEndpoints, Env, eventually};
 use cnlb_provider_aws::Clients;
 use serde_json::Value;
@@ -73,16 +73,12 @@ async fn cloud_addresses(cloud: &Cloud) -> BTreeMap<IpAddr, String> {
 }
 
 async fn add(conf: &Value, id: &str) -> Option<String> {
-    let run = CniCall::new("vpc-ipam", "ADD", id)
-        .netns("/var/run/netns/x")
-        .run(conf)
-        .await
-        .unwrap();
+    let run = ipam_add(conf, id).await.unwrap();
     run.ok().then(|| run.ip().unwrap())
 }
 
 async fn del(conf: &Value, id: &str) {
-    let run = CniCall::new("vpc-ipam", "DEL", id).run(conf).await.unwrap();
+    let run = ipam_del(conf, id).await.unwrap();
     assert!(run.ok(), "DEL must succeed: {run:?}");
 }
 

@@ -144,6 +144,9 @@ impl AgentArgs {
                 self.backend
             ));
         }
+        if self.backend == Backend::Aws {
+            self.aws.validate()?;
+        }
         for (i, a) in self.static_ranges.iter().enumerate() {
             for b in &self.static_ranges[i + 1..] {
                 if overlaps(a, b) {
@@ -174,7 +177,7 @@ fn overlaps(a: &Cidr, b: &Cidr) -> bool {
 }
 
 /// "300", "300s", "5m", "1h30m": whole seconds, minutes and hours.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration like 300s, 5m or 1h30m");
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         return text.parse().map(Duration::from_secs).map_err(|_| bad());
@@ -227,7 +230,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let args = parse(&["--backend", "aws"]).unwrap();
+        let args = parse(&["--backend", "aws", "--aws-pod-subnet-tag", "k=v"]).unwrap();
         assert_eq!(args.node_name, "node-1");
         assert_eq!(args.backend, Backend::Aws);
         assert_eq!(args.socket, PathBuf::from("/run/cnlb/vpc-ipam.sock"));

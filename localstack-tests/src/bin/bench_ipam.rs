@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cnlb_localstack_tests::ipam::{self, CniCall, IpamAgent, Netns, PTP_CNI_VERSION};
+use cnlb_localstack_tests::ipam::{
+    self, CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del,
+};
 use cnlb_localstack_tests::{Env, eventually};
 
 #[derive(Parser)]
@@ -86,13 +88,10 @@ async fn main() -> Result<()> {
     for i in 0..args.adds {
         let id = format!("warm-{i}");
         let started = Instant::now();
-        let add = CniCall::new("vpc-ipam", "ADD", &id)
-            .netns("/var/run/netns/x")
-            .run(&conf)
-            .await?;
+        let add = ipam_add(&conf, &id).await?;
         samples.push(started.elapsed());
         add.ip()?;
-        CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+        ipam_del(&conf, &id).await?;
     }
     report("warm ADD, IPAM plugin alone (static backend)", samples);
 
@@ -123,12 +122,8 @@ async fn main() -> Result<()> {
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let id = format!("tp-{w}-{n}");
-                    CniCall::new("vpc-ipam", "ADD", &id)
-                        .netns("/var/run/netns/x")
-                        .run(&conf)
-                        .await?
-                        .ip()?;
-                    CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+                    ipam_add(&conf, &id).await?.ip()?;
+                    ipam_del(&conf, &id).await?;
                     n += 1;
                 }
                 anyhow::Ok(n)
@@ -227,11 +222,7 @@ async fn cold(
     let agent = aws_agent(dir, env, node, ["0", "0", "0"], extra).await?;
     let conf = agent.netconf("1.1.0", "vpc-ipam");
     let started = Instant::now();
-    CniCall::new("vpc-ipam", "ADD", "first")
-        .netns("/var/run/netns/x")
-        .run(&conf)
-        .await?
-        .ip()?;
+    ipam_add(&conf, "first").await?.ip()?;
     println!(
         "cold ADD, node without a Pod ENI (create, attach, assign), {limits}: {:.0} ms",
         started.elapsed().as_secs_f64() * 1e3
@@ -240,13 +231,9 @@ async fn cold(
     for i in 0..args.cold_adds {
         let id = format!("cold-{i}");
         let started = Instant::now();
-        CniCall::new("vpc-ipam", "ADD", &id)
-            .netns("/var/run/netns/x")
-            .run(&conf)
-            .await?
-            .ip()?;
+        ipam_add(&conf, &id).await?.ip()?;
         samples.push(started.elapsed());
-        CniCall::new("vpc-ipam", "DEL", &id).run(&conf).await?;
+        ipam_del(&conf, &id).await?;
         eventually("address given back", Duration::from_secs(30), || async {
             Ok(agent.metric("vpc_ipam_addresses{state=\"free\"}").await? == 0.0)
         })

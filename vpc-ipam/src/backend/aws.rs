@@ -92,7 +92,7 @@ pub struct AwsArgs {
 
     /// Age after which a detached Pod ENI of any node of the cluster is
     /// deleted ("300s", "5m", "1h").
-    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_grace)]
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = crate::agent_cli::parse_duration)]
     pub aws_eni_gc_grace: Duration,
 
     /// EC2 Describe* calls: tokens per second / burst.
@@ -194,21 +194,6 @@ fn is_aws_id(s: &str, prefix: &str) -> bool {
 }
 
 /// "300", "300s", "5m" or "1h": a whole number of one unit.
-fn parse_grace(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration like 300s, 5m or 1h");
-    let (number, unit) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 'h')) => (&s[..i], 3600),
-        _ => (s, 1),
-    };
-    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    n.checked_mul(unit).map(Duration::from_secs).ok_or_else(bad)
-}
-
 /// What `start` found out about the node.
 struct NodeInfo {
     instance: InstanceInfo,
@@ -1413,17 +1398,6 @@ mod tests {
         for (args, needle) in cases {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn grace_durations() {
-        assert_eq!(parse_grace("300"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_grace("300s"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_grace("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_grace("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["", "s", "m5", "1h30m", "-5s", "1.5m"] {
-            assert!(parse_grace(bad).is_err(), "{bad:?}");
         }
     }
 
