@@ -82,6 +82,15 @@ pub struct Args {
     )]
     pub aws_vpc_id: Option<String>,
 
+    /// The on-prem provider plugin's gRPC endpoint (--provider=onprem):
+    /// unix:///path.sock or tcp://ip:port.
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        required_if_eq("provider", "onprem")
+    )]
+    pub onprem_plugin: Option<cnlb_provider_onprem::PluginEndpoint>,
+
     /// AWS Describe* calls: tokens per second / burst (--provider=aws).
     #[arg(long, default_value = "10/20", value_name = "RATE/BURST", value_parser = parse_rate)]
     pub aws_read_rate: RateLimit,

@@ -53,7 +53,9 @@ pub enum Error {
     ApiUnreachable(#[source] kube::Error),
     #[error("{0} is required with this provider")]
     MissingFlag(&'static str),
-    #[error("--provider={0} is not built yet (aws is)")]
+    #[error("cannot set up the provider: {0}")]
+    Provider(String),
+    #[error("--provider={0} is not built yet (aws and onprem are)")]
     ProviderNotBuilt(Provider),
     #[error("lost the leader lease: exiting so that only one replica acts")]
     LostLeadership,
@@ -244,6 +246,17 @@ async fn build_provider(
                 config,
                 &mut metrics.registry(),
             )))
+        }
+        Provider::Onprem => {
+            let endpoint = args
+                .onprem_plugin
+                .as_ref()
+                .ok_or(Error::MissingFlag("--onprem-plugin"))?;
+            // Lazy: a plugin that is not up yet (or restarts) makes
+            // reconciles fail and retry with Events, not the controller exit.
+            let provider = cnlb_provider_onprem::GrpcProvider::lazy(endpoint, "onprem")
+                .map_err(|e| Error::Provider(e.to_string()))?;
+            Ok(Arc::new(provider))
         }
         other => Err(Error::ProviderNotBuilt(other)),
     }

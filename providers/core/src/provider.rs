@@ -108,7 +108,35 @@ pub struct OwnedLoadBalancer {
     pub ids: ResourceIds,
 }
 
-/// Load balancers whose targets are Pod IPs.
+/// Load balancers whose targets are Pod IPs: the plugin API.
+///
+/// This trait is how cnlb drives a load balancer, whoever provides it:
+/// - **In process**: implement it in a crate that depends on this one only
+///   (as `providers/aws` does) and hand the controller a
+///   `Arc<dyn LoadBalancerProvider>`.
+/// - **Out of process**, in any language: serve the gRPC protocol in
+///   `providers/onprem/proto/cnlb/provider/v1/provider.proto` on a unix
+///   socket (or TCP). Its calls are this trait's, one for one
+///   (`EnsureLoadBalancer`, `UpdateBackends` = [`sync_targets`](Self::sync_targets),
+///   `WatchBackendHealth` = [`target_health`](Self::target_health) as a
+///   stream, `DeleteLoadBalancer`, `ListLoadBalancers` =
+///   [`list_owned`](Self::list_owned)), plus `GetInfo` and `Probe`; errors
+///   are gRPC status codes that map onto [`ProviderError`](crate::ProviderError).
+///   `cnlb-provider-onprem` has both sides: `GrpcProvider` implements this
+///   trait by calling a plugin, `server::serve` serves any implementation as
+///   a plugin, and `conformance::run` checks a plugin against the contract
+///   below.
+///
+/// The contract:
+/// - The controller decides *whether* to call: it diffs specs and target
+///   sets and calls only when something changed, with target *deltas*,
+///   never the whole set.
+/// - The provider decides *how*. Every method is idempotent and safe to
+///   retry after any error or crash, including one half-way through a
+///   previous call.
+/// - Nothing is found by name alone: a provider keys its resources by
+///   [`LoadBalancerKey`] (UID included) and never adopts one of another
+///   owner.
 ///
 /// All methods are idempotent and safe to retry after any error or crash.
 /// Errors are [`ProviderError`](crate::ProviderError)s; their

@@ -1,16 +1,39 @@
 //! On-prem provider for cnlb.
 //!
 //! Two ways to plug in a load balancer that sends traffic straight to Pod
-//! IPs: in process, by implementing `cnlb_provider_core::LoadBalancerProvider`;
-//! or out of process, through a language-neutral gRPC protocol served over a
-//! unix socket or TCP with mTLS, CSI style (GetInfo with capabilities, Probe,
-//! EnsureLoadBalancer, UpdateBackends as deltas, DeleteLoadBalancer,
-//! ListLoadBalancers, WatchBackendHealth). The reference provider drives
-//! HAProxy (>= 2.6) through its runtime API, adding and draining servers
-//! without reloads and writing through to its configuration file so that a
-//! restart loses nothing. Both land with the on-prem work.
+//! IPs:
+//! - in process, by implementing [`LoadBalancerProvider`] (the plugin API,
+//!   documented on the trait);
+//! - out of process, through a language-neutral gRPC protocol
+//!   (`proto/cnlb/provider/v1/provider.proto`, CSI style: GetInfo with
+//!   capabilities, Probe, EnsureLoadBalancer, UpdateBackends as deltas,
+//!   DeleteLoadBalancer, ListLoadBalancers, WatchBackendHealth) over a unix
+//!   socket or TCP.
+//!
+//! The two are one: [`GrpcProvider`] is a `LoadBalancerProvider` that calls
+//! a plugin, and [`server::serve`] serves any `LoadBalancerProvider` as a
+//! plugin. [`status`] maps gRPC codes to [`ProviderError`]s and back;
+//! [`conformance`] checks a plugin against the contract. The reference
+//! provider, [`haproxy::HaproxyProvider`], drives HAProxy (>= 2.6) through
+//! its runtime API and is served by the `cnlb-onprem-haproxy` binary.
 
+pub mod client;
+pub mod conformance;
+pub mod convert;
+pub mod endpoint;
+pub mod haproxy;
+pub mod server;
+pub mod status;
+
+/// Code generated from `provider.proto`.
+pub mod proto {
+    tonic::include_proto!("cnlb.provider.v1");
+}
+
+pub use client::{GrpcProvider, PluginInfo};
 pub use cnlb_provider_core::{LoadBalancerProvider, ProviderError};
+pub use endpoint::PluginEndpoint;
+pub use server::Plugin;
 
 /// Oldest HAProxy whose runtime API can add servers without experimental mode.
 pub const MIN_HAPROXY_VERSION: (u32, u32) = (2, 6);

@@ -1,0 +1,280 @@
+//! [`GrpcProvider`]: a `LoadBalancerProvider` that forwards every call to an
+//! out-of-process plugin over the protocol in `provider.proto`.
+//!
+//! The channel connects lazily and reconnects by itself, so a plugin that is
+//! down or restarting makes calls fail with a retryable error (tonic reports
+//! it as `UNAVAILABLE`) rather than failing the controller's start.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cnlb_provider_core::{
+    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus,
+    OwnedLoadBalancer, ProviderError, ResourceIds, Result, TargetDelta, TargetHealth,
+};
+use futures::stream::{BoxStream, StreamExt};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::convert;
+use crate::endpoint::PluginEndpoint;
+use crate::proto;
+use crate::proto::load_balancer_provider_client::LoadBalancerProviderClient;
+use crate::status::from_status;
+
+/// Deadline of one call; ensure can include a load balancer reload.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the plugin's socket to accept a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a plugin says about itself (`GetInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    pub name: String,
+    pub vendor_version: String,
+    pub capabilities: Vec<proto::Capability>,
+}
+
+/// A plugin behind the gRPC protocol.
+#[derive(Clone)]
+pub struct GrpcProvider {
+    client: LoadBalancerProviderClient<Channel>,
+    name: String,
+    timeout: Duration,
+}
+
+impl GrpcProvider {
+    /// A provider for the plugin at `endpoint`, named `name` in logs and
+    /// metrics. Makes no connection yet (must be called inside a tokio
+    /// runtime).
+    pub fn lazy(endpoint: &PluginEndpoint, name: impl Into<String>) -> Result<GrpcProvider> {
+        let channel = match endpoint {
+            PluginEndpoint::Unix(path) => {
+                let path = path.clone();
+                // The URI is required by the API and ignored by the connector.
+                Endpoint::from_static("http://plugin.invalid")
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(stream))
+                        }
+                    }))
+            }
+            PluginEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| ProviderError::invalid("plugin endpoint", e.to_string()))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .connect_lazy(),
+        };
+        Ok(GrpcProvider {
+            client: LoadBalancerProviderClient::new(channel),
+            name: name.into(),
+            timeout: DEFAULT_CALL_TIMEOUT,
+        })
+    }
+
+    /// Connects to the plugin at `endpoint` and names the provider after
+    /// the plugin's `GetInfo`.
+    pub async fn connect(endpoint: &PluginEndpoint) -> Result<GrpcProvider> {
+        let mut provider = GrpcProvider::lazy(endpoint, "plugin")?;
+        provider.name = provider.info().await?.name;
+        Ok(provider)
+    }
+
+    /// The same provider with another per-call deadline.
+    pub fn with_timeout(mut self, timeout: Duration) -> GrpcProvider {
+        self.timeout = timeout;
+        self
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// `GetInfo`.
+    pub async fn info(&self) -> Result<PluginInfo> {
+        let info = self
+            .client
+            .clone()
+            .get_info(self.request(proto::GetInfoRequest {}))
+            .await
+            .map_err(|s| from_status("GetInfo", &s))?
+            .into_inner();
+        Ok(PluginInfo {
+            name: info.name,
+            vendor_version: info.vendor_version,
+            // Capabilities a newer plugin knows and we do not are skipped.
+            capabilities: info
+                .capabilities
+                .into_iter()
+                .filter_map(|c| proto::Capability::try_from(c).ok())
+                .collect(),
+        })
+    }
+
+    /// `Probe`: `Ok(())` when the plugin is ready, else why not.
+    pub async fn probe(&self) -> Result<()> {
+        let probe = self
+            .client
+            .clone()
+            .probe(self.request(proto::ProbeRequest {}))
+            .await
+            .map_err(|s| from_status("Probe", &s))?
+            .into_inner();
+        if probe.ready {
+            Ok(())
+        } else {
+            Err(ProviderError::cloud("Probe", probe.message, true))
+        }
+    }
+
+    /// `WatchBackendHealth`: the current health of every backend of `key`,
+    /// then again each time it changes. Ends after an error (re-watch then).
+    pub async fn watch_backend_health(
+        &self,
+        key: &LoadBalancerKey,
+        known: &ResourceIds,
+    ) -> Result<BoxStream<'static, Result<Vec<TargetHealth>>>> {
+        let request = tonic::Request::new(proto::WatchBackendHealthRequest {
+            key: Some(convert::key_to_proto(key)),
+            known_ids: convert::ids_to_proto(known),
+        });
+        let stream = self
+            .client
+            .clone()
+            .watch_backend_health(request)
+            .await
+            .map_err(|s| from_status("WatchBackendHealth", &s))?
+            .into_inner();
+        Ok(stream
+            .map(|snapshot| {
+                snapshot
+                    .map_err(|s| from_status("WatchBackendHealth", &s))?
+                    .backends
+                    .into_iter()
+                    .map(|h| convert::health_from_proto(h).map_err(bad_reply("WatchBackendHealth")))
+                    .collect()
+            })
+            .boxed())
+    }
+}
+
+/// A reply the plugin should never have sent is the plugin's fault, not
+/// the user's.
+fn bad_reply(rpc: &'static str) -> impl Fn(ProviderError) -> ProviderError {
+    move |err| ProviderError::cloud(rpc, format!("plugin sent an invalid reply: {err}"), false)
+}
+
+#[async_trait]
+impl LoadBalancerProvider for GrpcProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        spec: &LoadBalancerSpec,
+        known: &ResourceIds,
+    ) -> Result<LoadBalancerStatus> {
+        let reply = self
+            .client
+            .clone()
+            .ensure_load_balancer(self.request(proto::EnsureLoadBalancerRequest {
+                spec: Some(convert::spec_to_proto(spec)),
+                known_ids: convert::ids_to_proto(known),
+            }))
+            .await
+            .map_err(|s| from_status("EnsureLoadBalancer", &s))?
+            .into_inner();
+        convert::status_from_proto(reply).map_err(bad_reply("EnsureLoadBalancer"))
+    }
+
+    async fn sync_targets(
+        &self,
+        key: &LoadBalancerKey,
+        listener: &Listener,
+        delta: &TargetDelta,
+        known: &ResourceIds,
+    ) -> Result<()> {
+        if delta.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .clone()
+            .update_backends(
+                self.request(proto::UpdateBackendsRequest {
+                    key: Some(convert::key_to_proto(key)),
+                    listener: Some(convert::listener_to_proto(listener)),
+                    register: delta
+                        .register
+                        .iter()
+                        .map(convert::target_to_proto)
+                        .collect(),
+                    deregister: delta
+                        .deregister
+                        .iter()
+                        .map(convert::target_to_proto)
+                        .collect(),
+                    known_ids: convert::ids_to_proto(known),
+                }),
+            )
+            .await
+            .map_err(|s| from_status("UpdateBackends", &s))?;
+        Ok(())
+    }
+
+    /// The first snapshot of `WatchBackendHealth`.
+    async fn target_health(
+        &self,
+        key: &LoadBalancerKey,
+        known: &ResourceIds,
+    ) -> Result<Vec<TargetHealth>> {
+        let mut stream = self.watch_backend_health(key, known).await?;
+        let first = tokio::time::timeout(self.timeout, stream.next()).await;
+        match first {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => Err(ProviderError::cloud(
+                "WatchBackendHealth",
+                "plugin closed the stream before the first snapshot",
+                true,
+            )),
+            Err(_) => Err(ProviderError::cloud(
+                "WatchBackendHealth",
+                "no snapshot before the deadline",
+                true,
+            )),
+        }
+    }
+
+    async fn delete_load_balancer(&self, key: &LoadBalancerKey, known: &ResourceIds) -> Result<()> {
+        self.client
+            .clone()
+            .delete_load_balancer(self.request(proto::DeleteLoadBalancerRequest {
+                key: Some(convert::key_to_proto(key)),
+                known_ids: convert::ids_to_proto(known),
+            }))
+            .await
+            .map_err(|s| from_status("DeleteLoadBalancer", &s))?;
+        Ok(())
+    }
+
+    async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
+        let reply = self
+            .client
+            .clone()
+            .list_load_balancers(self.request(proto::ListLoadBalancersRequest {
+                cluster: cluster.to_string(),
+            }))
+            .await
+            .map_err(|s| from_status("ListLoadBalancers", &s))?
+            .into_inner();
+        reply
+            .load_balancers
+            .into_iter()
+            .map(|o| convert::owned_from_proto(o).map_err(bad_reply("ListLoadBalancers")))
+            .collect()
+    }
+}

@@ -1,0 +1,235 @@
+//! The protocol end to end without HAProxy: an in-memory provider served on
+//! a unix socket by `server::serve`, called through `GrpcProvider`. Checks
+//! that the conformance suite works for any provider, that typed errors
+//! survive the wire, and that the health watch streams changes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cnlb_provider_core::{
+    Listener, LoadBalancerIngress, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec,
+    LoadBalancerStatus, OwnedLoadBalancer, ProviderError, ResourceIds, Result, Target, TargetDelta,
+    TargetHealth, TargetHealthState, TargetSet,
+};
+use cnlb_provider_onprem::server::{Plugin, serve};
+use cnlb_provider_onprem::{GrpcProvider, PluginEndpoint, conformance};
+use futures::StreamExt;
+
+/// Load balancers as data: every registered target is healthy.
+#[derive(Default)]
+struct Memory {
+    lbs: Mutex<BTreeMap<LoadBalancerKey, BTreeMap<String, TargetSet>>>,
+}
+
+impl Memory {
+    fn lbs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<LoadBalancerKey, BTreeMap<String, TargetSet>>> {
+        self.lbs.lock().unwrap()
+    }
+}
+
+fn missing(key: &LoadBalancerKey) -> ProviderError {
+    ProviderError::NotFound {
+        resource: key.to_string(),
+    }
+}
+
+#[async_trait]
+impl LoadBalancerProvider for Memory {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        spec: &LoadBalancerSpec,
+        _known: &ResourceIds,
+    ) -> Result<LoadBalancerStatus> {
+        spec.validate()?;
+        let mut lbs = self.lbs();
+        let listeners = lbs.entry(spec.key.clone()).or_default();
+        listeners.retain(|name, _| spec.listener(name).is_some());
+        for l in &spec.listeners {
+            listeners.entry(l.name.clone()).or_default();
+        }
+        Ok(LoadBalancerStatus {
+            ingress: vec![LoadBalancerIngress {
+                hostname: None,
+                ip: Some(IpAddr::from([192, 0, 2, 1])),
+                ip_mode: None,
+            }],
+            ids: ResourceIds::from([("lb".into(), spec.key.short_name())]),
+        })
+    }
+
+    async fn sync_targets(
+        &self,
+        key: &LoadBalancerKey,
+        listener: &Listener,
+        delta: &TargetDelta,
+        _known: &ResourceIds,
+    ) -> Result<()> {
+        let mut lbs = self.lbs();
+        let targets = lbs
+            .get_mut(key)
+            .and_then(|l| l.get_mut(&listener.name))
+            .ok_or_else(|| missing(key))?;
+        delta.apply_to(targets);
+        Ok(())
+    }
+
+    async fn target_health(
+        &self,
+        key: &LoadBalancerKey,
+        _known: &ResourceIds,
+    ) -> Result<Vec<TargetHealth>> {
+        let lbs = self.lbs();
+        let listeners = lbs.get(key).ok_or_else(|| missing(key))?;
+        Ok(listeners
+            .iter()
+            .flat_map(|(name, targets)| {
+                targets.iter().map(move |t| TargetHealth {
+                    listener: name.clone(),
+                    ip: t.ip,
+                    port: t.port,
+                    state: TargetHealthState::Healthy,
+                    reason: None,
+                })
+            })
+            .collect())
+    }
+
+    async fn delete_load_balancer(
+        &self,
+        key: &LoadBalancerKey,
+        _known: &ResourceIds,
+    ) -> Result<()> {
+        self.lbs().remove(key);
+        Ok(())
+    }
+
+    async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
+        Ok(self
+            .lbs()
+            .keys()
+            .filter(|k| k.cluster == cluster)
+            .map(|k| OwnedLoadBalancer {
+                key: k.clone(),
+                ids: ResourceIds::from([("lb".into(), k.short_name())]),
+            })
+            .collect())
+    }
+}
+
+impl Plugin for Memory {}
+
+async fn plugin(dir: &tempfile::TempDir) -> GrpcProvider {
+    let endpoint = PluginEndpoint::Unix(dir.path().join("plugin.sock"));
+    let served = endpoint.clone();
+    tokio::spawn(async move {
+        let provider: Arc<dyn Plugin> = Arc::new(Memory::default());
+        serve(
+            provider,
+            &served,
+            Duration::from_millis(50),
+            std::future::pending(),
+        )
+        .await
+    });
+    for _ in 0..100 {
+        if let Ok(p) = GrpcProvider::connect(&endpoint).await {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("plugin did not come up");
+}
+
+#[tokio::test]
+async fn conformance_suite_passes_for_an_in_memory_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin(&dir).await;
+    assert_eq!(plugin.name(), "memory");
+    let passed = conformance::run(
+        &plugin,
+        &conformance::Config {
+            cluster: "c-memory".into(),
+            port: 80,
+            backends: vec![
+                "10.0.0.1:8080".parse().unwrap(),
+                "10.0.0.2:8080".parse().unwrap(),
+            ],
+            expect_healthy: true,
+            timeout: Duration::from_secs(10),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(passed.len(), 9, "{passed:?}");
+}
+
+#[tokio::test]
+async fn errors_cross_the_wire_typed_and_the_watch_streams_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin(&dir).await;
+    let config = conformance::Config {
+        cluster: "c1".into(),
+        port: 80,
+        backends: Vec::new(),
+        expect_healthy: false,
+        timeout: Duration::from_secs(10),
+    };
+    let mut spec = conformance::spec(&config);
+    spec.health_check.timeout = Duration::from_secs(30);
+    let err = plugin
+        .ensure_load_balancer(&spec, &ResourceIds::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::InvalidSpec { field, .. } if field == "health_check.timeout"),
+        "{err:?}"
+    );
+
+    let spec = conformance::spec(&config);
+    let key = spec.key.clone();
+    let ids = plugin
+        .ensure_load_balancer(&spec, &ResourceIds::new())
+        .await
+        .unwrap()
+        .ids;
+    let mut watch = plugin.watch_backend_health(&key, &ids).await.unwrap();
+    assert!(watch.next().await.unwrap().unwrap().is_empty());
+    let delta = TargetDelta {
+        register: vec![Target::new(IpAddr::from([10, 0, 0, 9]), 8080)],
+        deregister: Vec::new(),
+    };
+    plugin
+        .sync_targets(&key, &spec.listeners[0], &delta, &ids)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].ip, IpAddr::from([10, 0, 0, 9]));
+
+    // The load balancer goes: the stream ends with NotFound.
+    plugin.delete_load_balancer(&key, &ids).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(end, Err(ProviderError::NotFound { .. })),
+        "{end:?}"
+    );
+    assert!(watch.next().await.is_none());
+}
