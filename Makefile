@@ -9,10 +9,25 @@ export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
 ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 
-.PHONY: demo test env-deps env-up env-check env-down lint fmt bench-aws bench-ipam
+.PHONY: demo demo-deps test env-deps env-up env-check env-down lint fmt bench-aws bench-ipam
 
-## demo: set up, start the local environment and print how to reach it (Ctrl-C stops it)
-demo: env-deps
+## demo: set up, build, then run the on-prem demo (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
+demo: demo-deps
+	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this can take ~20 minutes"
+	$(CARGO) build --workspace --bins
+	$(ENV) down
+	@echo "==> Running the demo (cnlb-demo)"
+	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-demo -- $(DEMO_ARGS)
+
+## demo-deps: what the demo needs: Debian packages and the Kubernetes control plane (go build)
+demo-deps:
+	@echo "==> Installing Debian packages (haproxy, containernetworking-plugins, iproute2) if missing"
+	localstack-tests/scripts/install-deps.sh
+	@echo "==> Building the Kubernetes control plane from source: the first time this can take ~20 minutes"
+	localstack-tests/scripts/build-control-plane.sh
+
+## env-up: set up, start the local environment (control plane, AWS emulators) and print how to reach it (Ctrl-C stops it)
+env-up: env-deps
 	$(ENV) up
 
 ## test: lint, set up and run every test (unit and integration) against the real parts
@@ -23,6 +38,8 @@ test: lint env-deps
 
 ## env-deps: Debian packages, the Kubernetes control plane and helm (go build), emulator venvs
 env-deps:
+	@echo "==> Installing Debian packages if missing; then building the Kubernetes control plane and helm"
+	@echo "    from source and the emulators' Python venvs: the first time this can take ~20 minutes"
 	localstack-tests/scripts/install-deps.sh
 	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
 	localstack-tests/scripts/build-control-plane.sh; \
@@ -43,9 +60,11 @@ bench-aws: env-deps
 	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-aws -- $(BENCH_ARGS)
 
 ## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s
+# Release builds: the plugin is a process started per CNI command, so its
+# start-up and the agent's answer are what is measured.
 bench-ipam: env-deps
-	$(CARGO) build --workspace --bins
-	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
+	$(CARGO) build --release -p cnlb-vpc-ipam -p cnlb-localstack-tests --bins
+	$(CARGO) run --release -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
 
 ## lint: formatting and clippy, warnings as errors
 lint:

@@ -84,11 +84,7 @@ pub struct Args {
 
     /// The on-prem provider plugin's gRPC endpoint (--provider=onprem):
     /// unix:///path.sock or tcp://ip:port.
-    #[arg(
-        long,
-        value_name = "ENDPOINT",
-        required_if_eq("provider", "onprem")
-    )]
+    #[arg(long, value_name = "ENDPOINT", required_if_eq("provider", "onprem"))]
     pub onprem_plugin: Option<cnlb_provider_onprem::PluginEndpoint>,
 
     /// AWS Describe* calls: tokens per second / burst (--provider=aws).
@@ -360,6 +356,25 @@ mod tests {
     fn cluster_name_is_required() {
         let err = Args::try_parse_from(["cnlb-ccm", "--provider", "gcp"]).unwrap_err();
         assert!(err.to_string().contains("--cluster-name"), "{err}");
+    }
+
+    #[test]
+    fn onprem_needs_its_plugin_endpoint() {
+        let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "onprem"];
+        let err = Args::try_parse_from(base).unwrap_err();
+        assert!(err.to_string().contains("--onprem-plugin"), "{err}");
+        let args = Args::try_parse_from(
+            base.iter()
+                .chain(&["--onprem-plugin", "unix:///run/p.sock"]),
+        )
+        .unwrap();
+        assert_eq!(
+            args.onprem_plugin.unwrap().to_string(),
+            "unix:///run/p.sock"
+        );
+        let err =
+            Args::try_parse_from(base.iter().chain(&["--onprem-plugin", "http://x"])).unwrap_err();
+        assert!(err.to_string().contains("--onprem-plugin"), "{err}");
     }
 
     #[test]

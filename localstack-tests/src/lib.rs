@@ -8,6 +8,7 @@ pub mod controlplane;
 pub mod env;
 pub mod ipam;
 pub mod kubelet;
+pub mod onprem;
 pub mod paths;
 pub mod podnet;
 pub mod process;

@@ -92,9 +92,14 @@ async fn run(args: AgentArgs) -> Result<(), String> {
             Arc::new(StaticRanges::new(&args.static_ranges).map_err(|e| e.to_string())?)
         }
         BackendKind::Aws => Arc::new(
-            AwsBackend::new(&args.aws, &args.cluster_name, &args.node_name, &mut registry)
-                .await
-                .map_err(|e| e.to_string())?,
+            AwsBackend::new(
+                &args.aws,
+                &args.cluster_name,
+                &args.node_name,
+                &mut registry,
+            )
+            .await
+            .map_err(|e| e.to_string())?,
         ),
         BackendKind::Gcp => return Err("the gcp backend is not built into this agent yet".into()),
     };
