@@ -264,9 +264,14 @@ async fn sync_targets(
         return Ok(Action::await_change());
     }
     open_gates(ctx, spec, ids, &pods, &awaiting, &desired).await?;
-    // Poll health only while a gate is pending: 1 s, 2 s, 4 s, ... 10 s.
+    // Poll health only while a gate is pending: 1 s, 2 s, 4 s, ... 10 s,
+    // from 1 s again whenever targets changed (a new Pod waits for its first
+    // health report; during a rollout this is each step).
     let polls = ctx.gate_polls.lock().ok().map(|mut p| {
         let n = p.entry(uid).or_insert(0);
+        if changes > 0 {
+            *n = 0;
+        }
         *n += 1;
         *n
     });

@@ -303,6 +303,34 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Starts `cnlb-pod-server` inside the namespace on `port`, answering
+    /// `<pod> <ip>`; stopped when the returned process is dropped.
+    pub fn serve(&self, pod: &str, ip: &str, port: u16, log_dir: &Path) -> Result<Proc> {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(workspace_bin("cnlb-pod-server")?)
+            .args(["--pod", pod, "--ip", ip, "--port", &port.to_string()]);
+        Proc::spawn(&format!("server-{}", self.name), cmd, log_dir)
+    }
+}
+
+/// GET http://ip:port/ from the host (through the veth and the host route
+/// ptp installed), retried for up to 10 s while the server starts.
+pub async fn http_get(ip: &str, port: u16) -> Result<String> {
+    let url = format!("http://{ip}:{port}/");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match reqwest::get(&url).await.and_then(|r| r.error_for_status()) {
+            Ok(response) => return Ok(response.text().await?),
+            Err(err) if std::time::Instant::now() > deadline => {
+                return Err(err).with_context(|| format!("GET {url}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip")

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use cnlb_localstack_tests::ipam::{CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del};
+use cnlb_localstack_tests::ipam::{
+    CniCall, IpamAgent, Netns, PTP_CNI_VERSION, http_get, ipam_add, ipam_del,
+};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -422,7 +424,7 @@ async fn an_exhausted_pool_fails_add_with_try_again_later_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_in_the_pods_netns_answers_at_its_address() {
-    let (_dir, agent) = agent("10.248.0.0/24", &[]).await;
+    let (dir, agent) = agent("10.248.0.0/24", &[]).await;
     let netns = Netns::create("cnlb-ipam-serve").unwrap();
     let conf = agent.netconf(PTP_CNI_VERSION, "ptp");
     let add = CniCall::new("ptp", "ADD", "srv")
@@ -433,30 +435,13 @@ async fn a_server_in_the_pods_netns_answers_at_its_address() {
     let ip = add.ip().unwrap();
     assert!(ip.starts_with("10.248.0."), "{ip}");
 
-    // A listener inside the namespace, reached from the host at the Pod's
+    // A server inside the namespace, reached from the host at the Pod's
     // address through the veth and the host route ptp installed.
-    let server = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns.name, "python3", "-c"])
-        .arg(
-            "import socket\n\
-             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', 8080)); s.listen(1)\n\
-             c,_=s.accept(); c.sendall(b'hello from the pod'); c.close()",
-        )
-        .spawn()
-        .unwrap();
-    let mut answer = String::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect((ip.as_str(), 8080)) {
-            use std::io::Read;
-            s.read_to_string(&mut answer).unwrap();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = server.wait_with_output();
-    assert_eq!(answer, "hello from the pod");
+    let _server = netns.serve("default/srv", &ip, 8080, dir.path()).unwrap();
+    assert_eq!(
+        http_get(&ip, 8080).await.unwrap(),
+        format!("default/srv {ip}\n")
+    );
     let del = CniCall::new("ptp", "DEL", "srv")
         .netns(&netns.path())
         .run(&conf)

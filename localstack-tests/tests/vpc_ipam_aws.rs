@@ -1,7 +1,8 @@
 //! vpc-ipam end to end with the AWS backend: the real agent process and
 //! CNI plugin, the Node (with its providerID) in the real kube-apiserver,
 //! EC2 in moto and then in LocalStack. ADDs on an empty pool wait for the
-//! cloud; 200 concurrent ADDs get 200 distinct addresses, each assigned to
+//! cloud; a Pod in a real netns (ptp + our plugin) serves at an address
+//! the cloud assigned; 200 concurrent ADDs get 200 distinct addresses, each assigned to
 //! one of the node's Pod ENIs; kill -9 during churn leaves no duplicate and
 //! no leak, in the agent and in the cloud; surplus addresses go back; and
 //! nothing calls EC2 at rest.
@@ -16,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cnlb_localstack_tests::ipam::{self, IpamAgent, ipam_add, ipam_del};
+use cnlb_localstack_tests::ipam::{
+    self, CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del,
+};
 use cnlb_localstack_tests::{AwsEndpoints, Env, eventually};
 use cnlb_provider_aws::Clients;
 use serde_json::Value;
@@ -140,6 +143,47 @@ async fn scenario(
     })
     .await
     .unwrap();
+
+    // A Pod as kubelet makes it: a netns, CNI ADD through Debian's ptp
+    // delegating to our plugin, a server inside answering at its address,
+    // which is one the cloud assigned to the node.
+    let netns = Netns::create(&format!("cnlb-ipam-aws-{name}")).unwrap();
+    let ptp = agent.netconf(PTP_CNI_VERSION, "ptp");
+    let pod_add = CniCall::new("ptp", "ADD", "pod-in-netns")
+        .netns(&netns.path())
+        .run(&ptp)
+        .await
+        .unwrap();
+    let pod_ip = pod_add.ip().unwrap();
+    assert!(
+        cloud_addresses(&cloud)
+            .await
+            .contains_key(&pod_ip.parse::<IpAddr>().unwrap()),
+        "{pod_ip} is not assigned in the cloud"
+    );
+    let server = netns
+        .serve("default/pod", &pod_ip, 8080, dir.path())
+        .unwrap();
+    assert_eq!(
+        ipam::http_get(&pod_ip, 8080).await.unwrap(),
+        format!("default/pod {pod_ip}\n")
+    );
+    let mut with_prev = ptp.clone();
+    with_prev["prevResult"] = pod_add.json().unwrap();
+    let check = CniCall::new("ptp", "CHECK", "pod-in-netns")
+        .netns(&netns.path())
+        .run(&with_prev)
+        .await
+        .unwrap();
+    assert!(check.ok(), "{check:?}");
+    drop(server);
+    let pod_del = CniCall::new("ptp", "DEL", "pod-in-netns")
+        .netns(&netns.path())
+        .run(&ptp)
+        .await
+        .unwrap();
+    assert!(pod_del.ok(), "{pod_del:?}");
+    drop(netns);
 
     // 200 ADDs at once: most find the pool empty and wait for the cloud.
     let ids: Vec<String> = (0..200).map(|i| format!("{name}-{i}")).collect();
