@@ -68,84 +68,63 @@ impl StackConfig {
     }
 }
 
-/// The running stack. Field order is drop order: the controller stops
-/// first, then the plugin, then HAProxy, then the environment (Pods,
-/// agents, control plane, directory).
-pub struct Stack {
-    ccm: Option<Proc>,
+/// HAProxy and the `cnlb-onprem-haproxy` plugin that drives it, with their
+/// files (configuration, state, sockets) in one directory. Field order is
+/// drop order: the plugin stops before HAProxy.
+pub struct LbHost {
     plugin: Option<Proc>,
     haproxy: Option<Proc>,
-    /// Admin client of the environment's API server.
-    pub client: Client,
-    /// The controller's `--cluster-name`.
-    pub cluster: String,
-    /// Frontend addresses HAProxy hands out (`--address-pool`).
+    pub dir: PathBuf,
+    /// Frontend addresses the plugin hands out (`--address-pool`).
     pub address_pool: String,
-    /// HAProxy's and the plugin's files: configuration, state, sockets.
-    pub lb_dir: PathBuf,
-    /// Where the controller serves /metrics, /healthz and /readyz.
-    pub ccm_metrics: SocketAddr,
+    /// Extra plugin flags (poll and converge intervals).
+    plugin_args: Vec<String>,
     timeout: Duration,
-    pub env: Env,
+    /// The environment whose pids file lists these processes, so that
+    /// `cnlb-env down` kills them should their owner die first.
+    env_dir: Option<PathBuf>,
 }
 
-impl Stack {
-    /// Starts the environment (control plane, Nodes, pod network), then
-    /// the plugin (which writes HAProxy's configuration), HAProxy, and the
-    /// controller, each waited for.
-    pub async fn start(config: StackConfig) -> Result<Stack> {
-        let env = Env::builder(&config.name)
-            .nodes((1..=config.nodes).map(NodeConfig::numbered).collect())
-            .pod_network()
-            .timeout(config.timeout)
-            .start()
-            .await?;
-        // 10.<k>.0.0/16 is this environment's alone: so is 127.<k>.0.0/28.
-        let cidr = env.pod_cidr()?;
-        let k = cidr
-            .split('.')
-            .nth(1)
-            .with_context(|| format!("pod CIDR {cidr}"))?;
-        let lb_dir = env.dir.join("lb");
-        std::fs::create_dir_all(&lb_dir)?;
-        let client = env.kube()?.admin_client()?;
-        let mut stack = Stack {
-            ccm: None,
+impl LbHost {
+    /// Nothing runs yet: see [`LbHost::start_plugin`] (first: it writes the
+    /// configuration HAProxy starts from) and [`LbHost::start_haproxy`].
+    pub fn new(
+        dir: &Path,
+        address_pool: &str,
+        plugin_args: &[&str],
+        timeout: Duration,
+        env_dir: Option<&Path>,
+    ) -> Result<LbHost> {
+        std::fs::create_dir_all(dir)?;
+        Ok(LbHost {
             plugin: None,
             haproxy: None,
-            client,
-            cluster: config.name.clone(),
-            address_pool: format!("127.{k}.0.0/28"),
-            lb_dir,
-            ccm_metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            timeout: config.timeout,
-            env,
-        };
-        stack.start_plugin().await?;
-        stack.start_haproxy().await?;
-        stack.start_ccm().await?;
-        Ok(stack)
+            dir: dir.to_path_buf(),
+            address_pool: address_pool.to_string(),
+            plugin_args: plugin_args.iter().map(|a| a.to_string()).collect(),
+            timeout,
+            env_dir: env_dir.map(Path::to_path_buf),
+        })
     }
 
     pub fn config_file(&self) -> PathBuf {
-        self.lb_dir.join("haproxy.cfg")
+        self.dir.join("haproxy.cfg")
     }
 
     /// HAProxy's worker admin socket (the runtime API).
     pub fn runtime_socket(&self) -> PathBuf {
-        self.lb_dir.join("admin.sock")
+        self.dir.join("admin.sock")
     }
 
     pub fn master_socket(&self) -> PathBuf {
-        self.lb_dir.join("master.sock")
+        self.dir.join("master.sock")
     }
 
     pub fn plugin_socket(&self) -> PathBuf {
-        self.lb_dir.join("plugin.sock")
+        self.dir.join("plugin.sock")
     }
 
-    /// Pid (process group) of HAProxy's master, the plugin and the
-    /// controller, when running.
+    /// Pid (process group) of HAProxy's master and of the plugin, when running.
     pub fn haproxy_pid(&self) -> Option<i32> {
         self.haproxy.as_ref().map(Proc::pid)
     }
@@ -154,23 +133,15 @@ impl Stack {
         self.plugin.as_ref().map(Proc::pid)
     }
 
-    pub fn ccm_pid(&self) -> Option<i32> {
-        self.ccm.as_ref().map(Proc::pid)
-    }
-
-    /// Log files of the stack's own parts.
-    pub fn logs(&self) -> Vec<PathBuf> {
-        [&self.ccm, &self.plugin, &self.haproxy]
-            .into_iter()
-            .flatten()
-            .map(|p| p.log().to_path_buf())
-            .collect()
+    fn procs(&self) -> impl Iterator<Item = &Proc> {
+        [&self.plugin, &self.haproxy].into_iter().flatten()
     }
 
     fn spawn(&self, name: &str, cmd: Command) -> Result<Proc> {
-        let proc = Proc::spawn(name, cmd, &self.lb_dir)?;
-        // For `cnlb-env down`, should this process be killed before it drops us.
-        record_pid(&self.env.dir, &proc)?;
+        let proc = Proc::spawn(name, cmd, &self.dir)?;
+        if let Some(env_dir) = &self.env_dir {
+            record_pid(env_dir, &proc)?;
+        }
         Ok(proc)
     }
 
@@ -189,7 +160,7 @@ impl Stack {
             .arg("--master-socket")
             .arg(self.master_socket())
             .arg(format!("--address-pool={}", self.address_pool))
-            .args(["--converge-interval-secs=1", "--health-poll-ms=500"]);
+            .args(&self.plugin_args);
         let proc = self.spawn("cnlb-onprem-haproxy", cmd)?;
         let config = self.config_file();
         proc.wait_ready(self.timeout, || {
@@ -241,61 +212,9 @@ impl Stack {
         self.haproxy = None;
     }
 
-    /// `cnlb-ccm --provider=onprem` for class [`CLASS`], leader election off.
-    pub async fn start_ccm(&mut self) -> Result<()> {
-        self.ccm = None;
-        let mut cmd = Command::new(workspace_bin("cnlb-ccm")?);
-        cmd.arg(format!(
-            "--kubeconfig={}",
-            self.env.kube()?.kubeconfig.display()
-        ))
-        .arg(format!("--cluster-name={}", self.cluster))
-        .arg("--provider=onprem")
-        .arg(format!(
-            "--onprem-plugin=unix://{}",
-            self.plugin_socket().display()
-        ))
-        .arg(format!("--load-balancer-class={CLASS}"))
-        .arg("--leader-elect=false")
-        .arg(format!("--metrics-bind-address={}", self.ccm_metrics));
-        let proc = self.spawn("cnlb-ccm", cmd)?;
-        let url = format!("http://{}/readyz", self.ccm_metrics);
-        let http = reqwest::Client::new();
-        proc.wait_ready(self.timeout, || {
-            let request = http.get(&url).timeout(Duration::from_secs(2)).send();
-            async move {
-                request.await?.error_for_status()?;
-                Ok(())
-            }
-        })
-        .await?;
-        self.ccm = Some(proc);
-        Ok(())
-    }
-
-    /// Fails if a part of the stack has exited.
-    pub fn check_running(&self) -> Result<()> {
-        for p in [&self.ccm, &self.plugin, &self.haproxy]
-            .into_iter()
-            .flatten()
-        {
-            p.check_running()?;
-        }
-        Ok(())
-    }
-
     /// One command on HAProxy's runtime API.
     pub async fn haproxy(&self, command: &str) -> Result<String> {
         haproxy_cli(&self.runtime_socket(), command).await
-    }
-
-    /// The HAProxy backend (and frontend) of the Service's port [`PORT`].
-    pub async fn backend_name(&self, service: &str) -> Result<String> {
-        let api: Api<Service> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let svc = api.get(service).await?;
-        let uid = svc.uid().context("Service without uid")?;
-        let key = LoadBalancerKey::new(&self.cluster, NAMESPACE, service, uid);
-        Ok(proxy_name(&key, PORT))
     }
 
     /// Servers of a backend that take new connections (neither draining
@@ -315,6 +234,128 @@ impl Stack {
                 .map(|s| s.addr)
                 .collect(),
         ))
+    }
+}
+
+/// The running stack. Field order is drop order: the controller stops
+/// first, then the plugin and HAProxy, then the environment (Pods,
+/// agents, control plane, directory).
+pub struct Stack {
+    ccm: Option<Proc>,
+    /// HAProxy and its plugin, in `<env dir>/lb`.
+    pub lb: LbHost,
+    /// Admin client of the environment's API server.
+    pub client: Client,
+    /// The controller's `--cluster-name`.
+    pub cluster: String,
+    /// Where the controller serves /metrics, /healthz and /readyz.
+    pub ccm_metrics: SocketAddr,
+    timeout: Duration,
+    pub env: Env,
+}
+
+impl Stack {
+    /// Starts the environment (control plane, Nodes, pod network), then
+    /// the plugin (which writes HAProxy's configuration), HAProxy, and the
+    /// controller, each waited for.
+    pub async fn start(config: StackConfig) -> Result<Stack> {
+        let env = Env::builder(&config.name)
+            .nodes((1..=config.nodes).map(NodeConfig::numbered).collect())
+            .pod_network()
+            .timeout(config.timeout)
+            .start()
+            .await?;
+        // 10.<k>.0.0/16 is this environment's alone: so is 127.<k>.0.0/28.
+        let cidr = env.pod_cidr()?;
+        let k = cidr
+            .split('.')
+            .nth(1)
+            .with_context(|| format!("pod CIDR {cidr}"))?;
+        let lb = LbHost::new(
+            &env.dir.join("lb"),
+            &format!("127.{k}.0.0/28"),
+            &["--converge-interval-secs=1", "--health-poll-ms=500"],
+            config.timeout,
+            Some(&env.dir),
+        )?;
+        let client = env.kube()?.admin_client()?;
+        let mut stack = Stack {
+            ccm: None,
+            lb,
+            client,
+            cluster: config.name.clone(),
+            ccm_metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            timeout: config.timeout,
+            env,
+        };
+        stack.lb.start_plugin().await?;
+        stack.lb.start_haproxy().await?;
+        stack.start_ccm().await?;
+        Ok(stack)
+    }
+
+    pub fn ccm_pid(&self) -> Option<i32> {
+        self.ccm.as_ref().map(Proc::pid)
+    }
+
+    /// Log files of the stack's own parts.
+    pub fn logs(&self) -> Vec<PathBuf> {
+        self.ccm
+            .iter()
+            .chain(self.lb.procs())
+            .map(|p| p.log().to_path_buf())
+            .collect()
+    }
+
+    /// `cnlb-ccm --provider=onprem` for class [`CLASS`], leader election off.
+    pub async fn start_ccm(&mut self) -> Result<()> {
+        self.ccm = None;
+        let mut cmd = Command::new(workspace_bin("cnlb-ccm")?);
+        cmd.arg(format!(
+            "--kubeconfig={}",
+            self.env.kube()?.kubeconfig.display()
+        ))
+        .arg(format!("--cluster-name={}", self.cluster))
+        .arg("--provider=onprem")
+        .arg(format!(
+            "--onprem-plugin=unix://{}",
+            self.lb.plugin_socket().display()
+        ))
+        .arg(format!("--load-balancer-class={CLASS}"))
+        .arg("--leader-elect=false")
+        .arg(format!("--metrics-bind-address={}", self.ccm_metrics));
+        let proc = Proc::spawn("cnlb-ccm", cmd, &self.lb.dir)?;
+        // For `cnlb-env down`, should this process be killed before it drops us.
+        record_pid(&self.env.dir, &proc)?;
+        let url = format!("http://{}/readyz", self.ccm_metrics);
+        let http = reqwest::Client::new();
+        proc.wait_ready(self.timeout, || {
+            let request = http.get(&url).timeout(Duration::from_secs(2)).send();
+            async move {
+                request.await?.error_for_status()?;
+                Ok(())
+            }
+        })
+        .await?;
+        self.ccm = Some(proc);
+        Ok(())
+    }
+
+    /// Fails if a part of the stack has exited.
+    pub fn check_running(&self) -> Result<()> {
+        for p in self.ccm.iter().chain(self.lb.procs()) {
+            p.check_running()?;
+        }
+        Ok(())
+    }
+
+    /// The HAProxy backend (and frontend) of the Service's port [`PORT`].
+    pub async fn backend_name(&self, service: &str) -> Result<String> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let svc = api.get(service).await?;
+        let uid = svc.uid().context("Service without uid")?;
+        let key = LoadBalancerKey::new(&self.cluster, NAMESPACE, service, uid);
+        Ok(proxy_name(&key, PORT))
     }
 }
 

@@ -22,7 +22,7 @@ async fn servers_follow(stack: &Stack, backend: &str, n: usize) -> Result<()> {
         &format!("HAProxy's servers are the {n} Ready Pods"),
         WAIT,
         || async {
-            let servers = stack.servers(backend).await?.unwrap_or_default();
+            let servers = stack.lb.servers(backend).await?.unwrap_or_default();
             let ready = onprem::ready_targets(&stack.client).await?;
             Ok(servers.len() == n && servers == ready)
         },
@@ -52,7 +52,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
     // 1. The plugin crashes. The Service changes meanwhile (a scale):
     // the controller reports the failure and retries; HAProxy keeps
     // forwarding to the Pods it has.
-    stack.kill_plugin();
+    stack.lb.kill_plugin();
     let load = Load::start(lb, 20);
     onprem::scale(&client, 4).await?;
     eventually("a SyncLoadBalancerFailed Event", WAIT, || async {
@@ -63,7 +63,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
     println!("events while the plugin is down: {events:?}");
     // Keep it down a little longer: retries go on, nothing changes.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let servers = stack.servers(&backend).await?.unwrap_or_default();
+    let servers = stack.lb.servers(&backend).await?.unwrap_or_default();
     ensure!(
         servers.len() == 3,
         "servers while the plugin is down: {servers:?}"
@@ -78,15 +78,15 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
     stack.check_running()?;
 
     // 2. The plugin is back: the retry applies the scale.
-    stack.start_plugin().await?;
+    stack.lb.start_plugin().await?;
     servers_follow(&stack, &backend, 4).await?;
 
     // 3. HAProxy restarts: every backend is back (from the configuration
     // the plugin wrote through) and serves.
-    let before = stack.servers(&backend).await?.unwrap_or_default();
-    stack.stop_haproxy();
-    stack.start_haproxy().await?;
-    let after = stack.servers(&backend).await?.unwrap_or_default();
+    let before = stack.lb.servers(&backend).await?.unwrap_or_default();
+    stack.lb.stop_haproxy();
+    stack.lb.start_haproxy().await?;
+    let after = stack.lb.servers(&backend).await?.unwrap_or_default();
     ensure!(
         before == after,
         "before the restart {before:?}, after {after:?}"

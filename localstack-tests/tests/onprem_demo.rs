@@ -26,7 +26,7 @@ async fn servers_follow(stack: &Stack, backend: &str, n: usize) -> Result<()> {
         &format!("HAProxy's servers are the {n} Ready Pods"),
         WAIT,
         || async {
-            let servers = stack.servers(backend).await?.unwrap_or_default();
+            let servers = stack.lb.servers(backend).await?.unwrap_or_default();
             let ready = onprem::ready_targets(&stack.client).await?;
             Ok(servers.len() == n && servers == ready)
         },
@@ -111,10 +111,10 @@ async fn scaling_rolling_update_under_load_and_delete() -> Result<()> {
     })
     .await?;
     ensure!(
-        stack.servers(&backend).await?.is_none(),
+        stack.lb.servers(&backend).await?.is_none(),
         "backend still there"
     );
-    let config = std::fs::read_to_string(stack.config_file())?;
+    let config = std::fs::read_to_string(stack.lb.config_file())?;
     ensure!(!config.contains(&backend), "{config}");
     eventually("the address stops answering", WAIT, || async {
         Ok(TcpStream::connect(lb).await.is_err())

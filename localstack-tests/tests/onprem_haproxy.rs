@@ -8,14 +8,12 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cnlb_localstack_tests::eventually;
-use cnlb_localstack_tests::paths::workspace_bin;
-use cnlb_localstack_tests::process::{Proc, free_port};
+use cnlb_localstack_tests::onprem::LbHost;
+use cnlb_localstack_tests::process::free_port;
 use cnlb_provider_core::{
     Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, Protocol, ProviderError,
     ResourceIds, RetryPolicy, Target, TargetDelta, TargetHealthState, TargetState,
@@ -24,7 +22,7 @@ use cnlb_provider_core::{
 use cnlb_provider_onprem::haproxy::{parse_servers_state, proxy_name};
 use cnlb_provider_onprem::{GrpcProvider, PluginEndpoint, conformance};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 const READY: Duration = Duration::from_secs(20);
@@ -33,70 +31,6 @@ const READY: Duration = Duration::from_secs(20);
 fn subnet(a: u8) -> [u8; 3] {
     let pid = std::process::id();
     [127, a, (pid % 250) as u8 + 1]
-}
-
-struct Haproxy {
-    dir: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Haproxy {
-    fn config(&self) -> PathBuf {
-        self.dir.join("haproxy.cfg")
-    }
-
-    fn admin(&self) -> PathBuf {
-        self.dir.join("admin.sock")
-    }
-
-    fn master(&self) -> PathBuf {
-        self.dir.join("master.sock")
-    }
-
-    /// Starts HAProxy from the configuration file, as an operator's unit would.
-    async fn start(&mut self) -> Result<()> {
-        let mut cmd = Command::new("/usr/sbin/haproxy");
-        cmd.arg("-W")
-            .arg("-S")
-            .arg(self.master())
-            .arg("-f")
-            .arg(self.config());
-        let proc = Proc::spawn("haproxy", cmd, &self.dir)?;
-        let admin = self.admin();
-        proc.wait_ready(READY, || {
-            let admin = admin.clone();
-            async move { cli(&admin, "show info").await.map(|_| ()) }
-        })
-        .await?;
-        self.proc = Some(proc);
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        // Drop: SIGTERM to the group, wait, SIGKILL.
-        self.proc = None;
-    }
-
-    async fn servers(&self, backend: &str) -> Result<BTreeSet<SocketAddr>> {
-        let reply = cli(&self.admin(), &format!("show servers state {backend}")).await?;
-        Ok(parse_servers_state(&reply)?
-            .into_iter()
-            .filter(|s| !s.draining() && !s.in_maintenance())
-            .map(|s| s.addr)
-            .collect())
-    }
-}
-
-/// One HAProxy CLI command.
-async fn cli(socket: &Path, command: &str) -> Result<String> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting {}", socket.display()))?;
-    stream.write_all(format!("{command}\n").as_bytes()).await?;
-    stream.shutdown().await?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await?;
-    Ok(reply)
 }
 
 /// A TCP server that answers every connection with its name.
@@ -147,46 +81,25 @@ fn target(addr: SocketAddr) -> Target {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut haproxy = Haproxy {
-        dir: dir.path().to_path_buf(),
-        proc: None,
-    };
     let [a, b, c] = subnet(211);
-    let socket = dir.path().join("plugin.sock");
-    let mut cmd = Command::new(workspace_bin("cnlb-onprem-haproxy")?);
-    cmd.arg("--listen")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--config-file")
-        .arg(haproxy.config())
-        .arg("--runtime-socket")
-        .arg(haproxy.admin())
-        .arg("--master-socket")
-        .arg(haproxy.master())
-        .arg("--address-pool")
-        .arg(format!("{a}.{b}.{c}.0/28"))
-        .args(["--converge-interval-secs", "1", "--health-poll-ms", "200"]);
-    let plugin_proc = Proc::spawn("plugin", cmd, dir.path())?;
+    let mut haproxy = LbHost::new(
+        dir.path(),
+        &format!("{a}.{b}.{c}.0/28"),
+        &["--converge-interval-secs=1", "--health-poll-ms=200"],
+        READY,
+        None,
+    )?;
     // The plugin writes the configuration HAProxy starts with.
-    let config = haproxy.config();
-    plugin_proc
-        .wait_ready(READY, || {
-            let ready = config.is_file() && socket.exists();
-            async move {
-                if ready {
-                    Ok(())
-                } else {
-                    bail!("no configuration or socket yet")
-                }
-            }
-        })
-        .await?;
-    haproxy.start().await?;
+    haproxy.start_plugin().await?;
+    haproxy.start_haproxy().await?;
+    let socket = haproxy.plugin_socket();
     let endpoint = PluginEndpoint::Unix(socket.clone());
     let plugin = GrpcProvider::connect(&endpoint).await?;
     assert_eq!(plugin.name(), "haproxy");
-    plugin_proc
-        .wait_ready(READY, || async { Ok(plugin.probe().await?) })
-        .await?;
+    eventually("the plugin probes ready", READY, || async {
+        Ok(plugin.probe().await.is_ok())
+    })
+    .await?;
 
     // Backends: small TCP servers on their own loopback addresses.
     let [_, pb, pc] = subnet(212);
@@ -245,7 +158,7 @@ async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     };
     plugin.sync_targets(&key, &listener, &delta, &ids).await?;
     assert_eq!(
-        haproxy.servers(&backend_name).await?,
+        haproxy.servers(&backend_name).await?.unwrap_or_default(),
         BTreeSet::from([addrs[0], addrs[1]])
     );
     eventually("both pods serve", READY, || async {
@@ -271,15 +184,13 @@ async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     };
     plugin.sync_targets(&key, &listener, &delta, &ids).await?;
     assert_eq!(
-        haproxy.servers(&backend_name).await?,
+        haproxy.servers(&backend_name).await?.unwrap_or_default(),
         BTreeSet::from([addrs[1], addrs[2]])
     );
     eventually("pod-1 is deleted from HAProxy", READY, || async {
-        let reply = cli(
-            &haproxy.admin(),
-            &format!("show servers state {backend_name}"),
-        )
-        .await?;
+        let reply = haproxy
+            .haproxy(&format!("show servers state {backend_name}"))
+            .await?;
         Ok(parse_servers_state(&reply)?
             .iter()
             .all(|s| s.addr != addrs[0]))
@@ -297,20 +208,20 @@ async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     assert_eq!(registered, BTreeSet::from([addrs[1], addrs[2]]));
 
     // The configuration was written through: it names exactly those servers.
-    let text = std::fs::read_to_string(haproxy.config())?;
+    let text = std::fs::read_to_string(haproxy.config_file())?;
     assert!(text.contains(&format!("frontend {backend_name}")));
     assert!(!text.contains(&addrs[0].to_string()), "{text}");
     assert!(text.contains(&addrs[1].to_string()) && text.contains(&addrs[2].to_string()));
 
     // 3. An HAProxy restart loses no backend.
-    haproxy.stop();
+    haproxy.stop_haproxy();
     match plugin.target_health(&key, &ids).await {
         Err(e) => assert_eq!(e.retry_policy(), RetryPolicy::Backoff, "{e}"),
         Ok(h) => bail!("health while HAProxy is down: {h:?}"),
     }
-    haproxy.start().await?;
+    haproxy.start_haproxy().await?;
     assert_eq!(
-        haproxy.servers(&backend_name).await?,
+        haproxy.servers(&backend_name).await?.unwrap_or_default(),
         BTreeSet::from([addrs[1], addrs[2]])
     );
     eventually("pods 2 and 3 serve after the restart", READY, || async {
@@ -322,38 +233,32 @@ async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     let lost = cnlb_provider_onprem::haproxy::server_name(addrs[1]);
     for command in ["set server {b}/{s} state maint", "del server {b}/{s}"] {
         let command = command.replace("{b}", &backend_name).replace("{s}", &lost);
-        cli(&haproxy.admin(), &command).await?;
+        haproxy.haproxy(&command).await?;
     }
     assert_eq!(
-        haproxy.servers(&backend_name).await?,
+        haproxy.servers(&backend_name).await?.unwrap_or_default(),
         BTreeSet::from([addrs[2]])
     );
     eventually("the lost server is back", READY, || async {
-        Ok(haproxy.servers(&backend_name).await? == BTreeSet::from([addrs[1], addrs[2]]))
+        Ok(haproxy.servers(&backend_name).await?.unwrap_or_default()
+            == BTreeSet::from([addrs[1], addrs[2]]))
     })
     .await?;
 
     // 4. Deleting removes the frontend (and a second delete is a no-op).
     plugin.delete_load_balancer(&key, &ids).await?;
     plugin.delete_load_balancer(&key, &ids).await?;
-    let text = std::fs::read_to_string(haproxy.config())?;
+    let text = std::fs::read_to_string(haproxy.config_file())?;
     assert!(!text.contains(&backend_name), "{text}");
     eventually("the frontend is gone", READY, || async {
         Ok(TcpStream::connect(frontend).await.is_err())
     })
     .await?;
-    assert!(
-        cli(
-            &haproxy.admin(),
-            &format!("show servers state {backend_name}")
-        )
-        .await?
-        .contains("Can't find backend"),
-    );
+    assert_eq!(haproxy.servers(&backend_name).await?, None);
     assert!(plugin.list_owned("c1").await?.is_empty());
 
     // 5. A plugin that went away gives a retryable error.
-    drop(plugin_proc);
+    haproxy.kill_plugin();
     let err = plugin.list_owned("c1").await.unwrap_err();
     assert!(
         matches!(
@@ -370,7 +275,7 @@ async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     for task in tasks {
         task.abort();
     }
-    haproxy.stop();
+    haproxy.stop_haproxy();
     Ok(())
 }
 

@@ -142,7 +142,7 @@ async fn demo(args: &Args) -> Result<()> {
     wait_servers(&stack, &backend, &client).await?;
     println!(
         "   HAProxy backend {backend}: {}",
-        list(stack.servers(&backend).await?.unwrap_or_default())
+        list(stack.lb.servers(&backend).await?.unwrap_or_default())
     );
     println!("   The Pods are Ready now: HAProxy's health check passed for each (readiness gate).");
 
@@ -184,7 +184,7 @@ async fn demo(args: &Args) -> Result<()> {
     .or_else(|e| bail_with_logs(&stack, e))?;
     println!(
         "   HAProxy backend: {}",
-        list(stack.servers(&backend).await?.unwrap_or_default())
+        list(stack.lb.servers(&backend).await?.unwrap_or_default())
     );
 
     step(
@@ -226,7 +226,7 @@ async fn demo(args: &Args) -> Result<()> {
     }
     println!(
         "   HAProxy backend now: {}",
-        list(stack.servers(&backend).await?.unwrap_or_default())
+        list(stack.lb.servers(&backend).await?.unwrap_or_default())
     );
 
     let kubectl = control_plane_bin("kubectl")
@@ -245,8 +245,8 @@ async fn demo(args: &Args) -> Result<()> {
              Pods answer on their own IPs too: curl http://<pod IP>:{TARGET_PORT}/\n\
              Logs: {}\n\
              Other Services of type LoadBalancer need spec.loadBalancerClass: {CLASS}.",
-            stack.runtime_socket().display(),
-            stack.lb_dir.display(),
+            stack.lb.runtime_socket().display(),
+            stack.lb.dir.display(),
         ),
     );
     if args.no_wait {
@@ -301,7 +301,7 @@ fn print_second(second: &LoadStats, total: &LoadStats) {
 /// Waits until HAProxy's live servers are exactly the Ready Pods.
 async fn wait_servers(stack: &Stack, backend: &str, client: &kube::Client) -> Result<()> {
     cnlb_localstack_tests::eventually("HAProxy's servers are the Ready Pods", WAIT, || async {
-        let servers = stack.servers(backend).await?.unwrap_or_default();
+        let servers = stack.lb.servers(backend).await?.unwrap_or_default();
         Ok(servers == onprem::ready_targets(client).await?)
     })
     .await
