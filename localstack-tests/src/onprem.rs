@@ -349,6 +349,30 @@ impl Stack {
         Ok(())
     }
 
+    /// Waits until HAProxy's live servers for `backend` are exactly the
+    /// Ready Pods' IP:[`TARGET_PORT`]; with `n`, once the Deployment has
+    /// rolled out to `n` Pods and for exactly `n` servers.
+    pub async fn wait_servers_follow(
+        &self,
+        backend: &str,
+        n: Option<usize>,
+        timeout: Duration,
+    ) -> Result<()> {
+        if let Some(n) = n {
+            wait_rollout(&self.client, n, timeout).await?;
+        }
+        let what = match n {
+            Some(n) => format!("HAProxy's servers are the {n} Ready Pods"),
+            None => "HAProxy's servers are the Ready Pods".to_string(),
+        };
+        crate::eventually(&what, timeout, || async {
+            let servers = self.lb.servers(backend).await?.unwrap_or_default();
+            let ready = ready_targets(&self.client).await?;
+            Ok(n.is_none_or(|n| servers.len() == n) && servers == ready)
+        })
+        .await
+    }
+
     /// The HAProxy backend (and frontend) of the Service's port [`PORT`].
     pub async fn backend_name(&self, service: &str) -> Result<String> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), NAMESPACE);

@@ -16,20 +16,6 @@ use cnlb_localstack_tests::onprem::{self, APP, Load, Stack, StackConfig};
 const WAIT: Duration = Duration::from_secs(120);
 const DRAIN: u32 = 5;
 
-async fn servers_follow(stack: &Stack, backend: &str, n: usize) -> Result<()> {
-    onprem::wait_rollout(&stack.client, n, WAIT).await?;
-    eventually(
-        &format!("HAProxy's servers are the {n} Ready Pods"),
-        WAIT,
-        || async {
-            let servers = stack.lb.servers(backend).await?.unwrap_or_default();
-            let ready = onprem::ready_targets(&stack.client).await?;
-            Ok(servers.len() == n && servers == ready)
-        },
-    )
-    .await
-}
-
 async fn failure_events(stack: &Stack) -> Result<usize> {
     Ok(onprem::service_events(&stack.client, APP)
         .await?
@@ -46,7 +32,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
     onprem::create_service(&client, APP, DRAIN).await?;
     let lb = onprem::wait_lb_address(&client, APP, WAIT).await?;
     let backend = stack.backend_name(APP).await?;
-    servers_follow(&stack, &backend, 3).await?;
+    stack.wait_servers_follow(&backend, Some(3), WAIT).await?;
     let failures_before = failure_events(&stack).await?;
 
     // 1. The plugin crashes. The Service changes meanwhile (a scale):
@@ -79,7 +65,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
 
     // 2. The plugin is back: the retry applies the scale.
     stack.lb.start_plugin().await?;
-    servers_follow(&stack, &backend, 4).await?;
+    stack.wait_servers_follow(&backend, Some(4), WAIT).await?;
 
     // 3. HAProxy restarts: every backend is back (from the configuration
     // the plugin wrote through) and serves.
@@ -91,7 +77,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
         before == after,
         "before the restart {before:?}, after {after:?}"
     );
-    servers_follow(&stack, &backend, 4).await?;
+    stack.wait_servers_follow(&backend, Some(4), WAIT).await?;
     let seen = std::sync::Mutex::new(BTreeSet::new());
     eventually("all 4 Pods answer after the restart", WAIT, || async {
         let pod = onprem::get(lb).await?;
@@ -102,7 +88,7 @@ async fn plugin_crash_is_retried_and_haproxy_restart_loses_nothing() -> Result<(
     .await?;
     // And a change after the restart is applied too.
     onprem::scale(&client, 2).await?;
-    servers_follow(&stack, &backend, 2).await?;
+    stack.wait_servers_follow(&backend, Some(2), WAIT).await?;
     stack.check_running()?;
     Ok(())
 }

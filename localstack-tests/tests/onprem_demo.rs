@@ -19,21 +19,6 @@ const WAIT: Duration = Duration::from_secs(120);
 const DRAIN: u32 = 5;
 const RATE: u32 = 60;
 
-/// Waits until HAProxy's live servers are exactly the Ready Pods, `n` of them.
-async fn servers_follow(stack: &Stack, backend: &str, n: usize) -> Result<()> {
-    onprem::wait_rollout(&stack.client, n, WAIT).await?;
-    eventually(
-        &format!("HAProxy's servers are the {n} Ready Pods"),
-        WAIT,
-        || async {
-            let servers = stack.lb.servers(backend).await?.unwrap_or_default();
-            let ready = onprem::ready_targets(&stack.client).await?;
-            Ok(servers.len() == n && servers == ready)
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_rolling_update_under_load_and_delete() -> Result<()> {
     let stack = Stack::start(StackConfig::new("onprem-demo")).await?;
@@ -42,7 +27,7 @@ async fn scaling_rolling_update_under_load_and_delete() -> Result<()> {
     onprem::create_service(&client, APP, DRAIN).await?;
     let lb = onprem::wait_lb_address(&client, APP, WAIT).await?;
     let backend = stack.backend_name(APP).await?;
-    servers_follow(&stack, &backend, 3).await?;
+    stack.wait_servers_follow(&backend, Some(3), WAIT).await?;
 
     // Real answers from every Pod, through the load balancer.
     let mut seen = std::collections::BTreeSet::new();
@@ -54,11 +39,11 @@ async fn scaling_rolling_update_under_load_and_delete() -> Result<()> {
     let load = Load::start(lb, RATE);
     // Backends follow scaling, up and down.
     onprem::scale(&client, 5).await?;
-    servers_follow(&stack, &backend, 5).await?;
+    stack.wait_servers_follow(&backend, Some(5), WAIT).await?;
     onprem::scale(&client, 2).await?;
-    servers_follow(&stack, &backend, 2).await?;
+    stack.wait_servers_follow(&backend, Some(2), WAIT).await?;
     onprem::scale(&client, 4).await?;
-    servers_follow(&stack, &backend, 4).await?;
+    stack.wait_servers_follow(&backend, Some(4), WAIT).await?;
 
     // A rolling update replaces all 4 Pods.
     let before = load.snapshot();
@@ -75,7 +60,7 @@ async fn scaling_rolling_update_under_load_and_delete() -> Result<()> {
             .all(|p| p.metadata.name.as_ref().is_some_and(|n| !old.contains(n))))
     })
     .await?;
-    servers_follow(&stack, &backend, 4).await?;
+    stack.wait_servers_follow(&backend, Some(4), WAIT).await?;
     let total = load.stop().await;
     let rollout = total.since(&before);
     println!(

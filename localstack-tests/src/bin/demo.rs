@@ -139,7 +139,7 @@ async fn demo(args: &Args) -> Result<()> {
     onprem::wait_rollout(&client, 3, WAIT)
         .await
         .or_else(|e| bail_with_logs(&stack, e))?;
-    wait_servers(&stack, &backend, &client).await?;
+    stack.wait_servers_follow(&backend, None, WAIT).await?;
     println!(
         "   HAProxy backend {backend}: {}",
         list(stack.lb.servers(&backend).await?.unwrap_or_default())
@@ -178,7 +178,7 @@ async fn demo(args: &Args) -> Result<()> {
     onprem::scale(&client, 5).await?;
     with_load(&load, async {
         onprem::wait_rollout(&client, 5, WAIT).await?;
-        wait_servers(&stack, &backend, &client).await
+        stack.wait_servers_follow(&backend, None, WAIT).await
     })
     .await
     .or_else(|e| bail_with_logs(&stack, e))?;
@@ -201,7 +201,7 @@ async fn demo(args: &Args) -> Result<()> {
     onprem::rolling_update(&client, "2").await?;
     with_load(&load, async {
         onprem::wait_rollout(&client, 5, WAIT).await?;
-        wait_servers(&stack, &backend, &client).await
+        stack.wait_servers_follow(&backend, None, WAIT).await
     })
     .await
     .or_else(|e| bail_with_logs(&stack, e))?;
@@ -296,15 +296,6 @@ fn print_second(second: &LoadStats, total: &LoadStats) {
         total.ok,
         total.failed
     );
-}
-
-/// Waits until HAProxy's live servers are exactly the Ready Pods.
-async fn wait_servers(stack: &Stack, backend: &str, client: &kube::Client) -> Result<()> {
-    cnlb_localstack_tests::eventually("HAProxy's servers are the Ready Pods", WAIT, || async {
-        let servers = stack.lb.servers(backend).await?.unwrap_or_default();
-        Ok(servers == onprem::ready_targets(client).await?)
-    })
-    .await
 }
 
 fn list(addrs: impl IntoIterator<Item = SocketAddr>) -> String {
