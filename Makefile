@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
 ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 
-.PHONY: demo demo-deps test env-deps env-up env-check env-down lint fmt bench-aws bench-ipam
+.PHONY: demo demo-deps test env-deps env-up env-check env-down lint fmt bench-aws bench-gcp bench-ipam
 
 ## demo: set up, build, then run the on-prem demo (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
 demo: demo-deps
@@ -57,7 +57,12 @@ env-down:
 ## bench-aws: N Services x M endpoints through cnlb-ccm and moto (BENCH_ARGS="--services 200 --endpoints 50")
 bench-aws: env-deps
 	$(CARGO) build --workspace --bins
-	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-aws -- $(BENCH_ARGS)
+	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-lb -- --provider aws $(BENCH_ARGS)
+
+## bench-gcp: N Services x M real Pods through cnlb-ccm and the GCE emulator (BENCH_ARGS="--services 50 --endpoints 50")
+bench-gcp: env-deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-lb -- --provider gcp --services 50 $(BENCH_ARGS)
 
 ## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s
 # Release builds: the plugin is a process started per CNI command, so its

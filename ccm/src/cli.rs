@@ -99,6 +99,52 @@ pub struct Args {
     #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
     pub aws_write_rate: RateLimit,
 
+    /// GCP project of the cluster (--provider=gcp).
+    #[arg(long, env = "GOOGLE_CLOUD_PROJECT", required_if_eq("provider", "gcp"))]
+    pub gcp_project: Option<String>,
+
+    /// GCP region of the cluster and its load balancers (--provider=gcp).
+    #[arg(long, value_name = "REGION", required_if_eq("provider", "gcp"))]
+    pub gcp_region: Option<String>,
+
+    /// VPC network of the nodes (--provider=gcp).
+    #[arg(long, value_name = "NETWORK", required_if_eq("provider", "gcp"))]
+    pub gcp_network: Option<String>,
+
+    /// Subnetwork of the nodes: NEGs and internal addresses live in it
+    /// (--provider=gcp).
+    #[arg(long, value_name = "SUBNETWORK", required_if_eq("provider", "gcp"))]
+    pub gcp_subnetwork: Option<String>,
+
+    /// Zones of the cluster, comma-separated; every Service port gets a NEG
+    /// in each up front. Default: every zone of --gcp-region.
+    #[arg(long, value_name = "ZONE,...", value_delimiter = ',')]
+    pub gcp_zones: Vec<String>,
+
+    /// The region's proxy-only subnet range (repeatable): the proxies
+    /// connect to Pods from it, so the firewall rule admits it with the
+    /// health checkers' ranges.
+    #[arg(long, value_name = "CIDR")]
+    pub gcp_proxy_source_range: Vec<String>,
+
+    /// Compute API base URL; unset means compute.googleapis.com with
+    /// Application Default Credentials. Another URL is called without
+    /// credentials (an emulator).
+    #[arg(long, value_name = "URL")]
+    pub gcp_endpoint: Option<String>,
+
+    /// GCP get / list calls: tokens per second / burst (--provider=gcp).
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub gcp_read_rate: RateLimit,
+
+    /// GCP attach / detach network endpoint calls (500 endpoints each at most).
+    #[arg(long, default_value = "5/10", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub gcp_targets_rate: RateLimit,
+
+    /// GCP insert / patch / delete calls.
+    #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
+    pub gcp_write_rate: RateLimit,
+
     /// Maximum number of objects reconciled at the same time; bounded so
     /// that a burst cannot flood a rate-limited cloud API.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -356,6 +402,28 @@ mod tests {
     fn cluster_name_is_required() {
         let err = Args::try_parse_from(["cnlb-ccm", "--provider", "gcp"]).unwrap_err();
         assert!(err.to_string().contains("--cluster-name"), "{err}");
+    }
+
+    #[test]
+    fn gcp_needs_its_project_region_and_network() {
+        let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "gcp"];
+        let err = Args::try_parse_from(base).unwrap_err();
+        assert!(err.to_string().contains("--gcp-region"), "{err}");
+        let args = Args::try_parse_from(base.iter().chain(&[
+            "--gcp-project",
+            "p",
+            "--gcp-region",
+            "us-central1",
+            "--gcp-network",
+            "net",
+            "--gcp-subnetwork",
+            "nodes",
+            "--gcp-zones",
+            "us-central1-a,us-central1-b",
+        ]))
+        .unwrap();
+        assert_eq!(args.gcp_zones, vec!["us-central1-a", "us-central1-b"]);
+        assert_eq!(args.gcp_endpoint, None);
     }
 
     #[test]

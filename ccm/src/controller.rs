@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cnlb_ccm::annotations::{AnnotationError, opted_in, parse_service};
-use cnlb_ccm::targets::{READINESS_GATE, awaiting_gate, desired_targets};
+use cnlb_ccm::targets::{awaiting_gate, desired_targets, pending_gates};
 use cnlb_provider_core::{
     LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus, ProviderError,
     ResourceIds, RetryPolicy, TargetHealthState, TargetSet, diff_targets, registered_targets,
@@ -186,7 +186,17 @@ async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error> {
             "Ensuring load balancer",
         )
         .await;
-        let status = ctx.provider.ensure_load_balancer(&spec, &known).await?;
+        let status = match ctx.provider.ensure_load_balancer(&spec, &known).await {
+            Ok(status) => status,
+            Err(err) => {
+                if err.is_user_error() {
+                    // What this cloud cannot build: say so where the user
+                    // looks; the Event comes from error_policy.
+                    write_condition(ctx, svc, "False", "Unsupported", &err.to_string()).await;
+                }
+                return Err(err.into());
+            }
+        };
         // Ensure may have replaced target groups (port or protocol change):
         // re-read what is registered instead of trusting the cache.
         if let Ok(mut m) = ctx.registered.lock() {
@@ -324,12 +334,18 @@ async fn open_gates(
         if !ready {
             continue;
         }
-        let condition = json!({
-            "type": READINESS_GATE, "status": "True", "reason": "TargetHealthy",
-            "message": "the load balancer reports this Pod's target healthy",
-            "lastTransitionTime": Time(Timestamp::now()),
-        });
-        let patch = json!({"status": {"conditions": [condition]}});
+        let gates = pending_gates(pod);
+        let conditions: Vec<serde_json::Value> = gates
+            .iter()
+            .map(|gate| {
+                json!({
+                    "type": gate, "status": "True", "reason": "TargetHealthy",
+                    "message": "the load balancer reports this Pod's target healthy",
+                    "lastTransitionTime": Time(Timestamp::now()),
+                })
+            })
+            .collect();
+        let patch = json!({"status": {"conditions": conditions}});
         // Strategic merge: conditions merge by type, the kubelet's stay.
         api.patch_status(
             &pod.name_any(),
@@ -337,7 +353,7 @@ async fn open_gates(
             &Patch::Strategic(patch),
         )
         .await?;
-        info!(pod = %pod.name_any(), "readiness gate {READINESS_GATE} set");
+        info!(pod = %pod.name_any(), ?gates, "readiness gates set");
     }
     Ok(())
 }
@@ -455,7 +471,12 @@ async fn report_invalid(svc: &Service, ctx: &Context, errors: &[AnnotationError]
         .await;
     }
     let message: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    let condition = condition("False", "InvalidAnnotation", &message.join("; "));
+    write_condition(ctx, svc, "False", "InvalidAnnotation", &message.join("; ")).await;
+}
+
+/// Sets the Service's [`CONDITION`]; a failure is logged (the Event says it too).
+async fn write_condition(ctx: &Context, svc: &Service, status: &str, reason: &str, message: &str) {
+    let condition = condition(status, reason, message);
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let patch = json!({"status": {"conditions": [condition]}});
@@ -482,8 +503,10 @@ async fn persist(
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let ids = serde_json::to_string(&status.ids).map_err(|e| Error::Invalid(e.to_string()))?;
-    let meta =
-        json!({"metadata": {"annotations": {IDS_ANNOTATION: ids, APPLIED_ANNOTATION: hash}}});
+    let mut annotations = status.annotations.clone();
+    annotations.insert(IDS_ANNOTATION.into(), ids);
+    annotations.insert(APPLIED_ANNOTATION.into(), hash.into());
+    let meta = json!({"metadata": {"annotations": annotations}});
     api.patch(
         &svc.name_any(),
         &PatchParams::default(),

@@ -3,6 +3,7 @@
 
 mod cli;
 mod controller;
+mod gc;
 mod leader;
 mod metrics;
 mod run;

@@ -20,7 +20,7 @@ use crate::cli::{Args, BindAddress, Provider};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::shutdown::Signals;
-use crate::{controller, leader};
+use crate::{controller, gc, leader};
 
 /// How often the API server is probed after start-up, for the
 /// `cnlb_kube_api_reachable` gauge.
@@ -55,8 +55,6 @@ pub enum Error {
     MissingFlag(&'static str),
     #[error("cannot set up the provider: {0}")]
     Provider(String),
-    #[error("--provider={0} is not built yet (aws and onprem are)")]
-    ProviderNotBuilt(Provider),
     #[error("lost the leader lease: exiting so that only one replica acts")]
     LostLeadership,
     #[error("the HTTP server failed")]
@@ -123,6 +121,11 @@ pub async fn run(args: Args) -> Result<(), Error> {
             }
         }
     }
+    let collector = tokio::spawn(gc::run(
+        client.clone(),
+        provider.clone(),
+        args.cluster_name.clone(),
+    ));
     let controllers = tokio::spawn(controller::run(client, provider, settings));
     let outcome = match elector.as_mut() {
         Some(elector) => tokio::select! {
@@ -139,6 +142,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
     };
     controllers.abort();
+    collector.abort();
     if let (Some(elector), Ok(())) = (elector.as_mut(), &outcome) {
         elector.release().await;
     }
@@ -258,7 +262,39 @@ async fn build_provider(
                 .map_err(|e| Error::Provider(e.to_string()))?;
             Ok(Arc::new(provider))
         }
-        other => Err(Error::ProviderNotBuilt(other)),
+        Provider::Gcp => {
+            let flag = |value: &Option<String>, name| value.clone().ok_or(Error::MissingFlag(name));
+            let connection = cnlb_provider_gcp::Connection {
+                endpoint: args.gcp_endpoint.clone(),
+            };
+            let compute = cnlb_provider_gcp::Compute::connect(&connection)
+                .await
+                .map_err(|e| Error::Provider(e.to_string()))?;
+            let limits = RateLimits {
+                read: args.gcp_read_rate,
+                targets: args.gcp_targets_rate,
+                write: args.gcp_write_rate,
+            };
+            let project = flag(&args.gcp_project, "--gcp-project")?;
+            let calls = cnlb_provider_gcp::Calls::new(
+                compute,
+                project.clone(),
+                &limits,
+                &mut metrics.registry(),
+            );
+            let config = cnlb_provider_gcp::GcpConfig {
+                project,
+                region: flag(&args.gcp_region, "--gcp-region")?,
+                network: flag(&args.gcp_network, "--gcp-network")?,
+                subnetwork: flag(&args.gcp_subnetwork, "--gcp-subnetwork")?,
+                zones: args.gcp_zones.clone(),
+                proxy_source_ranges: args.gcp_proxy_source_range.clone(),
+            };
+            let provider = cnlb_provider_gcp::GcpProvider::new(calls, config)
+                .await
+                .map_err(|e| Error::Provider(e.to_string()))?;
+            Ok(Arc::new(provider))
+        }
     }
 }
 

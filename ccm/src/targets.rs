@@ -13,28 +13,40 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 /// `spec.readinessGates` become Ready only once their target is healthy in
 /// the load balancer, so a rollout waits for the new Pods to take traffic.
 pub const READINESS_GATE: &str = "cnlb.dev/load-balancer-ready";
+/// GKE's NEG readiness gate (ingress-gce); cnlb drives it the same way, so
+/// Pods written for GKE need no change.
+pub const NEG_READINESS_GATE: &str = "cloud.google.com/load-balancer-neg-ready";
+/// Every gate cnlb drives.
+pub const READINESS_GATES: [&str; 2] = [READINESS_GATE, NEG_READINESS_GATE];
 
-/// True for a Pod held back only by cnlb's gate: it declares the gate, its
-/// containers are ready, the gate's condition is not True yet, and it is not
+/// The gates of [`READINESS_GATES`] the Pod declares whose condition is
+/// not True yet.
+pub fn pending_gates(pod: &Pod) -> Vec<&'static str> {
+    let declared = pod.spec.as_ref().and_then(|s| s.readiness_gates.as_ref());
+    READINESS_GATES
+        .into_iter()
+        .filter(|gate| declared.is_some_and(|gs| gs.iter().any(|g| g.condition_type == *gate)))
+        .filter(|gate| condition(pod, gate) != Some(true))
+        .collect()
+}
+
+/// True for a Pod held back only by cnlb's gates: it declares one, its
+/// containers are ready, a gate's condition is not True yet, and it is not
 /// terminating. Such a Pod must be registered (it is not Ready, so its
 /// endpoint says not ready) or its gate could never turn True.
 pub fn awaits_gate(pod: &Pod) -> bool {
-    let declares = pod
-        .spec
+    pod.metadata.deletion_timestamp.is_none()
+        && condition(pod, "ContainersReady") == Some(true)
+        && !pending_gates(pod).is_empty()
+}
+
+/// The status of the Pod's condition `kind`, if present.
+fn condition(pod: &Pod, kind: &str) -> Option<bool> {
+    pod.status
         .as_ref()
-        .and_then(|s| s.readiness_gates.as_ref())
-        .is_some_and(|gates| gates.iter().any(|g| g.condition_type == READINESS_GATE));
-    let condition = |kind: &str| {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
-            .map(|c| c.status == "True")
-    };
-    declares
-        && pod.metadata.deletion_timestamp.is_none()
-        && condition("ContainersReady") == Some(true)
-        && condition(READINESS_GATE) != Some(true)
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == kind))
+        .map(|c| c.status == "True")
 }
 
 /// IPs of the Pods that [`awaits_gate`].
@@ -232,6 +244,18 @@ mod tests {
         );
         assert!(!awaits_gate(&pod(false, true, false)), "no gate declared");
         assert_eq!(awaiting_gate(&[pod(true, true, false)]).len(), 1);
+    }
+
+    #[test]
+    fn gkes_neg_gate_is_driven_too() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [], "readinessGates": [{"conditionType": NEG_READINESS_GATE}]},
+            "status": {"podIP": "10.0.0.1", "conditions": [{"type": "ContainersReady", "status": "True"}]},
+        }))
+        .unwrap();
+        assert!(awaits_gate(&pod));
+        assert_eq!(pending_gates(&pod), vec![NEG_READINESS_GATE]);
     }
 
     #[test]

@@ -12,10 +12,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::aws::{AwsEndpoints, Emulator, external_url};
 use crate::controlplane::ControlPlane;
+use crate::gce::{GceEmulator, GceOptions, NamedRange};
 use crate::kubelet::{Kubelet, NodeConfig};
 use crate::paths::run_root;
 use crate::podnet::{AgentBackend, PodNet, PodNetContext, PodNetworkConfig, PodSandbox};
-use crate::process::Proc;
+use crate::process::{Proc, free_port};
 
 /// Set to keep an environment's directory (logs, kubeconfig) after a passing run too.
 pub const KEEP_VAR: &str = "CNLB_KEEP_LOGS";
@@ -27,8 +28,13 @@ pub struct EnvBuilder {
     moto: bool,
     localstack: bool,
     pod_network: Option<PodNetworkConfig>,
+    gce: Option<GceOptions>,
     timeout: Duration,
 }
+
+/// The secondary range of the GCE emulator's subnetwork that holds the
+/// environment's Pod CIDR (with `.pod_network()`).
+pub const GCE_POD_RANGE: &str = "pods";
 
 impl EnvBuilder {
     /// The real control plane (etcd, kube-apiserver, kube-controller-manager).
@@ -54,6 +60,35 @@ impl EnvBuilder {
     pub fn localstack(mut self) -> Self {
         self.localstack = true;
         self
+    }
+
+    /// cnlb's GCE emulator (`cnlb-gce-emulator`, see GCE_EMULATOR.md) with
+    /// [`EnvBuilder::default_gce_options`]; reach it through [`Env::gce`].
+    pub fn gce(mut self) -> Self {
+        self.gce.get_or_insert_with(EnvBuilder::default_gce_options);
+        self
+    }
+
+    /// The GCE emulator with these flags. With `.pod_network()`, the
+    /// environment's Pod CIDR is added as secondary range `pods`.
+    pub fn gce_options(mut self, opts: GceOptions) -> Self {
+        self.gce = Some(opts);
+        self
+    }
+
+    /// The binary's defaults (project `cnlb-test`, region `us-central1`,
+    /// zones `-a,-b,-c`, network `cnlb-net`), except: the subnetwork's
+    /// primary range is `nodes=10.0.0.0/16`, which holds the harness
+    /// Nodes' internal IPs ([`NodeConfig::numbered`]), and health checks
+    /// run ten times faster than GCE's (time scale 0.1, floor 100 ms).
+    pub fn default_gce_options() -> GceOptions {
+        let mut o = GceOptions::default();
+        if let Ok(r) = NamedRange::new("nodes", "10.0.0.0/16") {
+            o.subnetwork = r;
+        }
+        o.health_check_time_scale = 0.1;
+        o.health_check_min_interval_ms = 100;
+        o
     }
 
     /// Real Pod networking on the harness's Nodes (needs `nodes`): a
@@ -112,6 +147,7 @@ impl EnvBuilder {
             control_plane: None,
             moto: None,
             localstack: None,
+            gce: None,
             external: external_url().map(|u| AwsEndpoints::single(&u)),
             started,
             ready_in: Duration::ZERO,
@@ -128,6 +164,50 @@ impl EnvBuilder {
             if self.localstack {
                 env.localstack = Some(Emulator::spawn_localstack(&env.dir)?);
             }
+        }
+        // The GCE emulator's address is known before it starts, so that the
+        // pod network's agents can be pointed at it; its subnetwork takes
+        // the Pod CIDR, known once the pod network has taken its range.
+        let gce = match self.gce.take() {
+            Some(opts) => {
+                let port = free_port()?;
+                Some((
+                    port,
+                    GceEmulator::new(&format!("http://127.0.0.1:{port}"), opts),
+                ))
+            }
+            None => None,
+        };
+        if let Some(cp) = &env.control_plane
+            && !self.nodes.is_empty()
+            && let Some(config) = self.pod_network.take()
+        {
+            let aws = env.aws().ok();
+            let ctx = PodNetContext {
+                env_dir: &env.dir,
+                cluster: &self.name,
+                aws: aws.as_ref(),
+                gce: gce.as_ref().map(|(_, g)| g),
+                kubeconfig: Some(&cp.kubeconfig),
+            };
+            env.pod_net = Some(Arc::new(PodNet::new(config, &mut self.nodes, &ctx)?));
+        }
+        if let Some((port, handle)) = gce {
+            let mut opts = handle.options().clone();
+            if let Some(net) = &env.pod_net
+                && !opts
+                    .secondary_ranges
+                    .iter()
+                    .any(|r| r.name == GCE_POD_RANGE)
+            {
+                opts.secondary_ranges
+                    .push(NamedRange::new(GCE_POD_RANGE, &net.cidr()).map_err(anyhow::Error::msg)?);
+            }
+            let proc = crate::gce::spawn(&env.dir, port, &opts)?;
+            env.gce = Some(GceProcess {
+                handle: GceEmulator::new(handle.endpoint(), opts),
+                proc,
+            });
         }
         env.record_pids()?;
 
@@ -150,7 +230,17 @@ impl EnvBuilder {
                 None => Ok(()),
             }
         };
-        let ready = tokio::try_join!(kube, moto, localstack);
+        let gce = async {
+            match &env.gce {
+                Some(g) => {
+                    g.proc
+                        .wait_ready(t, || async { g.handle.ping().await })
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        let ready = tokio::try_join!(kube, moto, localstack, gce);
         // A part that failed to start is what the logs are for.
         env.keep = ready.is_err();
         ready?;
@@ -158,16 +248,6 @@ impl EnvBuilder {
         if let Some(cp) = &env.control_plane
             && !self.nodes.is_empty()
         {
-            if let Some(config) = self.pod_network.take() {
-                let aws = env.aws().ok();
-                let ctx = PodNetContext {
-                    env_dir: &env.dir,
-                    cluster: &self.name,
-                    aws: aws.as_ref(),
-                    kubeconfig: Some(&cp.kubeconfig),
-                };
-                env.pod_net = Some(Arc::new(PodNet::new(config, &mut self.nodes, &ctx)?));
-            }
             let kubelet =
                 Kubelet::start(cp.admin_client()?, self.nodes, env.pod_net.clone(), t).await;
             // An agent that failed to start is what the logs are for.
@@ -190,6 +270,7 @@ pub struct Env {
     control_plane: Option<ControlPlane>,
     moto: Option<Emulator>,
     localstack: Option<Emulator>,
+    gce: Option<GceProcess>,
     external: Option<AwsEndpoints>,
     started: Instant,
     ready_in: Duration,
@@ -206,6 +287,7 @@ impl Env {
             moto: false,
             localstack: false,
             pod_network: None,
+            gce: None,
             timeout: Duration::from_secs(60),
         }
     }
@@ -239,6 +321,15 @@ impl Env {
             .as_ref()
             .context("this environment was built without .localstack()")?;
         Ok(AwsEndpoints::single(&l.url))
+    }
+
+    /// The GCE emulator: its endpoint (for the compute clients'
+    /// `with_endpoint`), the world it models and its admin API.
+    pub fn gce(&self) -> Result<GceEmulator> {
+        self.gce
+            .as_ref()
+            .map(|g| g.handle.clone())
+            .context("this environment was built without .gce()")
     }
 
     fn pod_net(&self) -> Result<&Arc<PodNet>> {
@@ -331,6 +422,7 @@ impl Env {
         }
         v.extend(self.moto.iter().map(Emulator::proc));
         v.extend(self.localstack.iter().map(Emulator::proc));
+        v.extend(self.gce.iter().map(|g| &g.proc));
         v
     }
 
@@ -379,6 +471,7 @@ impl Drop for Env {
         self.control_plane.take();
         self.moto.take();
         self.localstack.take();
+        self.gce.take();
         let keep = self.keep || std::thread::panicking() || std::env::var_os(KEEP_VAR).is_some();
         if let Some(tmp) = self.tmp.take()
             && keep
@@ -388,6 +481,12 @@ impl Drop for Env {
             eprintln!("cnlb-env: logs kept in {}", path.display());
         }
     }
+}
+
+/// The emulator process and its handle.
+struct GceProcess {
+    handle: GceEmulator,
+    proc: Proc,
 }
 
 const PIDS: &str = "pids";

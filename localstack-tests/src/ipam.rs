@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
@@ -271,6 +273,84 @@ pub async fn ipam_del(conf: &Value, container_id: &str) -> Result<CniRun> {
     CniCall::new("vpc-ipam", "DEL", container_id)
         .run(conf)
         .await
+}
+
+/// What a [`Churn`] did.
+#[derive(Debug, Default)]
+pub struct ChurnResult {
+    /// The containers left with an address: container id -> address.
+    pub live: BTreeMap<String, String>,
+    pub adds: usize,
+    /// ADDs that failed (e.g. the agent was down); each was followed by its DEL.
+    pub failed_adds: usize,
+}
+
+/// Pods coming and going on one agent while a test does something to it
+/// (kill -9 and restart): `workers` tasks each ADD fresh containers
+/// (`<prefix>-w<worker>-<n>`) through the plugin alone and, after every
+/// second ADD, DEL their oldest, so that about half stay; a failed ADD is
+/// followed by its DEL, as kubelet does. A worker holding more than 20
+/// slows down. Every DEL must succeed, agent up or not.
+pub struct Churn {
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Result<ChurnResult>>>,
+}
+
+impl Churn {
+    pub fn start(conf: &Value, prefix: &str, workers: usize) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..workers)
+            .map(|w| {
+                let (conf, stop, prefix) = (conf.clone(), stop.clone(), prefix.to_string());
+                tokio::spawn(async move {
+                    let mut done = ChurnResult::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = format!("{prefix}-w{w}-{}", done.adds);
+                        done.adds += 1;
+                        let add = ipam_add(&conf, &id).await?;
+                        if add.ok() {
+                            done.live.insert(id, add.ip()?);
+                        } else {
+                            done.failed_adds += 1;
+                            del_ok(&conf, &id).await?;
+                        }
+                        if done.adds % 2 == 0
+                            && let Some(old) = done.live.keys().next().cloned()
+                        {
+                            del_ok(&conf, &old).await?;
+                            done.live.remove(&old);
+                        }
+                        if done.live.len() > 20 {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        Churn { stop, workers }
+    }
+
+    /// Stops the workers and adds up what they did.
+    pub async fn stop(self) -> Result<ChurnResult> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = ChurnResult::default();
+        for w in self.workers {
+            let done = w.await??;
+            all.live.extend(done.live);
+            all.adds += done.adds;
+            all.failed_adds += done.failed_adds;
+        }
+        Ok(all)
+    }
+}
+
+async fn del_ok(conf: &Value, id: &str) -> Result<()> {
+    let del = ipam_del(conf, id).await?;
+    if !del.ok() {
+        bail!("DEL of {id} must succeed, agent up or not: {del:?}");
+    }
+    Ok(())
 }
 
 /// A network namespace, deleted on drop.

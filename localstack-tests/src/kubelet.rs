@@ -38,10 +38,16 @@ const LEASE_SECONDS: i32 = 40;
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub name: String,
+    /// `topology.kubernetes.io/zone`.
     pub zone: String,
+    /// `topology.kubernetes.io/region`.
+    pub region: String,
     pub internal_ip: Ipv4Addr,
     /// An IPv4 /24 the Node's Pods get addresses from (host .1 is the gateway).
     pub pod_cidr: String,
+    /// `spec.providerID`, e.g. `gce://<project>/<zone>/<name>` for a Node
+    /// seeded as a GCE instance (see `AgentBackend::Gcp`); none by default.
+    pub provider_id: Option<String>,
 }
 
 impl NodeConfig {
@@ -51,8 +57,10 @@ impl NodeConfig {
         NodeConfig {
             name: format!("node-{i}"),
             zone: format!("{}{zone}", crate::aws::REGION),
+            region: crate::aws::REGION.to_string(),
             internal_ip: Ipv4Addr::new(10, 0, 0, 10 + i),
             pod_cidr: format!("100.64.{i}.0/24"),
+            provider_id: None,
         }
     }
 
@@ -113,11 +121,15 @@ async fn register_node(client: &Client, node: &NodeConfig) -> Result<()> {
             "labels": {
                 "kubernetes.io/hostname": node.name,
                 "kubernetes.io/os": "linux",
-                "topology.kubernetes.io/region": crate::aws::REGION,
+                "topology.kubernetes.io/region": node.region,
                 "topology.kubernetes.io/zone": node.zone,
             },
         },
-        "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+        "spec": {
+            "podCIDR": node.pod_cidr,
+            "podCIDRs": [node.pod_cidr],
+            "providerID": node.provider_id,
+        },
     }))?;
     api.create(&PostParams::default(), &obj)
         .await

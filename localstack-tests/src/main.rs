@@ -8,7 +8,9 @@ use cnlb_localstack_tests::env::{KEEP_VAR, clean_stale};
 use cnlb_localstack_tests::{Env, NodeConfig};
 
 #[derive(Parser)]
-#[command(about = "Start or stop cnlb's local environment (real control plane, AWS emulators)")]
+#[command(
+    about = "Start or stop cnlb's local environment (real control plane, AWS and GCE emulators)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -24,6 +26,10 @@ enum Cmd {
         /// Skip the AWS emulators.
         #[arg(long)]
         no_aws: bool,
+        /// Also start the GCE emulator (cnlb-gce-emulator; build it first:
+        /// `cargo build -p cnlb-localstack-tests --bins`).
+        #[arg(long)]
+        gce: bool,
         /// Stop as soon as everything is ready, after printing start time and memory.
         #[arg(long)]
         check: bool,
@@ -75,6 +81,7 @@ async fn main() -> Result<()> {
         Cmd::Up {
             nodes,
             no_aws,
+            gce,
             check,
             timeout,
             pod_network,
@@ -86,12 +93,15 @@ async fn main() -> Result<()> {
             if !no_aws {
                 b = b.moto().localstack();
             }
+            if gce {
+                b = b.gce();
+            }
             match pod_network {
                 PodNetwork::None => {}
                 PodNetwork::VpcIpam => b = b.pod_network(),
             }
             let env = b.start().await?;
-            print_summary(&env, no_aws)?;
+            print_summary(&env, no_aws, gce)?;
             if !check {
                 // Keep the directory until Ctrl-C so the printed paths stay valid.
                 println!("\nRunning; Ctrl-C stops and removes everything.");
@@ -105,7 +115,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-fn print_summary(env: &Env, no_aws: bool) -> Result<()> {
+fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
     let mem = env.memory();
     println!("cnlb-env ready in {:.1} s", env.ready_in().as_secs_f64());
     println!(
@@ -146,6 +156,20 @@ fn print_summary(env: &Env, no_aws: bool) -> Result<()> {
             println!("  export {k}={v}");
         }
         println!("LocalStack (EC2): {}", env.localstack()?.ec2);
+    }
+    if with_gce {
+        let gce = env.gce()?;
+        println!("\nGCE (cnlb-gce-emulator, see localstack-tests/GCE_EMULATOR.md):");
+        println!("  endpoint: {}", gce.endpoint());
+        println!(
+            "  project {}, region {}, zones {}, network {}, subnetwork {}",
+            gce.project(),
+            gce.region(),
+            gce.zones().join(","),
+            gce.network(),
+            gce.options().subnetwork
+        );
+        println!("  state: curl {}/emulator/v1/resources", gce.endpoint());
     }
     Ok(())
 }

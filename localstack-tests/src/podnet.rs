@@ -30,6 +30,8 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::aws::AwsEndpoints;
+use crate::env::GCE_POD_RANGE;
+use crate::gce::{GceEmulator, SeedAliasRange, SeedInstance};
 use crate::kubelet::NodeConfig;
 use crate::paths::workspace_bin;
 use crate::process::{Proc, free_port, is_running};
@@ -70,6 +72,10 @@ pub struct AgentContext<'a> {
     pub pod_range: &'a str,
     /// The environment's AWS endpoints, when it has an emulator.
     pub aws: Option<&'a AwsEndpoints>,
+    /// The environment's GCE emulator, when it has one (not serving yet
+    /// while agents are prepared; its options do not list the Pod CIDR's
+    /// secondary range yet, which is named [`crate::env::GCE_POD_RANGE`]).
+    pub gce: Option<&'a GceEmulator>,
     pub kubeconfig: Option<&'a Path>,
 }
 
@@ -81,6 +87,15 @@ pub enum AgentBackend {
     /// `--backend static --static-range <the Node's pod range>`.
     #[default]
     Static,
+    /// GKE style, against the environment's GCE emulator (needs `.gce()`):
+    /// each Node is a GCE instance (zones round-robin over the emulator's,
+    /// `spec.providerID` `gce://<project>/<zone>/<node>`, the zone and
+    /// region labels to match, `nic0` at the Node's internal IP) whose
+    /// alias IP range is the Node's pod range, from the secondary range
+    /// [`GCE_POD_RANGE`] (the environment's Pod CIDR), as GKE creates its
+    /// nodes and cloud-provider-gcp copies the range into `spec.podCIDR`.
+    /// The agents run `--backend gcp --gcp-endpoint <emulator>`.
+    Gcp,
     /// Anything else (e.g. `--backend aws` and `AWS_*` variables), per Node.
     Custom(Arc<LaunchFn>),
 }
@@ -103,9 +118,48 @@ impl AgentBackend {
                 ],
                 env: Vec::new(),
             }),
+            AgentBackend::Gcp => {
+                let gce = ctx.gce.context(
+                    "AgentBackend::Gcp needs the GCE emulator: add .gce() to the builder",
+                )?;
+                Ok(AgentLaunch {
+                    args: vec![
+                        "--backend".into(),
+                        "gcp".into(),
+                        "--gcp-endpoint".into(),
+                        gce.endpoint().to_string(),
+                        "--gcp-pod-range-name".into(),
+                        GCE_POD_RANGE.into(),
+                    ],
+                    env: Vec::new(),
+                })
+            }
             AgentBackend::Custom(f) => f(ctx),
         }
     }
+}
+
+/// With [`AgentBackend::Gcp`]: makes `node` (the `index`-th, with its pod
+/// range set) a GCE instance of `gce`, and returns what to seed.
+fn gce_node(gce: &GceEmulator, index: usize, node: &mut NodeConfig) -> Result<SeedInstance> {
+    let zones = gce.zones();
+    let zone = zones
+        .get(index % zones.len().max(1))
+        .context("the GCE emulator has no zone")?
+        .clone();
+    node.zone = zone.clone();
+    node.region = gce.region().to_string();
+    node.provider_id = Some(format!("gce://{}/{zone}/{}", gce.project(), node.name));
+    Ok(SeedInstance {
+        zone,
+        name: node.name.clone(),
+        network_ip: node.internal_ip.to_string(),
+        alias_ip_ranges: vec![SeedAliasRange {
+            ip_cidr_range: node.pod_cidr.clone(),
+            subnetwork_range_name: Some(GCE_POD_RANGE.to_string()),
+        }],
+        ..SeedInstance::default()
+    })
 }
 
 /// Options of the pod network (see `EnvBuilder::pod_network`).
@@ -201,6 +255,9 @@ struct NodeNet {
     metrics: SocketAddr,
     launch: AgentLaunch,
     agent: Mutex<Option<Proc>>,
+    /// With [`AgentBackend::Gcp`]: the Node's instance, seeded in the
+    /// emulator before the agents start.
+    instance: Option<SeedInstance>,
 }
 
 #[derive(Default)]
@@ -228,6 +285,8 @@ pub struct PodNet {
     kubeconfig: Option<PathBuf>,
     cni_path: String,
     nodes: Vec<NodeNet>,
+    /// The GCE emulator the Nodes' instances are seeded in.
+    gce: Option<GceEmulator>,
     registry: Mutex<Registry>,
     seq: AtomicU64,
 }
@@ -237,6 +296,7 @@ pub struct PodNetContext<'a> {
     pub env_dir: &'a Path,
     pub cluster: &'a str,
     pub aws: Option<&'a AwsEndpoints>,
+    pub gce: Option<&'a GceEmulator>,
     pub kubeconfig: Option<&'a Path>,
 }
 
@@ -265,6 +325,10 @@ impl PodNet {
         for (i, node) in nodes.iter_mut().enumerate() {
             let pod_range = format!("10.{}.{i}.0/24", range.k);
             node.pod_cidr = pod_range.clone();
+            let instance = match (&config.backend, ctx.gce) {
+                (AgentBackend::Gcp, Some(gce)) => Some(gce_node(gce, i, node)?),
+                _ => None,
+            };
             let dir = ctx.env_dir.join(&node.name);
             std::fs::create_dir_all(&dir)?;
             let launch = config.backend.launch(&AgentContext {
@@ -272,6 +336,7 @@ impl PodNet {
                 node: &*node,
                 pod_range: &pod_range,
                 aws: ctx.aws,
+                gce: ctx.gce,
                 kubeconfig: ctx.kubeconfig,
             })?;
             node_nets.push(NodeNet {
@@ -283,6 +348,7 @@ impl PodNet {
                 metrics: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
                 launch,
                 agent: Mutex::new(None),
+                instance,
             });
         }
         Ok(PodNet {
@@ -293,6 +359,7 @@ impl PodNet {
             kubeconfig: ctx.kubeconfig.map(Path::to_path_buf),
             cni_path,
             nodes: node_nets,
+            gce: ctx.gce.cloned(),
             registry: Mutex::new(Registry::default()),
             seq: AtomicU64::new(0),
         })
@@ -390,8 +457,16 @@ impl PodNet {
         Ok(cmd)
     }
 
-    /// Starts every Node's agent (with vpc-ipam) and waits until each serves.
+    /// Seeds the Nodes' GCE instances (with [`AgentBackend::Gcp`]), then
+    /// starts every Node's agent (with vpc-ipam) and waits until each serves.
     pub async fn start_agents(&self, timeout: Duration) -> Result<()> {
+        if let Some(gce) = &self.gce {
+            for instance in self.nodes.iter().filter_map(|n| n.instance.as_ref()) {
+                gce.seed(instance)
+                    .await
+                    .with_context(|| format!("seeding GCE instance {}", instance.name))?;
+            }
+        }
         let starts = (0..self.nodes.len()).map(|i| self.restart_agent(i, timeout));
         futures::future::try_join_all(starts).await?;
         Ok(())

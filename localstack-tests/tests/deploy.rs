@@ -233,30 +233,31 @@ fn same_objects(rendered: Vec<Value>, plain: Vec<Value>, dir: &str) {
 /// Every key an example values file sets exists in the chart's values.yaml
 /// (Helm ignores unknown keys silently). Maps left empty in values.yaml are
 /// free-form (annotations, labels) and are not descended into.
+fn check_values_keys(path: &str, set: &Value, defaults: &Value) {
+    let (Some(set), Some(defaults)) = (set.as_object(), defaults.as_object()) else {
+        return;
+    };
+    if defaults.is_empty() {
+        return;
+    }
+    for (k, v) in set {
+        let here = format!("{path}.{k}");
+        let default = defaults
+            .get(k)
+            .unwrap_or_else(|| panic!("{here} is not a value of the chart"));
+        check_values_keys(&here, v, default);
+    }
+}
+
 #[test]
 fn example_values_set_only_keys_the_chart_has() {
-    fn check(path: &str, set: &Value, defaults: &Value) {
-        let (Some(set), Some(defaults)) = (set.as_object(), defaults.as_object()) else {
-            return;
-        };
-        if defaults.is_empty() {
-            return;
-        }
-        for (k, v) in set {
-            let here = format!("{path}.{k}");
-            let default = defaults
-                .get(k)
-                .unwrap_or_else(|| panic!("{here} is not a value of the chart"));
-            check(&here, v, default);
-        }
-    }
     let defaults = yaml_docs(&read("deploy/charts/cnlb-ccm/values.yaml"), "values.yaml").remove(0);
     for (file, provider) in [
         ("deploy/values/eks.yaml", "aws"),
         ("deploy/values/gke.yaml", "gcp"),
     ] {
         let values = yaml_docs(&read(file), file).remove(0);
-        check(file, &values, &defaults);
+        check_values_keys(file, &values, &defaults);
         assert_eq!(values["provider"], provider, "{file}");
         assert!(
             !values["clusterName"]
@@ -504,32 +505,112 @@ fn vpc_ipam_iam_policy_conditions_every_change_on_the_ownership_tag() {
     );
 }
 
-#[test]
-fn iam_policy_conditions_every_change_on_the_ownership_tag() {
-    let policy = policy();
-    assert_eq!(policy["Version"], "2012-10-17");
-    for s in policy["Statement"].as_array().unwrap() {
-        let actions = statement_actions(s);
-        let read_only = actions
-            .iter()
-            .all(|a| a.split(':').nth(1).unwrap().starts_with("Describe"));
-        if read_only {
-            continue;
+// ---------------------------------------------------------------- GCP role
+
+/// vpc-ipam's Compute calls, in the GCP provider crate.
+const VPC_IPAM_COMPUTE: &str = "providers/gcp/src/ipam.rs";
+
+/// `(how, method)` of every Compute request in `src`: the method name
+/// (`"instances.get"`) passed as the first argument of `Calls::run` or
+/// `Calls::mutate` (`how`), also across lines.
+fn compute_calls(src: &str) -> BTreeSet<(String, String)> {
+    let code: String = src
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = BTreeSet::new();
+    for how in ["run", "mutate"] {
+        let call = format!(".{how}(");
+        for (at, _) in code.match_indices(&call) {
+            let Some(rest) = code[at + call.len()..].trim_start().strip_prefix('"') else {
+                continue; // not a method name: another `run`
+            };
+            if let Some((method, _)) = rest.split_once('"') {
+                out.insert((how.to_string(), method.to_string()));
+            }
         }
-        let null = s["Condition"]["Null"]
-            .as_object()
-            .unwrap_or_else(|| panic!("{actions:?} are allowed without a condition"));
-        let tagged = [
-            format!("aws:RequestTag/{OWNERSHIP_TAG}"),
-            format!("aws:ResourceTag/{OWNERSHIP_TAG}"),
-        ]
-        .iter()
-        .any(|k| null.get(k) == Some(&json!("false")));
+    }
+    out
+}
+
+/// What GCE checks with the agent's methods besides their own permission:
+/// `Calls::mutate` waits for the update's zone operation, and an alias IP
+/// range from a secondary range uses the subnetwork.
+const VPC_IPAM_GCP_IMPLIED: &[(&str, &[&str])] = &[(
+    "instances.updateNetworkInterface",
+    &["compute.zoneOperations.get", "compute.subnetworks.use"],
+)];
+
+#[test]
+fn compute_call_scanner_finds_method_names() {
+    let src = r#"
+        self.calls.run("instances.get", || c.instances.get().send()); // .run("x.y")
+        self.calls
+            .mutate(
+                "instances.updateNetworkInterface",
+                || c.instances.update_network_interface().send(),
+            );
+        tokio::spawn(agent.clone().run_pool());
+        self.calls.run(operation, call);
+    "#;
+    assert_eq!(
+        compute_calls(src),
+        BTreeSet::from([
+            (
+                "mutate".to_string(),
+                "instances.updateNetworkInterface".to_string()
+            ),
+            ("run".to_string(), "instances.get".to_string()),
+        ])
+    );
+    assert_eq!(non_literal_compute_calls(src), ["operation"]);
+    assert_eq!(
+        compute_method_permission("instances.updateNetworkInterface"),
+        "compute.instances.updateNetworkInterface"
+    );
+}
+
+/// `deploy/gcp/vpc-ipam-role.yaml` grants exactly the permissions of the
+/// Compute requests in `providers/gcp/src/ipam.rs` (each method's own, plus
+/// [`VPC_IPAM_GCP_IMPLIED`]), each with a comment; the agent's own sources
+/// make none.
+#[test]
+fn vpc_ipam_gcp_role_grants_exactly_the_compute_calls_of_the_agent() {
+    let text = read(VPC_IPAM_COMPUTE);
+    let code = text.split("#[cfg(test)]").next().unwrap();
+    assert_eq!(
+        non_literal_compute_calls(code),
+        Vec::<String>::new(),
+        "{VPC_IPAM_COMPUTE}: a Compute request the scan cannot name"
+    );
+    let methods: BTreeSet<String> = compute_calls(code).into_iter().map(|(_, m)| m).collect();
+    assert!(
+        methods.contains("instances.updateNetworkInterface"),
+        "the scan of {VPC_IPAM_COMPUTE} found no updateNetworkInterface: {methods:?}"
+    );
+    let mut files = Vec::new();
+    rust_files(&repo().join("vpc-ipam/src"), &mut files);
+    for f in files {
+        let direct = compute_calls(&std::fs::read_to_string(&f).unwrap());
         assert!(
-            tagged,
-            "{actions:?}: the request or the resource must carry {OWNERSHIP_TAG}"
+            direct.is_empty(),
+            "{} calls Compute itself: {direct:?}",
+            f.display()
         );
     }
+    let mut needed: BTreeSet<String> = methods
+        .iter()
+        .map(|m| compute_method_permission(m))
+        .collect();
+    for (method, implied) in VPC_IPAM_GCP_IMPLIED {
+        assert!(
+            methods.contains(*method),
+            "VPC_IPAM_GCP_IMPLIED explains {method}, which the agent no longer calls"
+        );
+        needed.extend(implied.iter().map(|p| p.to_string()));
+    }
+    assert_gcp_role_grants_exactly("deploy/gcp/vpc-ipam-role.yaml", &needed, "vpc-ipam");
 }
 
 // ---------------------------------------------------------------- on a real API server
@@ -1090,6 +1171,34 @@ fn vpc_ipam_chart_takes_static_ranges_with_the_static_backend_only() {
     );
 }
 
+/// The GKE-style example values use only keys of the chart, and the agent
+/// accepts the flags the chart renders from them.
+#[test]
+fn vpc_ipam_gke_values_render_flags_the_agent_takes() {
+    let file = "deploy/values/vpc-ipam-gke.yaml";
+    let values = yaml_docs(&read(file), file).remove(0);
+    let defaults = yaml_docs(
+        &read("deploy/charts/cnlb-vpc-ipam/values.yaml"),
+        "values.yaml",
+    )
+    .remove(0);
+    check_values_keys(file, &values, &defaults);
+    let path = repo().join(file);
+    let docs = helm_template(VPC_IPAM_CHART, &["-f", path.to_str().unwrap()]).unwrap();
+    let spec = &object(&docs, "DaemonSet", AGENT)["spec"]["template"]["spec"];
+    let args = strings(&container(spec, "containers", "agent")["args"]);
+    assert_eq!(flag(&args, "backend"), "gcp");
+    let argv = ["vpc-ipam-agent", "--node-name=node-1", "--cluster-name=c1"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned());
+    let parsed = cnlb_vpc_ipam::agent_cli::AgentArgs::try_parse_validated_from(argv)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert_eq!(parsed.backend, cnlb_vpc_ipam::agent_cli::Backend::Gcp);
+    assert_eq!(parsed.gcp.gcp_pod_range_name, "pods");
+    assert_eq!(parsed.gcp.gcp_alias_size, 24);
+}
+
 /// No capability, no privilege, read-only root, and of the host only the
 /// node's network and four paths, each mounted by the one container that
 /// needs it; the agent's socket and state are under its mounts, the
@@ -1404,4 +1513,361 @@ async fn vpc_ipam_manifests_apply_and_the_agent_can_only_read_nodes() {
         ),
         "nodes patchable"
     );
+}
+// ---------------------------------------------------------------- cnlb-ccm on GCP
+
+/// Where cnlb-ccm's Compute requests are: the provider, and the one way it
+/// calls (which waits for operations).
+const CCM_GCP_SOURCES: [&str; 2] = [
+    "providers/gcp/src/provider.rs",
+    "providers/gcp/src/calls.rs",
+];
+const CCM_GCP_ROLE: &str = "deploy/gcp/ccm-role.yaml";
+
+/// The permission a Compute method needs on its own resource:
+/// `compute.<collection>.<verb>`, insert -> create, patch -> update; an
+/// operation's `wait` is its `get`; listing a NEG's endpoints reads the NEG.
+fn compute_method_permission(method: &str) -> String {
+    let (collection, verb) = method
+        .split_once('.')
+        .unwrap_or_else(|| panic!("{method:?} is not <collection>.<method>"));
+    let verb = match verb {
+        "insert" => "create",
+        "patch" => "update",
+        "get" | "list" | "delete" => verb,
+        "attachNetworkEndpoints" | "detachNetworkEndpoints"
+            if collection == "networkEndpointGroups" =>
+        {
+            verb
+        }
+        "listNetworkEndpoints" if collection == "networkEndpointGroups" => "get",
+        "updateNetworkInterface" if collection == "instances" => verb,
+        "wait" if collection.ends_with("Operations") => "get",
+        _ => panic!("which permission does {method} need? add it to compute_method_permission"),
+    };
+    format!("compute.{collection}.{verb}")
+}
+
+/// What GCE checks on a method besides its own permission: `use` on each
+/// resource the request body references, the `*Internal` address
+/// permissions for internal load balancers, the network's firewall policy.
+const CCM_GCP_IMPLIED: &[(&str, &[&str])] = &[
+    // An internal address is reserved in --gcp-subnetwork.
+    (
+        "addresses.insert",
+        &[
+            "compute.addresses.createInternal",
+            "compute.subnetworks.use",
+        ],
+    ),
+    ("addresses.delete", &["compute.addresses.deleteInternal"]),
+    // A firewall rule is part of its network's firewall policy.
+    ("firewalls.insert", &["compute.networks.updatePolicy"]),
+    ("firewalls.patch", &["compute.networks.updatePolicy"]),
+    ("firewalls.delete", &["compute.networks.updatePolicy"]),
+    // A NEG is in the network and subnetwork.
+    (
+        "networkEndpointGroups.insert",
+        &["compute.networks.use", "compute.subnetworks.use"],
+    ),
+    // Each endpoint names its node's VM instance.
+    (
+        "networkEndpointGroups.attachNetworkEndpoints",
+        &["compute.instances.use"],
+    ),
+    (
+        "networkEndpointGroups.detachNetworkEndpoints",
+        &["compute.instances.use"],
+    ),
+    // A backend service's health check and its NEG backends.
+    (
+        "regionBackendServices.insert",
+        &[
+            "compute.regionHealthChecks.useReadOnly",
+            "compute.networkEndpointGroups.use",
+        ],
+    ),
+    (
+        "regionBackendServices.patch",
+        &[
+            "compute.regionHealthChecks.useReadOnly",
+            "compute.networkEndpointGroups.use",
+        ],
+    ),
+    // A proxy's backend service.
+    (
+        "regionTargetTcpProxies.insert",
+        &["compute.regionBackendServices.use"],
+    ),
+    // A forwarding rule's reserved address (external or internal), its
+    // target proxy, network and (internal) subnetwork.
+    (
+        "forwardingRules.insert",
+        &[
+            "compute.addresses.use",
+            "compute.addresses.useInternal",
+            "compute.regionTargetTcpProxies.use",
+            "compute.networks.use",
+            "compute.subnetworks.use",
+        ],
+    ),
+];
+
+/// The first argument of each `.run(` / `.mutate(` in `src` that is not a
+/// string literal (a method the scan cannot name).
+fn non_literal_compute_calls(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for call in [".run(", ".mutate("] {
+        for (at, _) in src.match_indices(call) {
+            let arg = src[at + call.len()..].trim_start();
+            if !arg.starts_with('"') {
+                let ident = |c: &char| c.is_ascii_alphanumeric() || *c == '_';
+                out.push(arg.chars().take_while(ident).collect());
+            }
+        }
+    }
+    out
+}
+
+/// The custom role in `file` (the fields `gcloud iam roles create --file`
+/// takes) grants exactly `needed` (what `code` calls), each permission
+/// with a comment saying why.
+fn assert_gcp_role_grants_exactly(file: &str, needed: &BTreeSet<String>, code: &str) {
+    let text = read(file);
+    let role = yaml_docs(&text, file).remove(0);
+    let keys: BTreeSet<&str> = role
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["title", "description", "stage", "includedPermissions"]),
+        "the fields `gcloud iam roles create --file` takes"
+    );
+    assert_eq!(role["stage"], "GA");
+    let title = role["title"].as_str().unwrap();
+    let description = role["description"].as_str().unwrap();
+    assert!(!title.is_empty() && title.len() <= 100, "{title}");
+    assert!(description.len() <= 256, "{description}");
+
+    let listed = strings(&role["includedPermissions"]);
+    let granted: BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(granted.len(), listed.len(), "a permission listed twice");
+    let missing: Vec<_> = needed.difference(&granted).collect();
+    let unexplained: Vec<_> = granted.difference(needed).collect();
+    assert!(
+        missing.is_empty() && unexplained.is_empty(),
+        "{code} needs these but {file} lacks them: {missing:?}; \
+         the role grants these but no call of {code} needs them: {unexplained:?}"
+    );
+
+    // Each permission says why: a comment on its line or just above it.
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(permission) = line.strip_prefix("- compute.") {
+            let commented = line.contains(" # ") || (i > 0 && lines[i - 1].starts_with('#'));
+            assert!(commented, "compute.{permission}: no comment says why");
+        }
+    }
+}
+
+/// `deploy/gcp/ccm-role.yaml` grants exactly the permissions of the Compute
+/// requests cnlb-ccm's GCP provider makes (each method's own, plus what
+/// [`CCM_GCP_IMPLIED`] says GCE checks with it), each with a comment.
+#[test]
+fn ccm_gcp_role_grants_exactly_the_compute_calls_of_the_provider() {
+    assert_eq!(
+        compute_method_permission("regionBackendServices.insert"),
+        "compute.regionBackendServices.create"
+    );
+    assert_eq!(
+        compute_method_permission("zoneOperations.wait"),
+        "compute.zoneOperations.get"
+    );
+
+    let mut methods = BTreeSet::new();
+    for file in CCM_GCP_SOURCES {
+        let text = read(file);
+        // Unit tests name methods that are not called.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        // Every request names its method with a literal, except the
+        // passthrough of that name inside Calls.
+        for arg in non_literal_compute_calls(code) {
+            assert!(
+                file.ends_with("calls.rs") && arg == "operation",
+                "{file}: a Compute request named by `{arg}`, which the scan cannot read"
+            );
+        }
+        methods.extend(compute_calls(code).into_iter().map(|(_, m)| m));
+    }
+    for m in [
+        "networkEndpointGroups.attachNetworkEndpoints",
+        "forwardingRules.insert",
+        "zoneOperations.wait",
+        "regions.get",
+    ] {
+        assert!(methods.contains(m), "the scan found no {m}: {methods:?}");
+    }
+
+    let mut needed = BTreeSet::new();
+    for m in &methods {
+        needed.insert(compute_method_permission(m));
+    }
+    for (method, implied) in CCM_GCP_IMPLIED {
+        assert!(
+            methods.contains(*method),
+            "CCM_GCP_IMPLIED explains {method}, which the provider no longer calls"
+        );
+        needed.extend(implied.iter().map(|p| p.to_string()));
+    }
+
+    assert_gcp_role_grants_exactly(CCM_GCP_ROLE, &needed, "the provider");
+}
+
+/// The GKE example values render the GCP flags and project cnlb-ccm reads
+/// (each a flag or variable of ccm/src/cli.rs), and nothing else differs
+/// from the plain manifests but what the example changes on purpose.
+#[test]
+fn ccm_chart_renders_the_gke_values_as_gcp_flags() {
+    let file = "deploy/values/gke.yaml";
+    let values = yaml_docs(&read(file), file).remove(0);
+    let gcp = &values["gcp"];
+    let path = repo().join(file);
+    let mut docs = helm_template(NAME, &["-f", path.to_str().unwrap()]).unwrap();
+    let plain = plain_manifests();
+    let plain_spec = &object(&plain, "Deployment", NAME)["spec"]["template"]["spec"];
+
+    let deployment = docs.iter_mut().find(|d| d["kind"] == "Deployment").unwrap();
+    let spec = &mut deployment["spec"]["template"]["spec"];
+    let container = &mut spec["containers"][0];
+    let args = strings(&container["args"]);
+    assert_eq!(flag(&args, "provider"), "gcp");
+    for (key, name) in [
+        ("region", "gcp-region"),
+        ("network", "gcp-network"),
+        ("subnetwork", "gcp-subnetwork"),
+    ] {
+        let value = gcp[key].as_str().unwrap();
+        assert!(!value.is_empty(), "{file} sets gcp.{key}");
+        assert_eq!(flag(&args, name), value);
+    }
+    let ranges: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--gcp-proxy-source-range="))
+        .map(String::from)
+        .collect();
+    assert!(!ranges.is_empty(), "{file} names the proxy-only subnet");
+    assert_eq!(ranges, strings(&gcp["proxySourceRanges"]));
+    let env: BTreeMap<String, Value> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].clone()))
+        .collect();
+    assert_eq!(
+        env.keys().collect::<Vec<_>>(),
+        ["CNLB_CLUSTER_NAME", "GOOGLE_CLOUD_PROJECT"]
+    );
+    assert_eq!(env["CNLB_CLUSTER_NAME"], values["clusterName"]);
+    assert_eq!(env["GOOGLE_CLOUD_PROJECT"], gcp["project"]);
+
+    // cnlb-ccm has each flag and variable (clap: --gcp-region is the field
+    // gcp_region, a variable is its `env = "..."`).
+    let cli = read("ccm/src/cli.rs");
+    for a in &args {
+        let name = a.trim_start_matches("--").split('=').next().unwrap();
+        let field = format!("pub {}:", name.replace('-', "_"));
+        assert!(cli.contains(&field), "{a}: ccm/src/cli.rs has no {field}");
+    }
+    for name in env.keys() {
+        assert!(
+            cli.contains(&format!("env = \"{name}\"")),
+            "ccm/src/cli.rs reads no {name}"
+        );
+    }
+
+    // Put back what differs on purpose: the provider's flags and variables,
+    // no tolerations on GKE, the Workload Identity annotation. The rest is
+    // the plain manifests'.
+    container["args"] = plain_spec["containers"][0]["args"].clone();
+    container["env"] = plain_spec["containers"][0]["env"].clone();
+    assert!(spec.get("tolerations").is_none(), "{file} drops them");
+    spec["tolerations"] = plain_spec["tolerations"].clone();
+    let sa = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .unwrap();
+    let annotations = sa["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations")
+        .unwrap();
+    assert_eq!(annotations, values["serviceAccount"]["annotations"]);
+    same_objects(docs, plain, "deploy/ccm/");
+}
+
+/// The chart refuses malformed GCP values and zones outside the region,
+/// renders zones as one flag, renders no flag for an unset value (cnlb-ccm
+/// then exits naming it), and ignores the gcp block with another provider.
+#[test]
+fn ccm_chart_checks_the_gcp_values() {
+    let base = [
+        "--set",
+        "provider=gcp,gcp.project=my-project,gcp.region=us-central1,gcp.network=vpc-1,gcp.subnetwork=nodes",
+    ];
+    let with = |more: &[&str]| helm_template(NAME, &[base.as_slice(), more].concat());
+    let container = |docs: &[Value]| -> Value {
+        object(docs, "Deployment", NAME)["spec"]["template"]["spec"]["containers"][0].clone()
+    };
+
+    let docs = with(&["--set", "gcp.zones={us-central1-a,us-central1-c}"]).unwrap();
+    let args = strings(&container(&docs)["args"]);
+    assert_eq!(flag(&args, "gcp-zones"), "us-central1-a,us-central1-c");
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--gcp-proxy-source-range")),
+        "{args:?}"
+    );
+    let err = with(&["--set", "gcp.zones={us-central1-a,europe-west1-b}"]).unwrap_err();
+    assert!(
+        err.contains("europe-west1-b is not in gcp.region us-central1"),
+        "{err}"
+    );
+    for (bad, at) in [
+        ("gcp.project=My_Project", "/gcp/project"),
+        ("gcp.region=us_central1", "/gcp/region"),
+        ("gcp.network=projects/p/global/networks/n", "/gcp/network"),
+        ("gcp.subnetwork=Nodes", "/gcp/subnetwork"),
+        ("gcp.zones={us-central1}", "/gcp/zones"),
+        (
+            "gcp.proxySourceRanges={10.129.0.0}",
+            "/gcp/proxySourceRanges",
+        ),
+        ("gcp.netwrk=vpc-1", "netwrk"),
+    ] {
+        let err = with(&["--set", bad]).unwrap_err();
+        assert!(err.contains(at), "{bad}: {err}");
+    }
+
+    let docs = helm_template(NAME, &["--set", "provider=gcp"]).unwrap();
+    let c = container(&docs);
+    let args = strings(&c["args"]);
+    assert!(!args.iter().any(|a| a.starts_with("--gcp-")), "{args:?}");
+    let env: Vec<&Value> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["name"])
+        .collect();
+    assert_eq!(env, [&json!("CNLB_CLUSTER_NAME")]);
+
+    let docs = helm_template(
+        NAME,
+        &["--set", "gcp.project=my-project,gcp.region=us-central1"],
+    )
+    .unwrap();
+    same_objects(docs, plain_manifests(), "deploy/ccm/");
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use cnlb_localstack_tests::ipam::{
-    CniCall, IpamAgent, Netns, PTP_CNI_VERSION, http_get, ipam_add, ipam_del,
+    Churn, ChurnResult, CniCall, IpamAgent, Netns, PTP_CNI_VERSION, http_get, ipam_add, ipam_del,
 };
 use serde_json::json;
 use tempfile::TempDir;
@@ -106,42 +106,7 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
 
     // 8 workers each run ADD then DEL on fresh containers, as a runtime
     // does; a failed ADD is followed by DEL, as kubelet does.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..8)
-        .map(|w| {
-            let conf = conf.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut live = BTreeMap::new();
-                let (mut n, mut failed) = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let id = format!("w{w}-{n}");
-                    n += 1;
-                    let add = ipam_add(&conf, &id).await.unwrap();
-                    if add.ok() {
-                        live.insert(id.clone(), add.ip().unwrap());
-                    } else {
-                        failed += 1;
-                        let del = ipam_del(&conf, &id).await.unwrap();
-                        assert!(del.ok(), "DEL must succeed, agent up or not: {del:?}");
-                    }
-                    // Keep about half: release every other one.
-                    if n % 2 == 0
-                        && let Some(old) = live.keys().next().cloned()
-                    {
-                        let del = ipam_del(&conf, &old).await.unwrap();
-                        assert!(del.ok(), "{del:?}");
-                        live.remove(&old);
-                    }
-                    if live.len() > 20 {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-                (live, n, failed)
-            })
-        })
-        .collect();
-
+    let churn = Churn::start(&conf, "churn", 8);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         agent.kill9();
@@ -149,14 +114,11 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
         agent.restart().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut live, mut adds, mut failed) = (BTreeMap::new(), 0, 0);
-    for w in workers {
-        let (l, n, f) = w.await.unwrap();
-        live.extend(l);
-        adds += n;
-        failed += f;
-    }
+    let ChurnResult {
+        live,
+        adds,
+        failed_adds: failed,
+    } = churn.stop().await.unwrap();
     // The crashes really hit the churn: some ADDs found no agent.
     assert!(adds > 100 && failed > 0, "{adds} ADDs, {failed} failed");
     eprintln!("{adds} ADDs, {failed} failed while the agent was down");

@@ -13,12 +13,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cnlb_localstack_tests::ipam::{
-    self, CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del,
+    self, Churn, CniCall, IpamAgent, Netns, PTP_CNI_VERSION, ipam_add, ipam_del,
 };
 use cnlb_localstack_tests::{AwsEndpoints, Env, eventually};
 use cnlb_provider_aws::Clients;
@@ -210,46 +208,15 @@ async fn scenario(
 
     // Churn with three kill -9s; a failed ADD is followed by DEL, as
     // kubelet does.
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..4)
-        .map(|w| {
-            let conf = conf.clone();
-            let stop = stop.clone();
-            let name = name.to_string();
-            tokio::spawn(async move {
-                let mut live = BTreeMap::new();
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let id = format!("{name}-w{w}-{n}");
-                    n += 1;
-                    match add(&conf, &id).await {
-                        Some(ip) => {
-                            live.insert(id, ip);
-                        }
-                        None => del(&conf, &id).await,
-                    }
-                    if n % 2 == 0
-                        && let Some(old) = live.keys().next().cloned()
-                    {
-                        del(&conf, &old).await;
-                        live.remove(&old);
-                    }
-                }
-                live
-            })
-        })
-        .collect();
+    let churn = Churn::start(&conf, name, 4);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         agent.kill9();
         tokio::time::sleep(Duration::from_millis(300)).await;
         agent.restart().await.unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
     let mut live: BTreeMap<String, String> = ids.iter().cloned().zip(ips.iter().cloned()).collect();
-    for w in workers {
-        live.extend(w.await.unwrap());
-    }
+    live.extend(churn.stop().await.unwrap().live);
     agent.restart().await.unwrap();
 
     let unique: HashSet<&String> = live.values().collect();

@@ -88,6 +88,9 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub aws: crate::backend::aws::AwsArgs,
 
+    #[command(flatten)]
+    pub gcp: crate::backend::gcp::GcpArgs,
+
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

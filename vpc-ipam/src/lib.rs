@@ -5,7 +5,7 @@
 //! - [`plugin`]: what the plugin does per command, as a client of the agent;
 //! - [`protocol`]: the plugin ↔ agent messages on the unix socket;
 //! - [`agent`], [`pool`], [`store`]: allocation, watermarks, crash-safe state;
-//! - [`backend`]: where addresses come from (static ranges, AWS);
+//! - [`backend`]: where addresses come from (static ranges, AWS, GCP);
 //! - [`server`], [`metrics`]: the agent's socket and HTTP endpoints.
 
 pub mod agent;

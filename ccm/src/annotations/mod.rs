@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cnlb_provider_core::{
-    HealthCheck, HealthCheckProtocol, LoadBalancerKey, LoadBalancerSpec, OWNER_TAG_PREFIX,
-    ProviderError, Scheme,
+    HealthCheck, HealthCheckProtocol, Listener, LoadBalancerKey, LoadBalancerSpec,
+    OWNER_TAG_PREFIX, ProviderError, Scheme,
 };
 use k8s_openapi::api::core::v1::Service;
 
@@ -58,8 +58,17 @@ pub const ADDITIONAL_RESOURCE_TAGS: &str = lbc_key!("additional-resource-tags");
 /// `spec.loadBalancerSourceRanges` wins over it.
 pub const SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
+/// GKE's standalone NEG annotation, `{"exposed_ports":{"80":{"name":"my-neg"}}}`:
+/// cnlb gives every Service port a NEG anyway; this one checks the ports
+/// and takes the names.
+pub const GKE_NEG: &str = "cloud.google.com/neg";
+/// GKE's switch between an internal and an external load balancer.
+pub const GKE_LOAD_BALANCER_TYPE: &str = "networking.gke.io/load-balancer-type";
+
 /// Every annotation key the parser reads.
 pub const SUPPORTED: &[&str] = &[
+    GKE_NEG,
+    GKE_LOAD_BALANCER_TYPE,
     TYPE,
     NLB_TARGET_TYPE,
     SCHEME,
@@ -257,6 +266,7 @@ pub fn parse_service(
     spec.tags = p
         .value(ADDITIONAL_RESOURCE_TAGS, values::tags)
         .unwrap_or_default();
+    spec.target_group_names = p.neg_names(&spec.listeners);
     p.unsupported_keys();
 
     if !p.errors.is_empty() {
@@ -331,8 +341,9 @@ impl Parser<'_> {
     }
 
     /// [`SCHEME`], else the deprecated [`INTERNAL`] (`false` means
-    /// internet-facing, as with LBC), else internal. Both given and
-    /// disagreeing is an error rather than LBC's "scheme wins".
+    /// internet-facing, as with LBC), else GKE's [`GKE_LOAD_BALANCER_TYPE`],
+    /// else internal. Two of them given and disagreeing is an error rather
+    /// than LBC's "scheme wins".
     fn scheme(&mut self) -> Scheme {
         let scheme = self.get(SCHEME, values::scheme);
         let internal = self.get(INTERNAL, values::boolean).map(|internal| {
@@ -344,17 +355,49 @@ impl Parser<'_> {
                 }
             })
         });
-        match (scheme, internal) {
-            (Ok(Some(scheme)), Ok(Some(from_internal))) if scheme != from_internal => {
-                self.error(
-                    INTERNAL,
-                    format!("conflicts with {SCHEME}: {:?}", scheme.as_str()),
-                );
-                scheme
+        let gke = self.get(GKE_LOAD_BALANCER_TYPE, values::gke_load_balancer_type);
+        let mut chosen: Option<(&str, Scheme)> = None;
+        for (key, value) in [
+            (SCHEME, scheme),
+            (INTERNAL, internal),
+            (GKE_LOAD_BALANCER_TYPE, gke),
+        ] {
+            let Ok(Some(value)) = value else {
+                continue;
+            };
+            match chosen {
+                None => chosen = Some((key, value)),
+                Some((first, earlier)) if earlier != value => self.error(
+                    key,
+                    format!("conflicts with {first}: {:?}", earlier.as_str()),
+                ),
+                Some(_) => {}
             }
-            (Ok(Some(scheme)), _) | (_, Ok(Some(scheme))) => scheme,
-            _ => Scheme::default(),
         }
+        chosen.map(|(_, s)| s).unwrap_or_default()
+    }
+
+    /// NEG names from [`GKE_NEG`], by listener name; each exposed port must
+    /// be a Service port.
+    fn neg_names(&mut self, listeners: &[Listener]) -> BTreeMap<String, String> {
+        let Some(ports) = self.value(GKE_NEG, values::gke_neg) else {
+            return BTreeMap::new();
+        };
+        let mut names = BTreeMap::new();
+        for (port, name) in ports {
+            match listeners.iter().find(|l| l.port == port) {
+                None => self.error(
+                    GKE_NEG,
+                    format!("exposed port {port} is not a port of the Service"),
+                ),
+                Some(listener) => {
+                    if let Some(name) = name {
+                        names.insert(listener.name.clone(), name);
+                    }
+                }
+            }
+        }
+        names
     }
 
     fn health_check(&mut self) -> HealthCheck {
@@ -527,6 +570,7 @@ impl Parser<'_> {
             ("health_check.success_codes", HEALTHCHECK_SUCCESS_CODES),
             ("tags", ADDITIONAL_RESOURCE_TAGS),
             ("subnets", SUBNETS),
+            ("target_group_names", GKE_NEG),
         ];
         let key = FIELDS
             .iter()

@@ -937,3 +937,37 @@ fn key_lists_are_consistent_and_documented() {
         );
     }
 }
+
+#[test]
+fn gke_keys_set_the_scheme_and_neg_names() {
+    let spec = parse(&[(GKE_LOAD_BALANCER_TYPE, "External")]).unwrap();
+    assert_eq!(spec.scheme, Scheme::InternetFacing);
+    let spec = parse(&[(GKE_LOAD_BALANCER_TYPE, "Internal")]).unwrap();
+    assert_eq!(spec.scheme, Scheme::Internal);
+    let errors = parse(&[
+        (GKE_LOAD_BALANCER_TYPE, "Internal"),
+        (SCHEME, "internet-facing"),
+    ])
+    .unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].key, GKE_LOAD_BALANCER_TYPE);
+    assert!(parse(&[(GKE_LOAD_BALANCER_TYPE, "internal")]).is_err());
+
+    let spec = parse(&[(GKE_NEG, r#"{"exposed_ports":{"80":{"name":"web-neg"}}}"#)]).unwrap();
+    let (listener, name) = spec.target_group_names.iter().next().unwrap();
+    assert_eq!(spec.listener(listener).unwrap().port, 80);
+    assert_eq!(name, "web-neg");
+    let spec = parse(&[(GKE_NEG, r#"{"exposed_ports":{"80":{}}}"#)]).unwrap();
+    assert!(spec.target_group_names.is_empty());
+    for bad in [
+        r#"{"exposed_ports":{"81":{}}}"#,
+        r#"{"exposed_ports":{"http":{}}}"#,
+        r#"{"ingress":true}"#,
+        r#"{"exposed_ports":{"80":{"nmae":"x"}}}"#,
+        "not json",
+    ] {
+        let errors = parse(&[(GKE_NEG, bad)]).unwrap_err();
+        assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+        assert_eq!(errors[0].key, GKE_NEG, "{bad}");
+    }
+}

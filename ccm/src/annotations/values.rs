@@ -77,6 +77,55 @@ pub(super) fn scheme(s: &str) -> Result<Scheme, Reason> {
     )
 }
 
+/// GKE's `networking.gke.io/load-balancer-type` values.
+pub(super) fn gke_load_balancer_type(s: &str) -> Result<Scheme, Reason> {
+    one_of(
+        s,
+        &[
+            ("Internal", Scheme::Internal),
+            ("External", Scheme::InternetFacing),
+        ],
+    )
+}
+
+/// GKE's `cloud.google.com/neg` value: `{"exposed_ports": {"<port>":
+/// {"name": "<neg>"}}}` (names optional), as Service port numbers to NEG
+/// names. `"ingress": true` asks for Ingress NEGs, which cnlb does not
+/// build; unknown keys are errors, as GKE rejects them.
+pub(super) fn gke_neg(s: &str) -> Result<BTreeMap<u16, Option<String>>, Reason> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Neg {
+        #[serde(default)]
+        ingress: bool,
+        #[serde(default)]
+        exposed_ports: BTreeMap<String, ExposedPort>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ExposedPort {
+        name: Option<String>,
+    }
+    let neg: Neg = serde_json::from_str(s).map_err(|e| {
+        format!(r#"must be JSON like {{"exposed_ports":{{"80":{{"name":"my-neg"}}}}}}: {e}"#)
+    })?;
+    if neg.ingress {
+        return Err("\"ingress\": true asks for Ingress NEGs, which cnlb does not build; every Service port gets a NEG anyway".to_owned());
+    }
+    neg.exposed_ports
+        .into_iter()
+        .map(|(port, exposed)| {
+            let number = PORT
+                .parse(&port)
+                .map_err(|_| format!("exposed_ports key {port:?} is not a port number"))?;
+            Ok((
+                u16::try_from(number).map_err(|e| e.to_string())?,
+                exposed.name,
+            ))
+        })
+        .collect()
+}
+
 pub(super) fn ip_address_type(s: &str) -> Result<IpAddressType, Reason> {
     one_of(
         s,

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a part of it
 
 pub mod ccm;
+pub mod gcp;
 
 use std::collections::BTreeSet;
 

@@ -16,7 +16,7 @@ pub mod ipam;
 pub mod plan;
 mod provider;
 
-pub use calls::{MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits};
+pub use cnlb_cloud_calls::{MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits};
 pub use provider::{AwsConfig, AwsProvider, ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
 
 pub use aws_sdk_ec2 as ec2;

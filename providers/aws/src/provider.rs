@@ -920,6 +920,12 @@ impl LoadBalancerProvider for AwsProvider {
         for l in &spec.listeners {
             elb_protocol(l.protocol)?;
         }
+        if let Some(listener) = spec.target_group_names.keys().next() {
+            return Err(ProviderError::invalid(
+                format!("target_group_names[{listener}]"),
+                "target group names derive from the Service on AWS; they cannot be chosen",
+            ));
+        }
         // Target groups first: a listener needs one to forward to.
         let mut ids = ResourceIds::new();
         let mut by_port = BTreeMap::new();
@@ -956,7 +962,11 @@ impl LoadBalancerProvider for AwsProvider {
             })
             .into_iter()
             .collect();
-        Ok(LoadBalancerStatus { ingress, ids })
+        Ok(LoadBalancerStatus {
+            ingress,
+            ids,
+            annotations: Default::default(),
+        })
     }
 
     async fn sync_targets(

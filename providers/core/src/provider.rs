@@ -57,6 +57,11 @@ pub struct LoadBalancerStatus {
     pub ingress: Vec<LoadBalancerIngress>,
     /// The complete set of IDs to persist; replaces what was passed in.
     pub ids: ResourceIds,
+    /// Annotations the controller writes on the Service for its users (GKE's
+    /// `cloud.google.com/neg-status`, say); a key that was written before
+    /// and is missing now is left as it is.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Cloud view of one registered target.
@@ -327,6 +332,7 @@ mod tests {
                     ip_mode: None,
                 }],
                 ids,
+                annotations: BTreeMap::new(),
             })
         }
 

@@ -6,8 +6,27 @@
 //! zone, a region health check, a region backend service
 //! (`EXTERNAL_MANAGED` or `INTERNAL_MANAGED`) with the NEGs as backends, a
 //! region target TCP proxy, a forwarding rule, and a firewall rule for the
-//! health-check ranges. The implementation, on `google-cloud-compute-v1`,
-//! lands with the GCP work; these are the API limits it is built around.
+//! health-check ranges.
+//!
+//! - [`calls`]: the Compute clients and the one way they are called (rate
+//!   limits, retries, metrics, waiting for operations).
+//! - [`error`]: Compute errors as typed provider errors.
+//! - [`plan`]: the desired resources as API bodies, names, ownership and
+//!   drift rules (pure).
+//! - [`provider`]: [`GcpProvider`], the `LoadBalancerProvider`.
+//! - [`ipam`]: the calls of vpc-ipam's GCP backend (the node's alias IP
+//!   range on `nic0`, from a subnetwork secondary range).
+
+pub mod calls;
+pub mod error;
+pub mod ipam;
+pub mod plan;
+pub mod provider;
+
+pub use calls::{Calls, Compute, Connection};
+pub use cnlb_cloud_calls::{RateLimit, RateLimits};
+pub use plan::GcpConfig;
+pub use provider::{GcpProvider, NEG_STATUS_ANNOTATION};
 
 /// `attachNetworkEndpoints` / `detachNetworkEndpoints` take at most this many
 /// endpoints per call.

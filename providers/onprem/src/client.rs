@@ -179,6 +179,13 @@ impl LoadBalancerProvider for GrpcProvider {
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
     ) -> Result<LoadBalancerStatus> {
+        if let Some(listener) = spec.target_group_names.keys().next() {
+            // The protocol has no field for them.
+            return Err(ProviderError::invalid(
+                format!("target_group_names[{listener}]"),
+                "plugins name their backends themselves; they cannot be chosen",
+            ));
+        }
         let reply = self
             .client
             .clone()

@@ -210,6 +210,7 @@ pub fn spec_from_proto(spec: Option<proto::LoadBalancerSpec>) -> Result<LoadBala
         target_group_attributes: spec.target_group_attributes.into_iter().collect(),
         tags: spec.tags.into_iter().collect(),
         subnets: spec.subnets.map(|s| s.ids),
+        target_group_names: Default::default(),
     };
     out.normalize();
     Ok(out)
@@ -327,6 +328,7 @@ pub fn status_from_proto(resp: proto::EnsureLoadBalancerResponse) -> Result<Load
     Ok(LoadBalancerStatus {
         ingress,
         ids: ids_from_proto(resp.ids),
+        annotations: Default::default(),
     })
 }
 
@@ -456,6 +458,7 @@ mod tests {
                 ip_mode: Some(IpMode::Proxy),
             }],
             ids: ResourceIds::from([("address".into(), "127.0.0.9".into())]),
+            annotations: Default::default(),
         };
         assert_eq!(status_from_proto(status_to_proto(&status)).unwrap(), status);
 

@@ -65,6 +65,7 @@ impl LoadBalancerProvider for Memory {
                 ip_mode: None,
             }],
             ids: ResourceIds::from([("lb".into(), spec.key.short_name())]),
+            annotations: Default::default(),
         })
     }
 

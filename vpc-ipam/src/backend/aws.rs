@@ -28,11 +28,12 @@ use cnlb_provider_aws::ipam::{
 };
 use cnlb_provider_aws::{Clients, RateLimit, RateLimits};
 use cnlb_provider_core::{ProviderError, TAG_CLUSTER};
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use prometheus_client::registry::Registry;
 
-use super::{Assigned, Backend, BackendError, BackendResult};
+use super::{
+    Assigned, Backend, BackendError, BackendResult, backend_error, kube_client, node_provider_id,
+};
 use crate::cidr::Cidr;
 
 /// Name of the Node an ENI was created for.
@@ -263,11 +264,7 @@ impl AwsBackend {
         }
         let clients = Clients::from_env().await;
         let cloud = Ec2Ipam::new(&clients, &args.rate_limits(), registry);
-        let kube = kube::Client::try_default().await.map_err(|e| {
-            BackendError::Permanent(format!(
-                "no Kubernetes client (in-cluster configuration or KUBECONFIG): {e}"
-            ))
-        })?;
+        let kube = kube_client().await?;
         Ok(AwsBackend {
             cloud,
             kube,
@@ -288,23 +285,7 @@ impl AwsBackend {
 
     /// The instance ID in the Node's `spec.providerID`.
     async fn instance_id(&self) -> BackendResult<String> {
-        let nodes: kube::Api<Node> = kube::Api::all(self.kube.clone());
-        let node = nodes.get(&self.node_name).await.map_err(|e| {
-            let msg = format!("reading Node {}: {e}", self.node_name);
-            match e {
-                kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
-                    BackendError::Permanent(msg)
-                }
-                _ => BackendError::Transient(msg),
-            }
-        })?;
-        let provider_id = node.spec.and_then(|s| s.provider_id).unwrap_or_default();
-        if provider_id.is_empty() {
-            return Err(BackendError::Transient(format!(
-                "Node {} has no spec.providerID yet (the cloud controller manager sets it)",
-                self.node_name
-            )));
-        }
+        let provider_id = node_provider_id(&self.kube, &self.node_name).await?;
         instance_id_from_provider_id(&provider_id)
             .map(str::to_string)
             .ok_or_else(|| {
@@ -1012,20 +993,6 @@ impl Backend for AwsBackend {
             }
         }
         Ok(deleted)
-    }
-}
-
-/// Throttling, 5xx and conflicts (an ENI still attaching) pass; the rest
-/// needs a person (permissions, configuration, quotas, a full subnet).
-fn backend_error(e: ProviderError) -> BackendError {
-    match e {
-        ProviderError::Throttled { .. }
-        | ProviderError::RetryAfter(_)
-        | ProviderError::Conflict { .. }
-        | ProviderError::Cloud {
-            retryable: true, ..
-        } => BackendError::Transient(e.to_string()),
-        _ => BackendError::Permanent(e.to_string()),
     }
 }
 

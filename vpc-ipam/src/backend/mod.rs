@@ -5,10 +5,13 @@
 use std::net::IpAddr;
 
 use async_trait::async_trait;
+use cnlb_provider_core::ProviderError;
+use k8s_openapi::api::core::v1::Node;
 
 use crate::cidr::Cidr;
 
 pub mod aws;
+pub mod gcp;
 pub mod static_ranges;
 
 /// An address the cloud (or the static configuration) has given this node
@@ -49,6 +52,52 @@ impl BackendError {
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
+/// A cloud call's error for the agent: throttling, 5xx and conflicts (an
+/// ENI still attaching, an instance changed meanwhile) pass; the rest needs
+/// a person (permissions, configuration, quotas, a full subnet).
+pub fn backend_error(e: ProviderError) -> BackendError {
+    match e {
+        ProviderError::Throttled { .. }
+        | ProviderError::RetryAfter(_)
+        | ProviderError::Conflict { .. }
+        | ProviderError::Cloud {
+            retryable: true, ..
+        } => BackendError::Transient(e.to_string()),
+        _ => BackendError::Permanent(e.to_string()),
+    }
+}
+
+/// The `spec.providerID` of Node `node_name`, which names the node's
+/// instance. Transient while the Node has none yet (the cloud controller
+/// manager sets it when it initialises the Node) or the API server cannot
+/// be reached; permanent when the agent may not read Nodes.
+pub async fn node_provider_id(kube: &kube::Client, node_name: &str) -> BackendResult<String> {
+    let nodes: kube::Api<Node> = kube::Api::all(kube.clone());
+    let node = nodes.get(node_name).await.map_err(|e| {
+        let msg = format!("reading Node {node_name}: {e}");
+        match e {
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => BackendError::Permanent(msg),
+            _ => BackendError::Transient(msg),
+        }
+    })?;
+    let provider_id = node.spec.and_then(|s| s.provider_id).unwrap_or_default();
+    if provider_id.is_empty() {
+        return Err(BackendError::Transient(format!(
+            "Node {node_name} has no spec.providerID yet (the cloud controller manager sets it)"
+        )));
+    }
+    Ok(provider_id)
+}
+
+/// A Kubernetes client from the in-cluster configuration or KUBECONFIG.
+pub async fn kube_client() -> BackendResult<kube::Client> {
+    kube::Client::try_default().await.map_err(|e| {
+        BackendError::Permanent(format!(
+            "no Kubernetes client (in-cluster configuration or KUBECONFIG): {e}"
+        ))
+    })
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Short name for logs and metrics ("aws", "static").
@@ -68,22 +117,33 @@ pub trait Backend: Send + Sync {
     /// now. The agent rebuilds its pool from this on start, before it serves.
     async fn assigned(&self) -> BackendResult<Vec<Assigned>>;
 
+    // A fixed pool keeps the defaults of the rest: nothing to acquire,
+    // release, reassign or collect.
+
     /// Asks for about `count` more addresses (a backend may round up, e.g.
     /// to a /28 prefix, or give fewer when an ENI is full). Returns the
     /// addresses added. `op_id` identifies the operation in the agent's
     /// store and is usable as an idempotency token.
-    async fn acquire(&self, count: usize, op_id: &str) -> BackendResult<Vec<Assigned>>;
+    async fn acquire(&self, _count: usize, _op_id: &str) -> BackendResult<Vec<Assigned>> {
+        Ok(Vec::new())
+    }
 
     /// Gives addresses back to the cloud. They are free and out of
     /// cooldown. Addresses already gone count as released.
-    async fn release(&self, ips: &[IpAddr]) -> BackendResult<()>;
+    async fn release(&self, _ips: &[IpAddr]) -> BackendResult<()> {
+        Ok(())
+    }
 
     /// Assigns these exact addresses again (allocations hold them but the
     /// cloud lost them, e.g. someone unassigned them by hand). Returns
-    /// those it could not get back.
-    async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>>;
+    /// those it could not get back (by default: all of them).
+    async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>> {
+        Ok(ips.iter().map(|a| a.ip).collect())
+    }
 
     /// Deletes cloud resources this cluster's agents created and nobody
     /// uses (detached ENIs). Returns how many were deleted.
-    async fn collect_garbage(&self) -> BackendResult<usize>;
+    async fn collect_garbage(&self) -> BackendResult<usize> {
+        Ok(0)
+    }
 }

@@ -1,8 +1,6 @@
 //! On-prem: fixed per-node ranges from configuration. Nothing to ask a
 //! cloud for, so the pool is every usable address of the ranges.
 
-use std::net::IpAddr;
-
 use async_trait::async_trait;
 
 use super::{Assigned, Backend, BackendError, BackendResult};
@@ -17,36 +15,49 @@ pub struct StaticRanges {
 }
 
 impl StaticRanges {
-    /// Each range gives all its addresses but the network address, the
-    /// first host (the Pods' gateway) and, for IPv4, the broadcast address.
+    /// Each range gives its [`usable_addresses`].
     pub fn new(ranges: &[Cidr]) -> BackendResult<StaticRanges> {
         let mut addresses = Vec::new();
         for range in ranges {
-            let size = range.size();
-            if size > MAX_RANGE_ADDRESSES {
-                return Err(BackendError::Permanent(format!(
-                    "--static-range {range} has {size} addresses; at most {MAX_RANGE_ADDRESSES} \
-                     are supported (use a longer prefix)"
-                )));
-            }
-            let last = if range.addr().is_ipv4() {
-                size - 1
-            } else {
-                size
-            };
-            if last <= 2 {
-                return Err(BackendError::Permanent(format!(
-                    "--static-range {range} has no usable address besides the gateway"
-                )));
-            }
-            addresses.extend((2..last).filter_map(|i| range.nth(i)).map(|ip| Assigned {
-                ip,
-                subnet: *range,
-                holder: "static".into(),
-            }));
+            addresses.extend(usable_addresses(
+                range,
+                "static",
+                &format!("--static-range {range}"),
+            )?);
         }
         Ok(StaticRanges { addresses })
     }
+}
+
+/// The addresses of `range` a pool hands out, held by `holder`: all but
+/// the network address, the first host (the Pods' [gateway](super::gateway))
+/// and, for IPv4, the broadcast address. `what` names the range in errors.
+pub fn usable_addresses(range: &Cidr, holder: &str, what: &str) -> BackendResult<Vec<Assigned>> {
+    let size = range.size();
+    if size > MAX_RANGE_ADDRESSES {
+        return Err(BackendError::Permanent(format!(
+            "{what} has {size} addresses; at most {MAX_RANGE_ADDRESSES} \
+             are supported (use a longer prefix)"
+        )));
+    }
+    let last = if range.addr().is_ipv4() {
+        size - 1
+    } else {
+        size
+    };
+    if last <= 2 {
+        return Err(BackendError::Permanent(format!(
+            "{what} has no usable address besides the gateway"
+        )));
+    }
+    Ok((2..last)
+        .filter_map(|i| range.nth(i))
+        .map(|ip| Assigned {
+            ip,
+            subnet: *range,
+            holder: holder.to_string(),
+        })
+        .collect())
 }
 
 #[async_trait]
@@ -65,22 +76,6 @@ impl Backend for StaticRanges {
 
     async fn assigned(&self) -> BackendResult<Vec<Assigned>> {
         Ok(self.addresses.clone())
-    }
-
-    async fn acquire(&self, _count: usize, _op_id: &str) -> BackendResult<Vec<Assigned>> {
-        Ok(Vec::new())
-    }
-
-    async fn release(&self, _ips: &[IpAddr]) -> BackendResult<()> {
-        Ok(())
-    }
-
-    async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>> {
-        Ok(ips.iter().map(|a| a.ip).collect())
-    }
-
-    async fn collect_garbage(&self) -> BackendResult<usize> {
-        Ok(0)
     }
 }
 

@@ -16,6 +16,7 @@ use cnlb_vpc_ipam::agent_cli::{
 };
 use cnlb_vpc_ipam::backend::Backend;
 use cnlb_vpc_ipam::backend::aws::AwsBackend;
+use cnlb_vpc_ipam::backend::gcp::GcpBackend;
 use cnlb_vpc_ipam::backend::static_ranges::StaticRanges;
 use cnlb_vpc_ipam::metrics::Metrics;
 use cnlb_vpc_ipam::pool::Targets;
@@ -101,7 +102,11 @@ async fn run(args: AgentArgs) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?,
         ),
-        BackendKind::Gcp => return Err("the gcp backend is not built into this agent yet".into()),
+        BackendKind::Gcp => Arc::new(
+            GcpBackend::new(&args.gcp, &args.node_name, &mut registry)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
     };
     let registry = Arc::new(registry);
 

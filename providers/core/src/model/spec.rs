@@ -208,6 +208,13 @@ pub struct LoadBalancerSpec {
     pub tags: BTreeMap<String, String>,
     /// Subnets to place the load balancer in; `None` lets the provider discover them.
     pub subnets: Option<Vec<String>>,
+    /// User-chosen names of a listener's target group / network endpoint
+    /// groups, by listener name (GKE's `cloud.google.com/neg`
+    /// `exposed_ports.<port>.name`). Providers that cannot name them reject
+    /// a non-empty map. Left out of the serialised form when empty, so that
+    /// specs hashed before it existed hash the same.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_group_names: BTreeMap<String, String>,
 }
 
 impl LoadBalancerSpec {
@@ -284,6 +291,20 @@ impl LoadBalancerSpec {
                 return Err(ProviderError::invalid(
                     format!("tags[{key}]"),
                     format!("the {OWNER_TAG_PREFIX} prefix is reserved for ownership tags"),
+                ));
+            }
+        }
+        for (listener, name) in &self.target_group_names {
+            if self.listener(listener).is_none() {
+                return Err(ProviderError::invalid(
+                    format!("target_group_names[{listener}]"),
+                    "names no listener",
+                ));
+            }
+            if name.is_empty() {
+                return Err(ProviderError::invalid(
+                    format!("target_group_names[{listener}]"),
+                    "must not be empty",
                 ));
             }
         }

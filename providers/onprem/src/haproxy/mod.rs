@@ -387,6 +387,7 @@ impl LoadBalancerProvider for HaproxyProvider {
                 ip_mode: Some(IpMode::Proxy),
             }],
             ids: lb.ids(),
+            annotations: Default::default(),
         })
     }
 

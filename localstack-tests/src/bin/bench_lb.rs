@@ -1,7 +1,9 @@
-//! `cnlb-bench-aws`: N LoadBalancer Services x M endpoints against the local
-//! environment (real control plane, moto), driven through `cnlb-ccm`. Prints
-//! propagation latency (EndpointSlice change -> RegisterTargets answered),
-//! cloud calls per change, at rest and on a restart, and the controller's RSS.
+//! `cnlb-bench-lb`: N LoadBalancer Services x M endpoints against the local
+//! environment (real control plane; moto for `--provider aws`, the GCE
+//! emulator with real Pods on alias-range IPs for `--provider gcp`), driven
+//! through `cnlb-ccm`. Prints propagation latency (EndpointSlice change ->
+//! RegisterTargets / attachNetworkEndpoints answered), cloud calls per
+//! change, at rest and on a restart, and the controller's RSS.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -9,8 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use cnlb_localstack_tests::gce::GceEmulator;
 use cnlb_localstack_tests::paths::workspace_bin;
+use cnlb_localstack_tests::podnet::AgentBackend;
 use cnlb_localstack_tests::process::{Proc, free_port, group_memory};
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use futures::StreamExt;
@@ -23,8 +27,16 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Provider {
+    Aws,
+    Gcp,
+}
+
 #[derive(Parser)]
 struct Args {
+    #[arg(long, value_enum)]
+    provider: Provider,
     /// LoadBalancer Services, all in front of the same Pods.
     #[arg(long, default_value_t = 200)]
     services: usize,
@@ -47,25 +59,52 @@ async fn main() -> Result<()> {
     let nodes = (1..=u8::try_from(args.endpoints / 200 + 2)?)
         .map(NodeConfig::numbered)
         .collect();
-    println!("starting the environment (control plane, moto)...");
-    let env = Env::builder("bench-aws")
-        .nodes(nodes)
-        .moto()
-        .start()
-        .await?;
-    let aws = env.aws()?;
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&aws.ec2)
-        .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
-        .test_credentials()
-        .load()
-        .await;
-    let ec2 = aws_sdk_ec2::Client::new(&conf);
-    let vpc = network(&ec2).await?;
+    let (env, cloud) = match args.provider {
+        Provider::Aws => {
+            println!("starting the environment (control plane, moto)...");
+            let env = Env::builder("bench-aws")
+                .nodes(nodes)
+                .moto()
+                .start()
+                .await?;
+            let aws = env.aws()?;
+            let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(&aws.ec2)
+                .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
+                .test_credentials()
+                .load()
+                .await;
+            let vpc = network(&aws_sdk_ec2::Client::new(&conf)).await?;
+            let cloud = Cloud {
+                args: vec!["--provider=aws".into(), format!("--aws-vpc-id={vpc}")],
+                env: aws
+                    .env_vars()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            };
+            (env, cloud)
+        }
+        Provider::Gcp => {
+            println!("starting the environment (control plane, GCE emulator, Pod network)...");
+            let env = Env::builder("bench-gcp")
+                .nodes(nodes)
+                .gce()
+                .pod_network()
+                .agent_backend(AgentBackend::Gcp)
+                .start()
+                .await?;
+            let cloud = Cloud {
+                args: gcp_args(&env.gce()?),
+                env: Vec::new(),
+            };
+            (env, cloud)
+        }
+    };
     let client = env.kube()?.admin_client()?;
 
     create_pods(&client, args.endpoints).await?;
-    let ccm = Ccm::start(&env, &vpc, &args.ccm_args, "ccm-1")?;
+    let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-1")?;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let t = Instant::now();
     for i in 0..args.services {
@@ -74,7 +113,7 @@ async fn main() -> Result<()> {
             .await?;
     }
     eventually(
-        "every Service has its NLB and every target",
+        "every Service has its load balancer and every target",
         WAIT,
         || async {
             Ok(ccm.synced_services()?.len() >= args.services
@@ -124,7 +163,7 @@ async fn main() -> Result<()> {
     latencies.sort_by(f64::total_cmp);
     let calls = ccm.calls().await? - before;
     println!(
-        "propagation (EndpointSlice change -> RegisterTargets answered), {} Services: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        "propagation (EndpointSlice change -> targets added, the cloud's answer included), {} Services: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         latencies.len(),
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99),
@@ -145,7 +184,7 @@ async fn main() -> Result<()> {
     // Restart with nothing changed.
     drop(ccm);
     let t = Instant::now();
-    let ccm = Ccm::start(&env, &vpc, &args.ccm_args, "ccm-2")?;
+    let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-2")?;
     eventually("the restarted controller settles", WAIT, || async {
         Ok(ccm.calls().await.is_ok() && ccm.quiet(Duration::from_secs(5)).await?)
     })
@@ -156,6 +195,24 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// How cnlb-ccm reaches the cloud: its provider flags and environment.
+struct Cloud {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// `--provider=gcp` and the emulator's world.
+fn gcp_args(gce: &GceEmulator) -> Vec<String> {
+    vec![
+        "--provider=gcp".into(),
+        format!("--gcp-project={}", gce.project()),
+        format!("--gcp-region={}", gce.region()),
+        format!("--gcp-network={}", gce.network()),
+        format!("--gcp-subnetwork={}", gce.subnetwork()),
+        format!("--gcp-endpoint={}", gce.endpoint()),
+    ]
 }
 
 /// A VPC (with the pod range as a secondary CIDR) and two subnets tagged for
@@ -203,7 +260,8 @@ async fn create_pods(client: &Client, replicas: usize) -> Result<()> {
         "metadata": {"name": "web"},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
-                              "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1"}]}}},
+                              "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1",
+                                                       "ports": [{"containerPort": 8080}]}]}}},
     }))?;
     Api::<Deployment>::namespaced(client.clone(), "default")
         .create(&PostParams::default(), &d)
@@ -283,20 +341,19 @@ struct Ccm {
 }
 
 impl Ccm {
-    fn start(env: &Env, vpc: &str, extra: &[String], name: &str) -> Result<Ccm> {
+    fn start(env: &Env, cloud: &Cloud, extra: &[String], name: &str) -> Result<Ccm> {
         let port = free_port()?;
         let mut cmd = Command::new(workspace_bin("cnlb-ccm")?);
         cmd.arg(format!("--kubeconfig={}", env.kube()?.kubeconfig.display()))
             .args([
                 "--cluster-name=bench",
-                "--provider=aws",
                 "--leader-elect=false",
                 "--log-format=json",
             ])
-            .arg(format!("--aws-vpc-id={vpc}"))
+            .args(&cloud.args)
             .arg(format!("--metrics-bind-address=127.0.0.1:{port}"))
             .args(extra)
-            .envs(env.aws()?.env_vars());
+            .envs(cloud.env.iter().cloned());
         Ok(Ccm {
             proc: Proc::spawn(name, cmd, &env.dir)?,
             metrics: format!("http://127.0.0.1:{port}/metrics"),

@@ -1,0 +1,153 @@
+//! GKE's NEG readiness gate `cloud.google.com/load-balancer-neg-ready`,
+//! driven by NEG endpoint health: a Pod that declares it is attached while
+//! not yet Ready and becomes Ready only once the emulator's health check
+//! (probing the Pod's real server) reports it HEALTHY, never before a health
+//! check covers it (unlike ingress-gce#1718). So a rolling update
+//! (maxUnavailable 0) never has fewer healthy endpoints than replicas.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{ccm, gcp};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const GATE: &str = "cloud.google.com/load-balancer-neg-ready";
+const WAIT: Duration = Duration::from_secs(120);
+
+fn condition(pod: &Pod, kind: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+async fn pods(client: &Client) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap()
+        .items
+}
+
+fn pod_target(pod: &Pod) -> Option<String> {
+    Some(format!("{}:8080", pod.status.as_ref()?.pod_ip.as_ref()?))
+}
+
+#[test]
+fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = gcp::cluster("gcp-gate", 3).await;
+        let (env, gce, client) = (&cluster.env, &cluster.gce, &cluster.client);
+        let (_ccm, _) = gcp::spawn(env, "cnlb-ccm", &[]);
+
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 3,
+                "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {
+                        "readinessGates": [{"conditionType": GATE}],
+                        "containers": [{"name": "web", "image": "example.invalid/web:1",
+                                        "ports": [{"name": "http", "containerPort": 8080}]}],
+                    },
+                },
+            },
+        }))
+        .unwrap();
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .unwrap();
+
+        // Without a load balancer nothing checks the Pods: they wait.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(pods(client).await.iter().all(|p| !condition(p, GATE)));
+
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let hc = json!({"service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval": "5",
+                        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-timeout": "2",
+                        "service.beta.kubernetes.io/aws-load-balancer-healthcheck-healthy-threshold": "2"});
+        services
+            .create(&PostParams::default(), &ccm::service("web", hc))
+            .await
+            .unwrap();
+
+        // Each Pod passes the gate only once its endpoint is HEALTHY.
+        let start = Instant::now();
+        loop {
+            let ps = pods(client).await;
+            let healthy = gcp::healthy_endpoints(gce).await;
+            for p in ps.iter().filter(|p| condition(p, GATE)) {
+                let target = pod_target(p).unwrap();
+                assert!(
+                    healthy.contains(&target),
+                    "{target} passed the gate but is not HEALTHY in its NEG: {healthy:?}"
+                );
+            }
+            if ps.len() == 3 && ps.iter().all(|p| condition(p, GATE) && condition(p, "Ready")) {
+                break;
+            }
+            assert!(start.elapsed() < WAIT, "the Pods did not pass the gate");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            gcp::all_endpoints(gce).await,
+            ccm::pod_targets(client).await
+        );
+
+        // Rolling update: sample the healthy endpoints until it is done.
+        // By name: a new Pod may get an IP an old one just released.
+        let old: BTreeSet<String> = pods(client)
+            .await
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}});
+        deployments
+            .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .unwrap();
+        let start = Instant::now();
+        let mut fewest = usize::MAX;
+        loop {
+            let attached = gcp::all_endpoints(gce).await;
+            let healthy = gcp::healthy_endpoints(gce).await;
+            fewest = fewest.min(attached.intersection(&healthy).count());
+            let ps = pods(client).await;
+            assert!(
+                start.elapsed() < WAIT,
+                "rollout did not finish: attached {attached:?} healthy {healthy:?}"
+            );
+            let names: BTreeSet<String> =
+                ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
+            let done = ps.len() == 3
+                && names.is_disjoint(&old)
+                && ps.iter().all(|p| condition(p, "Ready"))
+                && attached == ccm::pod_targets(client).await;
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            fewest >= 3,
+            "healthy attached endpoints fell to {fewest} during the rollout"
+        );
+    });
+}

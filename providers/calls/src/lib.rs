@@ -1,0 +1,534 @@
+//! The one way a provider calls its cloud: [`Calls::run`] wraps every
+//! request with
+//!
+//! - a client-side rate limit: a token bucket per [`Group`] of operations
+//!   ([`RateLimits`]), waited on before each attempt, so a burst of
+//!   reconciles slows down here instead of being throttled by the cloud
+//!   (whose quotas are per account or project, shared with every other tool);
+//! - retries with exponential backoff and jitter (backon) on throttling and
+//!   retryable cloud errors (5xx, timeouts, connection failures), bounded to
+//!   [`MAX_ATTEMPTS`]; user errors, `NotFound` and `Conflict` are returned
+//!   at once, for the caller (and the controller) to decide;
+//! - metrics per operation, one observation per attempt (each request the
+//!   cloud sees): `cnlb_cloud_api_calls_total`, `cnlb_cloud_api_errors_total`
+//!   (by [`ProviderError::metric_label`]), `cnlb_cloud_api_throttles_total`
+//!   and `cnlb_cloud_api_duration_seconds`, all labelled
+//!   `provider="<provider>",operation="<API method>"`.
+//!
+//! The SDKs' own retries are to be turned off, so that this is the only
+//! retry layer. Which group an operation belongs to is the provider's to say.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use cnlb_provider_core::{ProviderError, Result};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Attempts of one logical call, the first included.
+pub const MAX_ATTEMPTS: usize = 5;
+/// Backoff before the first retry; it doubles per retry up to
+/// [`RETRY_MAX_DELAY`], and jitter adds up to as much again at random so
+/// that replicas and concurrent reconciles do not retry in step. With
+/// [`MAX_ATTEMPTS`] = 5 the waits are about 0.2, 0.4, 0.8, 1.6 s (each up
+/// to twice that): a call gives up after 3 to 6 s of backoff.
+pub const RETRY_MIN_DELAY: Duration = Duration::from_millis(200);
+pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Upper bounds of the latency histogram buckets, in seconds: 5 ms to 30 s.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A token bucket: `per_second` tokens refill each second, up to `burst`.
+/// Zero is taken as one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub const fn new(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit { per_second, burst }
+    }
+
+    fn quota(self) -> Quota {
+        let at_least_one = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        Quota::per_second(at_least_one(self.per_second)).allow_burst(at_least_one(self.burst))
+    }
+}
+
+/// `RATE/BURST`, both positive integers, e.g. `10/20` (the form of the
+/// `--aws-*-rate` and `--gcp-*-rate` flags).
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<RateLimit, String> {
+        let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|n| *n > 0);
+        match s.split_once('/') {
+            Some((rate, burst)) => match (parse(rate), parse(burst)) {
+                (Some(rate), Some(burst)) => Ok(RateLimit::new(rate, burst)),
+                _ => Err(format!(
+                    "{s:?}: expected RATE/BURST with positive integers, like 10/20"
+                )),
+            },
+            None => Err(format!("{s:?}: expected RATE/BURST, like 10/20")),
+        }
+    }
+}
+
+/// Client-side rate limits per [`Group`] of operations, shared by every
+/// reconcile of this process. Clouds throttle per account (AWS, per API and
+/// Region) or per project (GCP, per minute and method group) with buckets
+/// shared by every caller (console, CLI, Terraform, other controllers); the
+/// defaults stay well inside those to leave room for the others:
+///
+/// | group | operations | default |
+/// | --- | --- | --- |
+/// | `read` | describe, get, list | 10/s, burst 20 |
+/// | `targets` | register / deregister targets, attach / detach endpoints | 5/s, burst 10 |
+/// | `write` | create, modify, delete, tag | 2/s, burst 5 |
+///
+/// Target changes are batched (hundreds of targets a call), so 5 calls a
+/// second is over a thousand target changes a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimits {
+    pub read: RateLimit,
+    pub targets: RateLimit,
+    pub write: RateLimit,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            read: RateLimit::new(10, 20),
+            targets: RateLimit::new(5, 10),
+            write: RateLimit::new(2, 5),
+        }
+    }
+}
+
+/// Which bucket of [`RateLimits`] an operation draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Read,
+    Targets,
+    Write,
+}
+
+/// governor's clock on tokio's time, which its waits sleep on (and which
+/// a test can pause); without pausing it is the monotonic clock.
+#[derive(Clone, Copy, Debug, Default)]
+struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> Self::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+struct Limiter(
+    RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>,
+);
+
+impl Limiter {
+    fn new(limit: RateLimit) -> Limiter {
+        Limiter(RateLimiter::direct_with_clock(limit.quota(), TokioClock))
+    }
+
+    /// Returns once a token is taken.
+    async fn wait(&self) {
+        while let Err(not_until) = self.0.check() {
+            tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await;
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    provider: &'static str,
+    operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    provider: &'static str,
+    operation: &'static str,
+    kind: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+struct Metrics {
+    calls: Family<OperationLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    throttles: Family<OperationLabels, Counter>,
+    duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Metrics {
+        let metrics = Metrics {
+            calls: Family::default(),
+            errors: Family::default(),
+            throttles: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+        };
+        registry.register(
+            "cnlb_cloud_api_calls",
+            "Requests sent to the cloud API, retries included",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "cnlb_cloud_api_errors",
+            "Cloud API requests that failed, by kind of error",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "cnlb_cloud_api_throttles",
+            "Cloud API requests rejected by the cloud's rate limits",
+            metrics.throttles.clone(),
+        );
+        registry.register_with_unit(
+            "cnlb_cloud_api_duration",
+            "Latency of cloud API requests, each attempt on its own",
+            Unit::Seconds,
+            metrics.duration.clone(),
+        );
+        metrics
+    }
+
+    fn observe(
+        &self,
+        provider: &'static str,
+        operation: &'static str,
+        elapsed: Duration,
+        error: Option<&ProviderError>,
+    ) {
+        let labels = OperationLabels {
+            provider,
+            operation,
+        };
+        self.calls.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        if let Some(err) = error {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    provider,
+                    operation,
+                    kind: err.metric_label(),
+                })
+                .inc();
+            if matches!(err, ProviderError::Throttled { .. }) {
+                self.throttles.get_or_create(&labels).inc();
+            }
+        }
+    }
+}
+
+/// Worth sending the same request again.
+fn is_retryable(err: &ProviderError) -> bool {
+    matches!(
+        err,
+        ProviderError::Throttled { .. }
+            | ProviderError::Cloud {
+                retryable: true,
+                ..
+            }
+    )
+}
+
+/// Rate limits, retries and metrics of every call of one provider; see the
+/// module docs.
+pub struct Calls {
+    provider: &'static str,
+    group_of: fn(&str) -> Group,
+    read: Limiter,
+    targets: Limiter,
+    write: Limiter,
+    backoff: ExponentialBuilder,
+    metrics: Metrics,
+}
+
+impl Calls {
+    /// Calls of `provider` (the metrics' `provider` label), whose
+    /// operations `group_of` sorts into rate limit groups. Registers the
+    /// `cnlb_cloud_api_*` metrics in `registry`.
+    pub fn new(
+        provider: &'static str,
+        group_of: fn(&str) -> Group,
+        limits: &RateLimits,
+        registry: &mut Registry,
+    ) -> Calls {
+        Calls {
+            provider,
+            group_of,
+            read: Limiter::new(limits.read),
+            targets: Limiter::new(limits.targets),
+            write: Limiter::new(limits.write),
+            backoff: ExponentialBuilder::default()
+                .with_min_delay(RETRY_MIN_DELAY)
+                .with_max_delay(RETRY_MAX_DELAY)
+                .with_max_times(MAX_ATTEMPTS - 1)
+                .with_jitter(),
+            metrics: Metrics::register(registry),
+        }
+    }
+
+    /// Runs `call` (which builds and sends one request and maps its error
+    /// to a [`ProviderError`]) as the API method `operation`: waits for a
+    /// token of its group, retries it on throttling and retryable errors,
+    /// and records each attempt in the metrics.
+    pub async fn run<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        (|| self.attempt(operation, &call))
+            .retry(self.backoff)
+            .when(is_retryable)
+            .notify(|err, delay| {
+                tracing::debug!(provider = self.provider, operation, error = %err, retry_in = ?delay, "retrying cloud call");
+            })
+            .await
+    }
+
+    async fn attempt<T, F, Fut>(&self, operation: &'static str, call: &F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.limiter(operation).wait().await;
+        let started = tokio::time::Instant::now();
+        let result = call().await;
+        self.metrics.observe(
+            self.provider,
+            operation,
+            started.elapsed(),
+            result.as_ref().err(),
+        );
+        result
+    }
+
+    fn limiter(&self, operation: &str) -> &Limiter {
+        match (self.group_of)(operation) {
+            Group::Read => &self.read,
+            Group::Targets => &self.targets,
+            Group::Write => &self.write,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    /// Backoff short enough for real-time tests.
+    fn calls(limits: RateLimits, registry: &mut Registry) -> Calls {
+        let mut calls = Calls::new("aws", group_of, &limits, registry);
+        calls.backoff = calls
+            .backoff
+            .with_min_delay(Duration::from_millis(1))
+            .with_max_delay(Duration::from_millis(5));
+        calls
+    }
+
+    /// The AWS provider's grouping, for these tests.
+    fn group_of(operation: &str) -> Group {
+        if operation.starts_with("Describe") {
+            Group::Read
+        } else if operation.ends_with("Targets") {
+            Group::Targets
+        } else {
+            Group::Write
+        }
+    }
+
+    fn unlimited() -> RateLimits {
+        let many = RateLimit::new(10_000, 10_000);
+        RateLimits {
+            read: many,
+            targets: many,
+            write: many,
+        }
+    }
+
+    fn text(registry: &Registry) -> String {
+        let mut out = String::new();
+        encode(&mut out, registry).unwrap();
+        out
+    }
+
+    fn throttled() -> ProviderError {
+        ProviderError::Throttled {
+            operation: "DescribeTags".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_a_throttled_call_and_records_each_attempt() {
+        let mut registry = Registry::default();
+        let calls = calls(unlimited(), &mut registry);
+        let attempts = AtomicUsize::new(0);
+        let out = calls
+            .run("DescribeTags", || async {
+                match attempts.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(throttled()),
+                    n => Ok(n),
+                }
+            })
+            .await;
+        assert_eq!(out, Ok(1));
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+
+        let text = text(&registry);
+        let labels = r#"provider="aws",operation="DescribeTags""#;
+        for line in [
+            format!("cnlb_cloud_api_calls_total{{{labels}}} 2"),
+            format!("cnlb_cloud_api_throttles_total{{{labels}}} 1"),
+            format!(r#"cnlb_cloud_api_errors_total{{{labels},kind="throttled"}} 1"#),
+            format!("cnlb_cloud_api_duration_seconds_count{{{labels}}} 2"),
+            format!(r#"cnlb_cloud_api_duration_seconds_bucket{{le="30.0",{labels}}} 2"#),
+            format!(r#"cnlb_cloud_api_duration_seconds_bucket{{le="+Inf",{labels}}} 2"#),
+            r#"cnlb_cloud_api_duration_seconds_bucket{le="0.005","#.to_string(),
+            "# UNIT cnlb_cloud_api_duration_seconds seconds".to_string(),
+        ] {
+            assert!(text.contains(&line), "no {line} in\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_but_gives_up_after_max_attempts() {
+        let mut registry = Registry::default();
+        let calls = calls(unlimited(), &mut registry);
+        let attempts = AtomicUsize::new(0);
+        let out: Result<()> = calls
+            .run("CreateLoadBalancer", || async {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                Err(ProviderError::cloud("CreateLoadBalancer", "500", true))
+            })
+            .await;
+        assert!(matches!(out, Err(ProviderError::Cloud { .. })), "{out:?}");
+        assert_eq!(attempts.load(Ordering::SeqCst), MAX_ATTEMPTS);
+        let text = text(&registry);
+        let line = format!(
+            r#"cnlb_cloud_api_errors_total{{provider="aws",operation="CreateLoadBalancer",kind="cloud"}} {MAX_ATTEMPTS}"#
+        );
+        assert!(text.contains(&line), "no {line} in\n{text}");
+        assert!(!text.contains("cnlb_cloud_api_throttles_total{"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn does_not_retry_user_errors_not_found_or_conflicts() {
+        let mut registry = Registry::default();
+        let calls = calls(unlimited(), &mut registry);
+        let errors = [
+            ProviderError::invalid("targets", "InvalidTarget"),
+            ProviderError::NotFound {
+                resource: "tg".into(),
+            },
+            ProviderError::Conflict {
+                resource: "tg".into(),
+                reason: "ResourceInUse".into(),
+            },
+            ProviderError::cloud("DeregisterTargets", "AccessDenied", false),
+        ];
+        for err in errors {
+            let attempts = AtomicUsize::new(0);
+            let out: Result<()> = calls
+                .run("DeregisterTargets", || async {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    Err(err.clone())
+                })
+                .await;
+            assert_eq!(out, Err(err.clone()));
+            assert_eq!(attempts.load(Ordering::SeqCst), 1, "{err}");
+        }
+        let text = text(&registry);
+        let labels = r#"provider="aws",operation="DeregisterTargets""#;
+        for line in [
+            format!("cnlb_cloud_api_calls_total{{{labels}}} 4"),
+            format!(r#"cnlb_cloud_api_errors_total{{{labels},kind="invalid_spec"}} 1"#),
+            format!(r#"cnlb_cloud_api_errors_total{{{labels},kind="not_found"}} 1"#),
+            format!(r#"cnlb_cloud_api_errors_total{{{labels},kind="conflict"}} 1"#),
+            format!(r#"cnlb_cloud_api_errors_total{{{labels},kind="cloud"}} 1"#),
+        ] {
+            assert!(text.contains(&line), "no {line} in\n{text}");
+        }
+    }
+
+    /// With burst 3 at 10/s, three calls pass at once and the fourth waits
+    /// for the next token, 100 ms after the first; other groups are not
+    /// held up meanwhile. Real time (tokio's paused clock needs its
+    /// test-util feature, which would make every crate depending on tokio
+    /// build twice); the bounds leave room for a busy machine.
+    #[tokio::test]
+    async fn the_call_past_the_burst_waits_for_a_token() {
+        let mut registry = Registry::default();
+        let limits = RateLimits {
+            write: RateLimit::new(10, 3),
+            ..unlimited()
+        };
+        let calls = calls(limits, &mut registry);
+        let ok = || async { Ok::<_, ProviderError>(()) };
+
+        let start = Instant::now();
+        for _ in 0..3 {
+            calls.run("ModifyListener", ok).await.unwrap();
+        }
+        let burst = start.elapsed();
+        let other = Instant::now();
+        calls.run("DescribeListeners", ok).await.unwrap();
+        let other = other.elapsed();
+        calls.run("CreateListener", ok).await.unwrap();
+        let past_burst = start.elapsed();
+
+        // Without the burst, the three would take 200 ms.
+        assert!(burst < Duration::from_millis(80), "{burst:?}");
+        assert!(other < Duration::from_millis(80), "{other:?}");
+        // The token comes 100 ms after the first, however slow the calls.
+        assert!(past_burst >= Duration::from_millis(95), "{past_burst:?}");
+        assert!(past_burst < Duration::from_secs(2), "{past_burst:?}");
+    }
+
+    #[test]
+    fn rates_parse_from_rate_slash_burst() {
+        assert_eq!("4/8".parse(), Ok(RateLimit::new(4, 8)));
+        assert_eq!(" 10 / 20 ".parse(), Ok(RateLimit::new(10, 20)));
+        for bad in ["", "5", "0/5", "5/0", "fast/1", "1/2/3", "-1/2"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn default_limits_and_zero_rates() {
+        let d = RateLimits::default();
+        assert_eq!(d.read, RateLimit::new(10, 20));
+        assert_eq!(d.targets, RateLimit::new(5, 10));
+        assert_eq!(d.write, RateLimit::new(2, 5));
+        let q = RateLimit::new(0, 0).quota();
+        assert_eq!(q.burst_size().get(), 1);
+        assert_eq!(q.replenish_interval(), Duration::from_secs(1));
+    }
+}
