@@ -14,28 +14,13 @@ use std::time::{Duration, Instant};
 use cnlb_localstack_tests::eventually;
 use common::ccm;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const GATE: &str = "cnlb.dev/load-balancer-ready";
 const WAIT: Duration = Duration::from_secs(90);
-
-fn condition(pod: &Pod, kind: &str) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
-}
-
-async fn pods(client: &Client) -> Vec<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    api.list(&ListParams::default().labels("app=web"))
-        .await
-        .unwrap()
-        .items
-}
 
 #[test]
 fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
@@ -78,11 +63,11 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
             .unwrap();
 
         eventually("every Pod passes the gate and is Ready", WAIT, || async {
-            let ps = pods(&client).await;
+            let ps = ccm::web_pods(&client).await;
             Ok(ps.len() == 3
                 && ps
                     .iter()
-                    .all(|p| condition(p, GATE) && condition(p, "Ready")))
+                    .all(|p| ccm::pod_condition(p, GATE) && ccm::pod_condition(p, "Ready")))
         })
         .await
         .unwrap();
@@ -91,7 +76,7 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
 
         // Rolling update: sample the registered targets until the rollout is done.
         // By name: a new Pod may get an IP an old one just released.
-        let old: BTreeSet<String> = pods(&client)
+        let old: BTreeSet<String> = ccm::web_pods(&client)
             .await
             .iter()
             .filter_map(|p| p.metadata.name.clone())
@@ -106,7 +91,7 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         loop {
             let registered = ccm::all_targets(aws).await;
             fewest = fewest.min(registered.len());
-            let ps = pods(&client).await;
+            let ps = ccm::web_pods(&client).await;
             if start.elapsed() > WAIT {
                 let state: Vec<String> = ps
                     .iter()
@@ -138,7 +123,7 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
                 ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
             let done = ps.len() == 3
                 && names.is_disjoint(&old)
-                && ps.iter().all(|p| condition(p, "Ready"))
+                && ps.iter().all(|p| ccm::pod_condition(p, "Ready"))
                 && registered == live;
             if done {
                 break;

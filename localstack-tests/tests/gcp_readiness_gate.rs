@@ -15,27 +15,12 @@ use std::time::{Duration, Instant};
 use common::{ccm, gcp};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const GATE: &str = "cloud.google.com/load-balancer-neg-ready";
 const WAIT: Duration = Duration::from_secs(120);
-
-fn condition(pod: &Pod, kind: &str) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
-}
-
-async fn pods(client: &Client) -> Vec<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    api.list(&ListParams::default().labels("app=web"))
-        .await
-        .unwrap()
-        .items
-}
 
 fn pod_target(pod: &Pod) -> Option<String> {
     Some(format!("{}:8080", pod.status.as_ref()?.pod_ip.as_ref()?))
@@ -77,7 +62,7 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
 
         // Without a load balancer nothing checks the Pods: they wait.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(pods(client).await.iter().all(|p| !condition(p, GATE)));
+        assert!(ccm::web_pods(client).await.iter().all(|p| !ccm::pod_condition(p, GATE)));
 
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         let hc = json!({"service.beta.kubernetes.io/aws-load-balancer-healthcheck-interval": "5",
@@ -91,16 +76,16 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
         // Each Pod passes the gate only once its endpoint is HEALTHY.
         let start = Instant::now();
         loop {
-            let ps = pods(client).await;
+            let ps = ccm::web_pods(client).await;
             let healthy = gcp::healthy_endpoints(gce).await;
-            for p in ps.iter().filter(|p| condition(p, GATE)) {
+            for p in ps.iter().filter(|p| ccm::pod_condition(p, GATE)) {
                 let target = pod_target(p).unwrap();
                 assert!(
                     healthy.contains(&target),
                     "{target} passed the gate but is not HEALTHY in its NEG: {healthy:?}"
                 );
             }
-            if ps.len() == 3 && ps.iter().all(|p| condition(p, GATE) && condition(p, "Ready")) {
+            if ps.len() == 3 && ps.iter().all(|p| ccm::pod_condition(p, GATE) && ccm::pod_condition(p, "Ready")) {
                 break;
             }
             assert!(start.elapsed() < WAIT, "the Pods did not pass the gate");
@@ -113,7 +98,7 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
 
         // Rolling update: sample the healthy endpoints until it is done.
         // By name: a new Pod may get an IP an old one just released.
-        let old: BTreeSet<String> = pods(client)
+        let old: BTreeSet<String> = ccm::web_pods(client)
             .await
             .iter()
             .filter_map(|p| p.metadata.name.clone())
@@ -129,7 +114,7 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
             let attached = gcp::all_endpoints(gce).await;
             let healthy = gcp::healthy_endpoints(gce).await;
             fewest = fewest.min(attached.intersection(&healthy).count());
-            let ps = pods(client).await;
+            let ps = ccm::web_pods(client).await;
             assert!(
                 start.elapsed() < WAIT,
                 "rollout did not finish: attached {attached:?} healthy {healthy:?}"
@@ -138,7 +123,7 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
                 ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
             let done = ps.len() == 3
                 && names.is_disjoint(&old)
-                && ps.iter().all(|p| condition(p, "Ready"))
+                && ps.iter().all(|p| ccm::pod_condition(p, "Ready"))
                 && attached == ccm::pod_targets(client).await;
             if done {
                 break;

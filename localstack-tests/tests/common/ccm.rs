@@ -115,6 +115,23 @@ pub fn service(name: &str, annotations: serde_json::Value) -> Service {
     .unwrap()
 }
 
+/// True if the Pod's condition `kind` is True.
+pub fn pod_condition(pod: &Pod, kind: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
+}
+
+/// Every Pod of app=web, deleting ones included.
+pub async fn web_pods(client: &Client) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap()
+        .items
+}
+
 /// `ip:8080` of every live Pod of app=web.
 pub async fn pod_targets(client: &Client) -> BTreeSet<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");

@@ -62,6 +62,11 @@ enum Found {
 pub struct GcpProvider {
     calls: Calls,
     cfg: GcpConfig,
+    /// Every zone of the region: where garbage collection looks for NEGs.
+    region_zones: Vec<String>,
+    /// Zones outside `cfg.zones` that Pods turned up in since the start
+    /// (their NEGs were created on demand).
+    extra_zones: Mutex<BTreeSet<String>>,
     /// Zone and instance of each endpoint attached or listed, by NEG name
     /// and address: a detach names the instance, and after a restart the
     /// controller's targets carry only IP and port.
@@ -69,31 +74,40 @@ pub struct GcpProvider {
 }
 
 impl GcpProvider {
-    /// A provider calling through `calls`. Without zones in `cfg`, the
-    /// region's zones are read once.
+    /// A provider calling through `calls`. The region's zones are read
+    /// once; they are the cluster's zones unless `cfg` names some.
     pub async fn new(calls: Calls, mut cfg: GcpConfig) -> Result<GcpProvider> {
-        if cfg.zones.is_empty() {
-            let c = calls.compute();
-            let region = calls
-                .run("regions.get", || {
-                    c.regions
-                        .get()
-                        .set_project(calls.project())
-                        .set_region(&cfg.region)
-                        .send()
-                })
-                .await?;
-            cfg.zones = region
-                .zones
-                .iter()
-                .map(|z| last_segment(z).to_string())
-                .collect();
-            cfg.zones.sort();
-            info!(region = %cfg.region, zones = ?cfg.zones, "zones of the region");
+        let c = calls.compute();
+        let region = calls
+            .run("regions.get", || {
+                c.regions
+                    .get()
+                    .set_project(calls.project())
+                    .set_region(&cfg.region)
+                    .send()
+            })
+            .await?;
+        let mut region_zones: Vec<String> = region
+            .zones
+            .iter()
+            .map(|z| last_segment(z).to_string())
+            .collect();
+        region_zones.sort();
+        if let Some(zone) = cfg.zones.iter().find(|z| !region_zones.contains(z)) {
+            return Err(ProviderError::invalid(
+                "zones",
+                format!("{zone} is not a zone of {} ({region_zones:?})", cfg.region),
+            ));
         }
+        if cfg.zones.is_empty() {
+            cfg.zones = region_zones.clone();
+        }
+        info!(region = %cfg.region, zones = ?cfg.zones, "zones of the cluster");
         Ok(GcpProvider {
             calls,
             cfg,
+            region_zones,
+            extra_zones: Mutex::default(),
             endpoints: Mutex::default(),
         })
     }
@@ -756,10 +770,14 @@ impl GcpProvider {
         Ok(())
     }
 
-    /// The cluster's zones plus any a NEG was created in on demand.
+    /// The cluster's zones plus any a NEG was created in on demand (known
+    /// from the IDs, or since the start).
     fn zones(&self, known: &ResourceIds) -> Vec<String> {
         let mut zones: BTreeSet<String> = self.cfg.zones.iter().cloned().collect();
         zones.extend(plan::zones_of(known));
+        if let Ok(extra) = self.extra_zones.lock() {
+            zones.extend(extra.iter().cloned());
+        }
         zones.into_iter().collect()
     }
 
@@ -864,7 +882,7 @@ impl GcpProvider {
             ("firewall", Kind::Firewall),
             ("address", Kind::Address),
         ];
-        let zones = self.cfg.zones.clone();
+        let zones = self.region_zones.clone();
         kinds.extend(zones.iter().map(|z| ("neg", Kind::Neg(z))));
         let lists = try_join_all(kinds.iter().map(|(_, k)| self.list(*k))).await?;
         let mut out: BTreeMap<LoadBalancerKey, Vec<(String, String)>> = BTreeMap::new();
@@ -1051,7 +1069,7 @@ impl LoadBalancerProvider for GcpProvider {
             .cloned()
             .collect();
         if !new_zones.is_empty() {
-            self.extend_to_zones(key, listener, &neg, &zones, &new_zones)
+            self.extend_to_zones(key, listener, &neg, &new_zones)
                 .await?;
         }
         try_join_all(
@@ -1228,7 +1246,6 @@ impl GcpProvider {
         key: &LoadBalancerKey,
         listener: &Listener,
         neg: &str,
-        zones: &[String],
         new_zones: &[String],
     ) -> Result<()> {
         info!(service = %key.service(), zones = ?new_zones, "first Pods in new zones: adding NEGs");
@@ -1252,12 +1269,26 @@ impl GcpProvider {
             });
         };
         let mut backends = existing["backends"].as_array().cloned().unwrap_or_default();
-        for zone in new_zones.iter().filter(|z| !zones.contains(z)) {
-            backends.push(plan::neg_backend(&self.cfg, zone, neg));
+        let before = backends.len();
+        for zone in new_zones {
+            let group = self.cfg.neg_url(zone, neg);
+            // After a restart the backend may be there already.
+            let present = backends
+                .iter()
+                .any(|b| b["group"].as_str().is_some_and(|g| g.ends_with(&group)));
+            if !present {
+                backends.push(plan::neg_backend(&self.cfg, zone, neg));
+            }
         }
-        let body = plan::merged(&existing, &json!({ "backends": backends }));
-        self.patch(Kind::BackendService, &port.backend_service, body)
-            .await
+        if backends.len() > before {
+            let body = plan::merged(&existing, &json!({ "backends": backends }));
+            self.patch(Kind::BackendService, &port.backend_service, body)
+                .await?;
+        }
+        if let Ok(mut extra) = self.extra_zones.lock() {
+            extra.extend(new_zones.iter().cloned());
+        }
+        Ok(())
     }
 }
 
