@@ -34,28 +34,8 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
         let client = cluster.client.clone();
 
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 3,
-                "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {
-                        "readinessGates": [{"conditionType": GATE}],
-                        "containers": [{"name": "web", "image": "example.invalid/web:1",
-                                        "ports": [{"name": "http", "containerPort": 8080}]}],
-                    },
-                },
-            },
-        }))
-        .unwrap();
+        ccm::create_gated_web(&client, 3, GATE).await;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-        deployments
-            .create(&PostParams::default(), &deployment)
-            .await
-            .unwrap();
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         services
             .create(&PostParams::default(), &ccm::service("web", json!({})))

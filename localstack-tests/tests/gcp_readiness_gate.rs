@@ -37,28 +37,8 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
         let (env, gce, client) = (&cluster.env, &cluster.gce, &cluster.client);
         let (_ccm, _) = gcp::spawn(env, "cnlb-ccm", &[]);
 
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 3,
-                "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {
-                        "readinessGates": [{"conditionType": GATE}],
-                        "containers": [{"name": "web", "image": "example.invalid/web:1",
-                                        "ports": [{"name": "http", "containerPort": 8080}]}],
-                    },
-                },
-            },
-        }))
-        .unwrap();
+        ccm::create_gated_web(client, 3, GATE).await;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
-        deployments
-            .create(&PostParams::default(), &deployment)
-            .await
-            .unwrap();
 
         // Without a load balancer nothing checks the Pods: they wait.
         tokio::time::sleep(Duration::from_secs(3)).await;

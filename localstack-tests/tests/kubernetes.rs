@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failed call fails the test
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -31,35 +32,6 @@ async fn pod_ips(client: &Client) -> BTreeSet<String> {
         .collect()
 }
 
-/// Ready endpoint addresses of Service `web`, with the node and zone each names.
-async fn ready_endpoints(client: &Client) -> BTreeSet<(String, String, String)> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-    let list = slices
-        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-        .await
-        .unwrap();
-    let mut out = BTreeSet::new();
-    for slice in list.items {
-        for ep in slice.endpoints.unwrap_or_default() {
-            let ready = ep
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(false);
-            if ready {
-                for addr in &ep.addresses {
-                    out.insert((
-                        addr.clone(),
-                        ep.node_name.clone().unwrap_or_default(),
-                        ep.zone.clone().unwrap_or_default(),
-                    ));
-                }
-            }
-        }
-    }
-    out
-}
-
 async fn scale(client: &Client, replicas: i32) {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let patch = json!({"spec": {"replicas": replicas}});
@@ -76,7 +48,7 @@ async fn endpoints_follow_pods(client: &Client, nodes: &[NodeConfig], n: usize) 
         WAIT,
         || async {
             let ips = pod_ips(client).await;
-            let eps = ready_endpoints(client).await;
+            let eps = common::ccm::ready_endpoints(client).await;
             let ep_ips: BTreeSet<String> = eps.iter().map(|(ip, _, _)| ip.clone()).collect();
             let placed = eps
                 .iter()

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -15,7 +17,6 @@ use cnlb_localstack_tests::process::is_running;
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -42,16 +43,10 @@ async fn live_pods(client: &Client) -> BTreeMap<String, (String, String)> {
 }
 
 async fn ready_endpoint_ips(client: &Client) -> BTreeSet<String> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-    let list = slices
-        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+    common::ccm::ready_endpoints(client)
         .await
-        .unwrap();
-    list.items
         .into_iter()
-        .flat_map(|s| s.endpoints.unwrap_or_default())
-        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .flat_map(|ep| ep.addresses)
+        .map(|(ip, _, _)| ip)
         .collect()
 }
 

@@ -30,7 +30,6 @@ use cnlb_localstack_tests::gce::{Cidr, Fault, NamedRange, SeedAliasRange, SeedIn
 use cnlb_localstack_tests::ipam::{Churn, IpamAgent, http_get, ipam_add};
 use cnlb_localstack_tests::{Env, EnvBuilder, GceEmulator, eventually};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -425,26 +424,6 @@ async fn gcp_agent_assigns_reuses_and_races_alias_ranges() {
 
 // ---------------------------------------------------------------- harness
 
-async fn ready_endpoints(client: &Client) -> Vec<(String, String, String)> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
-    let list = slices
-        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
-        .await
-        .unwrap();
-    list.items
-        .into_iter()
-        .flat_map(|s| s.endpoints.unwrap_or_default())
-        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-        .map(|ep| {
-            (
-                ep.addresses[0].clone(),
-                ep.node_name.clone().unwrap_or_default(),
-                ep.zone.clone().unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
 /// `.gce().pod_network()` with `AgentBackend::Gcp`: every Node is a GCE
 /// instance whose alias range is its pod CIDR, and its agent hands out
 /// that range.
@@ -501,7 +480,7 @@ async fn harness_pods_get_addresses_from_their_nodes_alias_ranges() {
         .await
         .unwrap();
     eventually("6 ready endpoints", WAIT, || async {
-        Ok(ready_endpoints(&client).await.len() == 6)
+        Ok(common::ccm::ready_endpoints(&client).await.len() == 6)
     })
     .await
     .unwrap();
@@ -524,7 +503,7 @@ async fn harness_pods_get_addresses_from_their_nodes_alias_ranges() {
                 )
             })
             .collect();
-    for (ip, node, zone) in ready_endpoints(&client).await {
+    for (ip, node, zone) in common::ccm::ready_endpoints(&client).await {
         let (pod, pod_node) = &pods[&ip];
         assert_eq!(&node, pod_node, "{pod}: endpoint nodeName");
         let (range, node_zone) = &node_ranges[&node];

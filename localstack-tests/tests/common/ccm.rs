@@ -10,6 +10,7 @@ use cnlb_localstack_tests::process::Proc;
 use cnlb_provider_aws::Clients;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -91,6 +92,56 @@ pub async fn create_web(client: &Client, replicas: i32) {
     api.create(&PostParams::default(), &deployment)
         .await
         .unwrap();
+}
+
+/// Deployment `web` as [`create_web`] makes it, but whose Pods declare the
+/// readiness gate `gate` and whose rollouts keep every replica
+/// (maxUnavailable 0, maxSurge 1).
+pub async fn create_gated_web(client: &Client, replicas: i32, gate: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": replicas,
+            "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "readinessGates": [{"conditionType": gate}],
+                    "containers": [{"name": "web", "image": "example.invalid/web:1",
+                                    "ports": [{"name": "http", "containerPort": 8080}]}],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+}
+
+/// Ready endpoint addresses of Service `web`, with the node and zone each names.
+pub async fn ready_endpoints(client: &Client) -> BTreeSet<(String, String, String)> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let list = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .unwrap();
+    list.items
+        .into_iter()
+        .flat_map(|s| s.endpoints.unwrap_or_default())
+        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|ep| {
+            let (node, zone) = (
+                ep.node_name.unwrap_or_default(),
+                ep.zone.unwrap_or_default(),
+            );
+            ep.addresses
+                .into_iter()
+                .map(move |a| (a, node.clone(), zone.clone()))
+        })
+        .collect()
 }
 
 pub async fn scale(client: &Client, replicas: i32) {

@@ -95,7 +95,7 @@ impl GcpProvider {
         region_zones.sort();
         if let Some(zone) = cfg.zones.iter().find(|z| !region_zones.contains(z)) {
             return Err(ProviderError::invalid(
-                "zones",
+                "--gcp-zones",
                 format!("{zone} is not a zone of {} ({region_zones:?})", cfg.region),
             ));
         }
