@@ -233,21 +233,23 @@ async fn scenario(
         live.len() as f64,
         "allocations leaked or lost"
     );
-    // The agent's pool is exactly what the cloud has assigned.
+    // The agent's pool is exactly what the cloud has assigned, once the
+    // agent has given back the surplus it may find on start.
+    eventually("pool and cloud agree", Duration::from_secs(30), || async {
+        let pool = pool_size(&agent).await?;
+        let releasing = agent
+            .metric("vpc_ipam_addresses{state=\"releasing\"}")
+            .await?;
+        let cloud = cloud_addresses(&cloud).await.len();
+        anyhow::ensure!(
+            releasing == 0.0 && pool == cloud as f64,
+            "pool {pool} ({releasing} releasing), cloud {cloud}"
+        );
+        Ok(true)
+    })
+    .await
+    .unwrap();
     let in_cloud = cloud_addresses(&cloud).await;
-    let pool = agent
-        .metric("vpc_ipam_addresses{state=\"free\"}")
-        .await
-        .unwrap()
-        + agent
-            .metric("vpc_ipam_addresses{state=\"allocated\"}")
-            .await
-            .unwrap()
-        + agent
-            .metric("vpc_ipam_addresses{state=\"cooling\"}")
-            .await
-            .unwrap();
-    assert_eq!(pool, in_cloud.len() as f64, "pool and cloud differ");
     for ip in live.values() {
         assert!(
             in_cloud.contains_key(&ip.parse::<IpAddr>().unwrap()),
@@ -270,6 +272,17 @@ async fn scenario(
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(total_calls(&agent).await, calls, "EC2 calls at rest");
     agent.kill9();
+}
+
+/// Addresses the agent holds: free, allocated or cooling down.
+async fn pool_size(agent: &IpamAgent) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for state in ["free", "allocated", "cooling"] {
+        sum += agent
+            .metric(&format!("vpc_ipam_addresses{{state=\"{state}\"}}"))
+            .await?;
+    }
+    Ok(sum)
 }
 
 async fn total_calls(agent: &IpamAgent) -> f64 {

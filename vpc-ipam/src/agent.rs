@@ -491,7 +491,11 @@ impl Agent {
     }
 
     async fn release(&self, ips: &[IpAddr]) -> Result<bool, BackendError> {
-        lock(&self.pool).start_release(ips);
+        {
+            let mut pool = lock(&self.pool);
+            pool.start_release(ips);
+            self.metrics.set_counts(pool.counts(now_ms()));
+        }
         let id = self.next_op_id("release");
         let op = Operation::Release {
             ips: ips.to_vec(),

@@ -51,7 +51,7 @@ impl Metrics {
         };
         registry.register(
             "vpc_ipam_addresses",
-            "Pod addresses this node holds, by state (free, allocated, cooling)",
+            "Pod addresses this node holds, by state (free, allocated, cooling, releasing)",
             metrics.addresses.clone(),
         );
         registry.register(
@@ -83,6 +83,7 @@ impl Metrics {
             ("free", counts.free),
             ("allocated", counts.allocated),
             ("cooling", counts.cooling),
+            ("releasing", counts.releasing),
         ] {
             self.addresses
                 .get_or_create(&StateLabel { state })

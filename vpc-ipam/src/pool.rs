@@ -35,6 +35,8 @@ pub struct Counts {
     pub allocated: usize,
     pub cooling: usize,
     pub free: usize,
+    /// Being given back to the cloud right now.
+    pub releasing: usize,
 }
 
 #[derive(Debug, Default)]
@@ -129,11 +131,17 @@ impl Pool {
                     && self.cooldowns.get(ip).is_some_and(|until| *until > now)
             })
             .count();
+        let releasing = self
+            .releasing
+            .iter()
+            .filter(|ip| self.assigned.contains_key(ip))
+            .count();
         Counts {
             assigned: self.assigned.len(),
             allocated,
             cooling,
             free,
+            releasing,
         }
     }
 
@@ -305,8 +313,10 @@ mod tests {
         let mut p = pool([5, 6]);
         p.start_release(&["10.0.0.5".parse().unwrap()]);
         assert_eq!(p.pick(0).unwrap().ip.to_string(), "10.0.0.6");
+        assert_eq!((p.counts(0).free, p.counts(0).releasing), (1, 1));
         p.replace_assigned(vec![assigned(6)]);
         assert_eq!(p.counts(0).assigned, 1);
+        assert_eq!(p.counts(0).releasing, 0);
     }
 
     #[test]
