@@ -65,7 +65,6 @@ impl Cidr {
         }
     }
 
-    /// True when no host bits are set, as a range ("10.1.0.0/16") must be.
     /// How many addresses the prefix spans (saturating at u128::MAX).
     pub fn size(&self) -> u128 {
         let host_bits = u32::from(max_prefix_len(self.addr) - self.prefix_len);
@@ -90,6 +89,7 @@ impl Cidr {
             && Cidr::new(*ip, self.prefix_len).map(|c| c.network()) == Ok(self.network())
     }
 
+    /// True when no host bits are set, as a range ("10.1.0.0/16") must be.
     pub fn is_network(&self) -> bool {
         self.network() == *self
     }
