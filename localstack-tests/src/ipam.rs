@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,6 +110,37 @@ impl IpamAgent {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill9();
         self.launch().await
+    }
+
+    /// `times` crashes `every` apart: SIGKILL, 300 ms down (plugins find no
+    /// agent), then a restart.
+    pub async fn crash_repeatedly(&mut self, times: usize, every: Duration) -> Result<()> {
+        for _ in 0..times {
+            tokio::time::sleep(every).await;
+            self.kill9();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.restart().await?;
+        }
+        Ok(())
+    }
+
+    /// The agent holds exactly the addresses of `live` (container id ->
+    /// address): no address twice, and as many allocations as containers.
+    pub async fn check_holds_exactly(&self, live: &BTreeMap<String, String>) -> Result<()> {
+        let unique: HashSet<&String> = live.values().collect();
+        if unique.len() != live.len() {
+            bail!("duplicate addresses: {live:?}");
+        }
+        let allocated = self
+            .metric("vpc_ipam_addresses{state=\"allocated\"}")
+            .await?;
+        if allocated != live.len() as f64 {
+            bail!(
+                "allocations leaked or lost: {allocated} allocated, {} live",
+                live.len()
+            );
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<i32> {

@@ -14,8 +14,7 @@ use cnlb_localstack_tests::eventually;
 use common::ccm;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams};
-use serde_json::json;
+use kube::api::{DeleteParams, ListParams};
 
 const SERVICES: usize = 10;
 const WAIT: Duration = Duration::from_secs(90);
@@ -32,13 +31,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
         let client = cluster.client.clone();
         ccm::create_web(&client, 3).await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
-        let names: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i}")).collect();
-        for name in &names {
-            services
-                .create(&PostParams::default(), &ccm::service(name, json!({})))
-                .await
-                .unwrap();
-        }
+        let names = ccm::create_services(&services, SERVICES).await;
 
         // Kill the controller as soon as the first cloud resource exists:
         // the other Services are half done or not started.
@@ -101,14 +94,8 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
             .delete_collection(&DeleteParams::default(), &ListParams::default())
             .await
             .unwrap();
-        let pending = services.list(&ListParams::default()).await.unwrap();
         assert!(
-            pending
-                .items
-                .iter()
-                .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
-                .count()
-                >= SERVICES,
+            ccm::our_services(&services).await.unwrap() >= SERVICES,
             "the finalizer holds the Services while the controller is down"
         );
         let _third = ccm::spawn(env, &net.vpc, "cnlb-ccm-3");
@@ -116,12 +103,7 @@ fn sigkill_mid_reconcile_leaves_no_duplicate_and_no_leak() {
             "every NLB, target group and Service is gone",
             WAIT,
             || async {
-                let left = services.list(&ListParams::default()).await?;
-                let ours = left
-                    .items
-                    .iter()
-                    .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
-                    .count();
+                let ours = ccm::our_services(&services).await?;
                 Ok(ccm::counts(aws).await == (0, 0)
                     && ccm::owned_security_groups(aws).await == 0
                     && ours == 0)

@@ -8,15 +8,13 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cnlb_localstack_tests::eventually;
 use common::ccm;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
 
 const GATE: &str = "cnlb.dev/load-balancer-ready";
@@ -35,7 +33,6 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         let client = cluster.client.clone();
 
         ccm::create_gated_web(&client, 3, GATE).await;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
         services
             .create(&PostParams::default(), &ccm::service("web", json!({})))
@@ -54,62 +51,12 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         // A gate is only opened for a registered target.
         assert_eq!(ccm::all_targets(aws).await, ccm::pod_targets(&client).await);
 
-        // Rolling update: sample the registered targets until the rollout is done.
-        // By name: a new Pod may get an IP an old one just released.
-        let old: BTreeSet<String> = ccm::web_pods(&client)
-            .await
-            .iter()
-            .filter_map(|p| p.metadata.name.clone())
-            .collect();
-        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}});
-        deployments
-            .patch("web", &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .unwrap();
-        let start = Instant::now();
-        let mut fewest = usize::MAX;
-        loop {
+        // Rolling update: sample the registered targets until it is done.
+        let fewest = ccm::roll_out_web(&client, WAIT, || async {
             let registered = ccm::all_targets(aws).await;
-            fewest = fewest.min(registered.len());
-            let ps = ccm::web_pods(&client).await;
-            if start.elapsed() > WAIT {
-                let state: Vec<String> = ps
-                    .iter()
-                    .map(|p| {
-                        let conds: Vec<String> = p
-                            .status
-                            .as_ref()
-                            .and_then(|s| s.conditions.clone())
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|c| format!("{}={}", c.type_, c.status))
-                            .collect();
-                        format!(
-                            "{} ip={:?} deleting={} {:?}",
-                            p.metadata.name.clone().unwrap_or_default(),
-                            p.status.as_ref().and_then(|s| s.pod_ip.clone()),
-                            p.metadata.deletion_timestamp.is_some(),
-                            conds
-                        )
-                    })
-                    .collect();
-                panic!(
-                    "rollout did not finish: registered {registered:?}\npods:\n{}",
-                    state.join("\n")
-                );
-            }
-            let live: BTreeSet<String> = ccm::pod_targets(&client).await;
-            let names: BTreeSet<String> =
-                ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
-            let done = ps.len() == 3
-                && names.is_disjoint(&old)
-                && ps.iter().all(|p| ccm::pod_condition(p, "Ready"))
-                && registered == live;
-            if done {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            (registered.len(), registered)
+        })
+        .await;
         assert!(
             fewest >= 3,
             "registered targets fell to {fewest} during the rollout"

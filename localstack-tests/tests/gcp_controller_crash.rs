@@ -16,7 +16,7 @@ use cnlb_localstack_tests::eventually;
 use common::{ccm, gcp};
 use k8s_openapi::api::core::v1::Service;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 const SERVICES: usize = 6;
@@ -34,13 +34,7 @@ fn sigkill_mid_build_leaves_no_duplicate_and_no_leak() {
         let zones = gce.zones().len();
         ccm::create_web(client, 3).await;
         let services: Api<Service> = Api::namespaced(client.clone(), "default");
-        let names: Vec<String> = (0..SERVICES).map(|i| format!("svc-{i}")).collect();
-        for name in &names {
-            services
-                .create(&PostParams::default(), &ccm::service(name, json!({})))
-                .await
-                .unwrap();
-        }
+        let names = ccm::create_services(&services, SERVICES).await;
 
         // Kill the controller as soon as the first backend service exists:
         // the other Services are half built or not started.
@@ -121,14 +115,8 @@ fn sigkill_mid_build_leaves_no_duplicate_and_no_leak() {
             .delete_collection(&DeleteParams::default(), &ListParams::default())
             .await
             .unwrap();
-        let pending = services.list(&ListParams::default()).await.unwrap();
         assert!(
-            pending
-                .items
-                .iter()
-                .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
-                .count()
-                >= SERVICES - 1,
+            ccm::our_services(&services).await.unwrap() >= SERVICES - 1,
             "the finalizer holds the Services while the controller is down"
         );
         let _third = gcp::spawn(env, "cnlb-ccm-3", &[]);
@@ -136,12 +124,7 @@ fn sigkill_mid_build_leaves_no_duplicate_and_no_leak() {
             "nothing is left in GCE and the Services are gone",
             WAIT,
             || async {
-                let left = services.list(&ListParams::default()).await?;
-                let ours = left
-                    .items
-                    .iter()
-                    .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
-                    .count();
+                let ours = ccm::our_services(&services).await?;
                 Ok(gce.resources().await?.load_balancing_links().is_empty() && ours == 0)
             },
         )

@@ -9,14 +9,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{ccm, gcp};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
 
 const GATE: &str = "cloud.google.com/load-balancer-neg-ready";
@@ -38,7 +36,6 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
         let (_ccm, _) = gcp::spawn(env, "cnlb-ccm", &[]);
 
         ccm::create_gated_web(client, 3, GATE).await;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
 
         // Without a load balancer nothing checks the Pods: they wait.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -77,39 +74,12 @@ fn neg_gate_opens_on_health_and_rollouts_keep_healthy_capacity() {
         );
 
         // Rolling update: sample the healthy endpoints until it is done.
-        // By name: a new Pod may get an IP an old one just released.
-        let old: BTreeSet<String> = ccm::web_pods(client)
-            .await
-            .iter()
-            .filter_map(|p| p.metadata.name.clone())
-            .collect();
-        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}});
-        deployments
-            .patch("web", &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .unwrap();
-        let start = Instant::now();
-        let mut fewest = usize::MAX;
-        loop {
+        let fewest = ccm::roll_out_web(client, WAIT, || async {
             let attached = gcp::all_endpoints(gce).await;
             let healthy = gcp::healthy_endpoints(gce).await;
-            fewest = fewest.min(attached.intersection(&healthy).count());
-            let ps = ccm::web_pods(client).await;
-            assert!(
-                start.elapsed() < WAIT,
-                "rollout did not finish: attached {attached:?} healthy {healthy:?}"
-            );
-            let names: BTreeSet<String> =
-                ps.iter().filter_map(|p| p.metadata.name.clone()).collect();
-            let done = ps.len() == 3
-                && names.is_disjoint(&old)
-                && ps.iter().all(|p| ccm::pod_condition(p, "Ready"))
-                && attached == ccm::pod_targets(client).await;
-            if done {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            (attached.intersection(&healthy).count(), attached)
+        })
+        .await;
         assert!(
             fewest >= 3,
             "healthy attached endpoints fell to {fewest} during the rollout"

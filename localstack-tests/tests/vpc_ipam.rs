@@ -107,12 +107,10 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
     // 8 workers each run ADD then DEL on fresh containers, as a runtime
     // does; a failed ADD is followed by DEL, as kubelet does.
     let churn = Churn::start(&conf, "churn", 8);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        agent.kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        agent.restart().await.unwrap();
-    }
+    agent
+        .crash_repeatedly(3, Duration::from_millis(700))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ChurnResult {
         live,
@@ -126,13 +124,9 @@ async fn kill_9_during_churn_leaves_no_duplicate_and_no_leak() {
     agent.restart().await.unwrap();
 
     assert!(!live.is_empty());
-    let unique: HashSet<&String> = live.values().collect();
-    assert_eq!(unique.len(), live.len(), "duplicate addresses: {live:?}");
-    // No leak: the agent holds exactly the live containers' addresses.
-    assert_eq!(
-        agent.metric(allocated_metric()).await.unwrap(),
-        live.len() as f64
-    );
+    // No duplicate, no leak: the agent holds exactly the live containers'
+    // addresses.
+    agent.check_holds_exactly(&live).await.unwrap();
     for (id, ip) in &live {
         let again = ipam_add(&conf, id).await.unwrap();
         assert_eq!(

@@ -209,30 +209,15 @@ async fn scenario(
     // Churn with three kill -9s; a failed ADD is followed by DEL, as
     // kubelet does.
     let churn = Churn::start(&conf, name, 4);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        agent.kill9();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        agent.restart().await.unwrap();
-    }
+    agent
+        .crash_repeatedly(3, Duration::from_millis(1500))
+        .await
+        .unwrap();
     let mut live: BTreeMap<String, String> = ids.iter().cloned().zip(ips.iter().cloned()).collect();
     live.extend(churn.stop().await.unwrap().live);
     agent.restart().await.unwrap();
+    agent.check_holds_exactly(&live).await.unwrap();
 
-    let unique: HashSet<&String> = live.values().collect();
-    assert_eq!(
-        unique.len(),
-        live.len(),
-        "duplicate addresses after crashes"
-    );
-    assert_eq!(
-        agent
-            .metric("vpc_ipam_addresses{state=\"allocated\"}")
-            .await
-            .unwrap(),
-        live.len() as f64,
-        "allocations leaked or lost"
-    );
     // The agent's pool is exactly what the cloud has assigned, once the
     // agent has given back the surplus it may find on start.
     eventually("pool and cloud agree", Duration::from_secs(30), || async {

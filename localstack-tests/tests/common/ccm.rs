@@ -2,7 +2,9 @@
 //! controller tests share.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use cnlb_localstack_tests::Env;
 use cnlb_localstack_tests::paths::workspace_bin;
@@ -164,6 +166,89 @@ pub fn service(name: &str, annotations: serde_json::Value) -> Service {
         },
     }))
     .unwrap()
+}
+
+/// Creates `count` Services `svc-0`, `svc-1`, ... and returns their names.
+pub async fn create_services(services: &Api<Service>, count: usize) -> Vec<String> {
+    let names: Vec<String> = (0..count).map(|i| format!("svc-{i}")).collect();
+    for name in &names {
+        services
+            .create(&PostParams::default(), &service(name, json!({})))
+            .await
+            .unwrap();
+    }
+    names
+}
+
+/// How many Services exist besides `kubernetes`.
+pub async fn our_services(services: &Api<Service>) -> kube::Result<usize> {
+    let list = services.list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|s| s.metadata.name.as_deref() != Some("kubernetes"))
+        .count())
+}
+
+/// Rolls Deployment web to a new template and calls `measure` every 100 ms
+/// until every Pod is new, Ready and among the addresses `measure` reports
+/// attached. `measure` returns how many targets serve and which `ip:port`
+/// are attached; the result is the fewest that served at any point.
+pub async fn roll_out_web<F, Fut>(client: &Client, wait: Duration, mut measure: F) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (usize, BTreeSet<String>)>,
+{
+    // By name: a new Pod may get an IP an old one just released.
+    let names = |ps: &[Pod]| -> BTreeSet<String> {
+        ps.iter().filter_map(|p| p.metadata.name.clone()).collect()
+    };
+    let old = names(&web_pods(client).await);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"rollout": "2"}}}}});
+    deployments
+        .patch("web", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut fewest = usize::MAX;
+    loop {
+        let (serving, attached) = measure().await;
+        fewest = fewest.min(serving);
+        let ps = web_pods(client).await;
+        assert!(
+            start.elapsed() < wait,
+            "rollout did not finish: attached {attached:?}\npods:\n{}",
+            ps.iter().map(describe_pod).collect::<Vec<_>>().join("\n")
+        );
+        let done = ps.len() == old.len()
+            && names(&ps).is_disjoint(&old)
+            && ps.iter().all(|p| pod_condition(p, "Ready"))
+            && attached == pod_targets(client).await;
+        if done {
+            return fewest;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Pod's name, IP, deletion and conditions, for failure messages.
+fn describe_pod(p: &Pod) -> String {
+    let conds: Vec<String> = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| format!("{}={}", c.type_, c.status))
+        .collect();
+    format!(
+        "{} ip={:?} deleting={} {:?}",
+        p.metadata.name.clone().unwrap_or_default(),
+        p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        p.metadata.deletion_timestamp.is_some(),
+        conds
+    )
 }
 
 /// True if the Pod's condition `kind` is True.
