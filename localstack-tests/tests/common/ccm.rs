@@ -49,19 +49,23 @@ pub async fn cluster(name: &str, nodes: u8) -> Cluster {
     }
 }
 
-/// `cnlb-ccm --provider=aws` for cluster `test` against the environment's
-/// API server; callers add leader election, metrics and AWS endpoints.
-pub fn command(env: &Env, vpc: &str) -> Command {
+/// `cnlb-ccm --provider=<provider>` for cluster `test` against the
+/// environment's API server; callers add the provider's flags.
+pub fn provider_command(env: &Env, provider: &str) -> Command {
     let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
     cmd.arg(format!(
         "--kubeconfig={}",
         env.kube().unwrap().kubeconfig.display()
     ))
-    .args([
-        "--cluster-name=test",
-        "--provider=aws",
-        &format!("--aws-vpc-id={vpc}"),
-    ]);
+    .args(["--cluster-name=test", &format!("--provider={provider}")]);
+    cmd
+}
+
+/// `cnlb-ccm --provider=aws` in `vpc`; callers add leader election,
+/// metrics and AWS endpoints.
+pub fn command(env: &Env, vpc: &str) -> Command {
+    let mut cmd = provider_command(env, "aws");
+    cmd.arg(format!("--aws-vpc-id={vpc}"));
     cmd
 }
 

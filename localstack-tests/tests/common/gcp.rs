@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use cnlb_localstack_tests::gce::GceEmulator;
-use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::podnet::AgentBackend;
 use cnlb_localstack_tests::process::{Proc, free_port};
 use cnlb_localstack_tests::{Env, NodeConfig};
@@ -42,14 +41,8 @@ pub async fn cluster(name: &str, nodes: u8) -> GcpCluster {
 /// API server and emulator; callers add leader election and metrics.
 pub fn command(env: &Env) -> Command {
     let gce = env.gce().unwrap();
-    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
-    cmd.arg(format!(
-        "--kubeconfig={}",
-        env.kube().unwrap().kubeconfig.display()
-    ))
-    .args([
-        "--cluster-name=test",
-        "--provider=gcp",
+    let mut cmd = super::ccm::provider_command(env, "gcp");
+    cmd.args([
         &format!("--gcp-project={}", gce.project()),
         &format!("--gcp-region={}", gce.region()),
         &format!("--gcp-network={}", gce.network()),

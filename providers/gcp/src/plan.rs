@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cnlb_provider_core::{
-    HealthCheckPort, HealthCheckProtocol, Listener, LoadBalancerKey, LoadBalancerSpec, Protocol,
+    HealthCheckPort, HealthCheckProtocol, Listener, LoadBalancerKey, LoadBalancerSpec,
     ProviderError, Result, Scheme, key_from_owner_tags, owner_tags,
 };
 use serde_json::{Value, json};
@@ -220,17 +220,7 @@ pub fn load_balancing_scheme(scheme: Scheme) -> &'static str {
 /// not do on GCP yet), as user errors naming the field.
 pub fn validate(spec: &LoadBalancerSpec) -> Result<()> {
     spec.validate()?;
-    for (i, l) in spec.listeners.iter().enumerate() {
-        if l.protocol != Protocol::Tcp {
-            return Err(ProviderError::invalid(
-                format!("listeners[{i}].protocol"),
-                format!(
-                    "{} is not supported on GCP: Pod IPs can only back a proxy load balancer, which is TCP",
-                    l.protocol.as_str()
-                ),
-            ));
-        }
-    }
+    spec.require_tcp("on GCP: Pod IPs can only back a proxy load balancer, which is TCP")?;
     let unsupported = |field: &str, what: &str| {
         Err(ProviderError::invalid(
             field,
@@ -558,6 +548,8 @@ pub fn merged(existing: &Value, desired: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use cnlb_provider_core::Protocol;
 
     use super::*;
 

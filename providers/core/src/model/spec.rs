@@ -258,6 +258,23 @@ impl LoadBalancerSpec {
         tags
     }
 
+    /// For providers that build TCP only: the first other listener as a
+    /// user error, "UDP is not supported {why}".
+    pub fn require_tcp(&self, why: &str) -> Result<()> {
+        match self
+            .listeners
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.protocol != Protocol::Tcp)
+        {
+            Some((i, l)) => Err(ProviderError::invalid(
+                format!("listeners[{i}].protocol"),
+                format!("{} is not supported {why}", l.protocol.as_str()),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Checks what every provider relies on. Cloud-specific limits (name
     /// lengths, health check ranges, supported protocols) are the provider's
     /// to check in `ensure_load_balancer`; both report

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
 use cnlb_provider_core::{
-    IpAddressType, Listener, LoadBalancerKey, LoadBalancerSpec, OwnedLoadBalancer, Protocol,
-    ProviderError, ResourceIds, Result,
+    IpAddressType, Listener, LoadBalancerKey, LoadBalancerSpec, OwnedLoadBalancer, ProviderError,
+    ResourceIds, Result,
 };
 use serde::{Deserialize, Serialize};
 
@@ -168,17 +168,7 @@ impl State {
 /// What HAProxy (community edition, TCP mode) cannot build, as user errors.
 fn check_spec(spec: &LoadBalancerSpec) -> Result<()> {
     spec.validate()?;
-    for (i, l) in spec.listeners.iter().enumerate() {
-        if l.protocol != Protocol::Tcp {
-            return Err(ProviderError::invalid(
-                format!("listeners[{i}].protocol"),
-                format!(
-                    "{} is not supported by the HAProxy provider (TCP only)",
-                    l.protocol.as_str()
-                ),
-            ));
-        }
-    }
+    spec.require_tcp("by the HAProxy provider (TCP only)")?;
     if spec.ip_address_type == IpAddressType::DualStack {
         return Err(ProviderError::invalid(
             "ip_address_type",
@@ -335,7 +325,7 @@ impl fmt::Display for AddressPool {
 
 #[cfg(test)]
 mod tests {
-    use cnlb_provider_core::HealthCheckProtocol;
+    use cnlb_provider_core::{HealthCheckProtocol, Protocol};
 
     use super::*;
 
