@@ -9,10 +9,10 @@ export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
 ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
 
-.PHONY: demo demo-deps test env-deps env-up env-check env-down lint fmt bench-aws bench-gcp bench-ipam
+.PHONY: demo demo-deps test trim-target env-deps env-up env-check env-down lint fmt bench-aws bench-gcp bench-ipam
 
 ## demo: set up, build, then run the on-prem demo (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
-demo: demo-deps
+demo: trim-target demo-deps
 	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this can take ~20 minutes"
 	$(CARGO) build --workspace --bins
 	$(ENV) down
@@ -31,10 +31,14 @@ env-up: env-deps
 	$(ENV) up
 
 ## test: lint, set up and run every test (unit and integration) against the real parts
-test: lint env-deps
+test: trim-target lint env-deps
 	$(ENV) down
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+## trim-target: drop the shared cargo target dir's debug build once it passes CNLB_TARGET_LIMIT_GIB (default 30)
+trim-target:
+	localstack-tests/scripts/trim-target.sh
 
 ## env-deps: Debian packages, the Kubernetes control plane and helm (go build), emulator venvs
 env-deps:
