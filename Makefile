@@ -7,66 +7,76 @@ SHELL := /bin/bash
 export CNLB_CACHE ?= $(HOME)/.cache/cnlb
 export CARGO_TARGET_DIR ?= $(CNLB_CACHE)/target
 CARGO ?= cargo
-ENV := $(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-env --
+# The binaries `cargo build --workspace --bins` made: `cargo run -p` would
+# resolve features for one package and build aws-sdk-ec2 a second time.
+BIN := $(CARGO_TARGET_DIR)/debug
+ENV := $(BIN)/cnlb-env
 
-.PHONY: demo demo-deps test trim-target env-deps env-up env-check env-down lint fmt bench-aws bench-gcp bench-ipam
+.PHONY: demo demo-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam
 
-## demo: set up, build, then run the on-prem demo (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
-demo: trim-target demo-deps
-	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this can take ~20 minutes"
-	$(CARGO) build --workspace --bins
+## demo: set up, build, then run the on-prem demo on real Nodes (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
+demo: trim-target demo-deps build
 	$(ENV) down
 	@echo "==> Running the demo (cnlb-demo)"
-	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-demo -- $(DEMO_ARGS)
+	$(BIN)/cnlb-demo $(DEMO_ARGS)
 
-## demo-deps: what the demo needs: Debian packages and the Kubernetes control plane (go build)
+build:
+	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this can take ~10 minutes"
+	$(CARGO) build --workspace --bins
+
+## demo-deps: what the demo needs: Debian packages, Kubernetes (control plane, kubelet), containerd and helm (go build)
 demo-deps:
-	@echo "==> Installing Debian packages (haproxy, containernetworking-plugins, iproute2) if missing"
+	@echo "==> Installing Debian packages (haproxy, containernetworking-plugins, iproute2, runc) if missing"
 	localstack-tests/scripts/install-deps.sh
-	@echo "==> Building the Kubernetes control plane from source: the first time this can take ~20 minutes"
+	@echo "==> Building Kubernetes, containerd and helm from source: the first time this can take ~10 minutes"
 	localstack-tests/scripts/build-control-plane.sh
+	localstack-tests/scripts/build-containerd.sh
+	localstack-tests/scripts/build-helm.sh
 
-## env-up: set up, start the local environment (control plane, AWS emulators) and print how to reach it (Ctrl-C stops it)
-env-up: env-deps
+## images: cnlb's images (cnlb-ccm, vpc-ipam, cnlb-onprem-haproxy) as OCI archives in IMAGES_DIR (default target/images)
+IMAGES_DIR ?= $(CARGO_TARGET_DIR)/images
+images: build
+	$(ENV) images --out $(IMAGES_DIR)
+
+## env-up: set up, start the local environment (control plane, 3 real Nodes, AWS emulators) and print how to reach it (Ctrl-C stops it)
+env-up: env-deps build
 	$(ENV) up
 
 ## test: lint, set up and run every test (unit and integration) against the real parts
-test: trim-target lint env-deps
+test: trim-target lint env-deps build
 	$(ENV) down
-	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 ## trim-target: drop the shared cargo target dir's debug build once it passes CNLB_TARGET_LIMIT_GIB (default 30)
 trim-target:
 	localstack-tests/scripts/trim-target.sh
 
-## env-deps: Debian packages, the Kubernetes control plane and helm (go build), emulator venvs
+## env-deps: Debian packages, Kubernetes, containerd and helm (go build), emulator venvs
 env-deps:
-	@echo "==> Installing Debian packages if missing; then building the Kubernetes control plane and helm"
-	@echo "    from source and the emulators' Python venvs: the first time this can take ~20 minutes"
+	@echo "==> Installing Debian packages if missing; then building Kubernetes, containerd and helm"
+	@echo "    from source and the emulators' Python venvs: the first time this can take ~10 minutes"
 	localstack-tests/scripts/install-deps.sh
 	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
 	localstack-tests/scripts/build-control-plane.sh; \
+	localstack-tests/scripts/build-containerd.sh; \
 	localstack-tests/scripts/build-helm.sh; \
 	wait $$venvs
 
 ## env-check: start everything, print start time and memory, stop
-env-check: env-deps
+env-check: env-deps build
 	$(ENV) up --check
 
 ## env-down: kill and remove what a killed test left behind
-env-down:
+env-down: build
 	$(ENV) down
 
 ## bench-aws: N Services x M endpoints through cnlb-ccm and moto (BENCH_ARGS="--services 200 --endpoints 50")
-bench-aws: env-deps
-	$(CARGO) build --workspace --bins
-	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-lb -- --provider aws $(BENCH_ARGS)
+bench-aws: env-deps build
+	$(BIN)/cnlb-bench-lb --provider aws $(BENCH_ARGS)
 
 ## bench-gcp: N Services x M real Pods through cnlb-ccm and the GCE emulator (BENCH_ARGS="--services 50 --endpoints 50")
-bench-gcp: env-deps
-	$(CARGO) build --workspace --bins
-	$(CARGO) run -q -p cnlb-localstack-tests --bin cnlb-bench-lb -- --provider gcp --services 50 $(BENCH_ARGS)
+bench-gcp: env-deps build
+	$(BIN)/cnlb-bench-lb --provider gcp --services 50 $(BENCH_ARGS)
 
 ## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s
 # Release builds: the plugin is a process started per CNI command, so its

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local environment needs (real CNI plugins,
-# HAProxy, iproute2), as root, only when one is missing.
+# HAProxy, iproute2, runc for the Nodes' containerd), as root, only when one is
+# missing.
 set -euo pipefail
-pkgs=(haproxy containernetworking-plugins iproute2 procps)
+pkgs=(haproxy containernetworking-plugins iproute2 procps runc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,8 @@
-//! The real Kubernetes control plane: etcd, kube-apiserver (RBAC on, static
-//! token authentication, our own CA) and kube-controller-manager (every default
-//! controller, each with its own ServiceAccount credentials, as kubeadm runs it).
+//! The real Kubernetes control plane: etcd, kube-apiserver (Node and RBAC
+//! authorization, NodeRestriction, static tokens for people and controllers,
+//! client certificates from our own CA for kubelets), kube-controller-manager
+//! (every default controller, each with its own ServiceAccount credentials,
+//! as kubeadm runs it) and kube-scheduler.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +24,14 @@ use crate::process::{Proc, free_port};
 /// The service CIDR given to kube-apiserver.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
+/// How the control plane is started.
+#[derive(Clone, Debug, Default)]
+pub struct ControlPlaneOptions {
+    /// With a range, kube-controller-manager gives each Node a /24 of it as
+    /// `spec.podCIDR` (`--allocate-node-cidrs`), as on-prem clusters do.
+    pub cluster_cidr: Option<String>,
+}
+
 pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`
     pub server: String,
@@ -30,7 +40,10 @@ pub struct ControlPlane {
     pub ca_file: PathBuf,
     etcd_url: String,
     admin: Config,
+    /// Signs the kubelets' client and serving certificates.
+    ca: CertifiedIssuer<'static, KeyPair>,
     // Field order is drop order: controllers first, etcd last.
+    scheduler: Proc,
     kcm: Proc,
     apiserver: Proc,
     etcd: Proc,
@@ -38,16 +51,18 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Writes certificates, tokens and kubeconfigs into `dir` and starts the
-    /// three processes at once; each retries its upstream until it is up.
-    pub async fn spawn(dir: &Path) -> Result<ControlPlane> {
+    /// four processes at once; each retries its upstream until it is up.
+    pub async fn spawn(dir: &Path, options: &ControlPlaneOptions) -> Result<ControlPlane> {
         let pki = Pki::write(dir)?;
         let admin_token = random_token()?;
         let kcm_token = random_token()?;
+        let scheduler_token = random_token()?;
         std::fs::write(
             dir.join("tokens.csv"),
             format!(
                 "{admin_token},cnlb-admin,cnlb-admin,\"system:masters\"\n\
-                 {kcm_token},system:kube-controller-manager,kube-controller-manager\n"
+                 {kcm_token},system:kube-controller-manager,kube-controller-manager\n\
+                 {scheduler_token},system:kube-scheduler,kube-scheduler\n"
             ),
         )?;
 
@@ -63,6 +78,14 @@ impl ControlPlane {
             &pki.ca,
             "kube-controller-manager",
             &kcm_token,
+        )?;
+        let scheduler_kubeconfig = dir.join("scheduler.kubeconfig");
+        write_kubeconfig(
+            &scheduler_kubeconfig,
+            &server,
+            &pki.ca,
+            "kube-scheduler",
+            &scheduler_token,
         )?;
 
         let mut etcd = Command::new(control_plane_bin("etcd")?);
@@ -94,7 +117,22 @@ impl ControlPlane {
                 "--token-auth-file={}",
                 dir.join("tokens.csv").display()
             ))
-            .arg("--authorization-mode=RBAC")
+            // Kubelets may touch only their own Node and its Pods.
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--enable-admission-plugins=NodeRestriction")
+            // For logs, exec and port-forward, as a kubelet's admin.
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                pki.kubelet_client_cert.display()
+            ))
+            .arg(format!(
+                "--kubelet-client-key={}",
+                pki.kubelet_client_key.display()
+            ))
+            .arg(format!(
+                "--kubelet-certificate-authority={}",
+                pki.ca.display()
+            ))
             .arg("--anonymous-auth=false")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!(
@@ -124,7 +162,20 @@ impl ControlPlane {
                 pki.sa_key.display()
             ))
             .arg("--controllers=*");
+        if let Some(cidr) = &options.cluster_cidr {
+            kcm.arg("--allocate-node-cidrs=true")
+                .arg(format!("--cluster-cidr={cidr}"))
+                .arg("--node-cidr-mask-size=24");
+        }
         let kcm = Proc::spawn("kube-controller-manager", kcm, dir)?;
+
+        let mut scheduler = Command::new(control_plane_bin("kube-scheduler")?);
+        scheduler
+            .arg(format!("--kubeconfig={}", scheduler_kubeconfig.display()))
+            .arg("--leader-elect=false")
+            // Nothing here reads its metrics or health endpoints.
+            .arg("--secure-port=0");
+        let scheduler = Proc::spawn("kube-scheduler", scheduler, dir)?;
 
         let admin = client_config(&kubeconfig).await?;
         Ok(ControlPlane {
@@ -133,6 +184,8 @@ impl ControlPlane {
             ca_file: pki.ca,
             etcd_url,
             admin,
+            ca: pki.issuer,
+            scheduler,
             kcm,
             apiserver,
             etcd,
@@ -172,11 +225,59 @@ impl ControlPlane {
                 sas.get("default").await?;
                 Ok(())
             })
-            .await
+            .await?;
+        // It serves nothing to probe; it schedules once the API answers.
+        self.scheduler.check_running()
     }
 
-    pub fn procs(&self) -> [&Proc; 3] {
-        [&self.kcm, &self.apiserver, &self.etcd]
+    pub fn procs(&self) -> [&Proc; 4] {
+        [&self.scheduler, &self.kcm, &self.apiserver, &self.etcd]
+    }
+
+    /// A client certificate (PEM certificate, PEM key) of user `cn` in
+    /// groups `orgs`, signed by the cluster's CA.
+    pub fn client_certificate(&self, cn: &str, orgs: &[&str]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        for o in orgs {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *o);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes `<dir>/kubelet.kubeconfig`, with which a kubelet acts as Node
+    /// `node` (`system:node:<node>` in `system:nodes`: what the Node
+    /// authorizer and NodeRestriction recognise), and returns its path.
+    pub fn node_kubeconfig(&self, dir: &Path, node: &str) -> Result<PathBuf> {
+        let (cert, key) = self.client_certificate(&format!("system:node:{node}"), &["system:nodes"])?;
+        let (cert_file, key_file) = (dir.join("kubelet-client.crt"), dir.join("kubelet-client.key"));
+        std::fs::write(&cert_file, cert)?;
+        std::fs::write(&key_file, key)?;
+        let path = dir.join("kubelet.kubeconfig");
+        write_kubeconfig_for(
+            &path,
+            &self.server,
+            &self.ca_file,
+            &format!("system:node:{node}"),
+            json!({"client-certificate": cert_file, "client-key": key_file}),
+        )?;
+        Ok(path)
+    }
+
+    /// A serving certificate (PEM certificate, PEM key) for `names` (DNS
+    /// names or IP addresses), signed by the cluster's CA.
+    pub fn serving_certificate(&self, cn: &str, names: &[String]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// A client with cluster-admin rights (group `system:masters`).
@@ -205,11 +306,23 @@ pub async fn client_config(kubeconfig: &Path) -> Result<Config> {
 }
 
 fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &str, token: &str) -> Result<()> {
+    write_kubeconfig_for(path, server, ca, user, json!({"token": token}))
+}
+
+/// A kubeconfig for `server` whose user authenticates as `credentials`
+/// (a kubeconfig `user` object).
+fn write_kubeconfig_for(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user: &str,
+    credentials: serde_json::Value,
+) -> Result<()> {
     let kc = json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "cnlb-env", "cluster": {"server": server, "certificate-authority": ca}}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": "cnlb-env", "context": {"cluster": "cnlb-env", "user": user}}],
         "current-context": "cnlb-env",
     });
@@ -223,12 +336,16 @@ fn random_token() -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The environment's own CA, the API server's serving certificate and the
-/// ServiceAccount token signing key.
+/// The environment's own CA, the API server's serving certificate, its
+/// client certificate towards kubelets, and the ServiceAccount token
+/// signing key.
 struct Pki {
+    issuer: CertifiedIssuer<'static, KeyPair>,
     ca: PathBuf,
     apiserver_cert: PathBuf,
     apiserver_key: PathBuf,
+    kubelet_client_cert: PathBuf,
+    kubelet_client_key: PathBuf,
     sa_key: PathBuf,
     sa_pub: PathBuf,
 }
@@ -260,17 +377,33 @@ impl Pki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &ca)?;
 
+        let client_key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+        client
+            .distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client.signed_by(&client_key, &ca)?;
+
         let sa = KeyPair::generate()?;
         let pki = Pki {
             ca: dir.join("ca.crt"),
             apiserver_cert: dir.join("apiserver.crt"),
             apiserver_key: dir.join("apiserver.key"),
+            kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
             sa_key: dir.join("sa.key"),
             sa_pub: dir.join("sa.pub"),
+            issuer: ca,
         };
-        std::fs::write(&pki.ca, ca.pem())?;
+        std::fs::write(&pki.ca, pki.issuer.pem())?;
         std::fs::write(&pki.apiserver_cert, cert.pem())?;
         std::fs::write(&pki.apiserver_key, key.serialize_pem())?;
+        std::fs::write(&pki.kubelet_client_cert, client_cert.pem())?;
+        std::fs::write(&pki.kubelet_client_key, client_key.serialize_pem())?;
         std::fs::write(&pki.sa_key, sa.serialize_pem())?;
         std::fs::write(&pki.sa_pub, sa.public_key_pem())?;
         Ok(pki)

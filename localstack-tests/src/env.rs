@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 use crate::aws::{AwsEndpoints, Emulator, external_url};
-use crate::controlplane::ControlPlane;
+use crate::controlplane::{ControlPlane, ControlPlaneOptions};
 use crate::gce::{GceEmulator, GceOptions, NamedRange};
-use crate::kubelet::{Kubelet, NodeConfig};
+use crate::node::{NodeConfig, NodeContext, RealNode};
 use crate::paths::run_root;
 use crate::podnet::{AgentBackend, PodNet, PodNetContext, PodNetworkConfig, PodSandbox};
 use crate::process::{Proc, free_port};
+use crate::range::RangeLease;
+use crate::simulated_kubelet::SimulatedKubelet;
 
 /// Set to keep an environment's directory (logs, kubeconfig) after a passing run too.
 pub const KEEP_VAR: &str = "CNLB_KEEP_LOGS";
@@ -25,6 +27,12 @@ pub struct EnvBuilder {
     name: String,
     kube: bool,
     nodes: Vec<NodeConfig>,
+    /// The nodes are played by [`SimulatedKubelet`], not real kubelets.
+    simulated: bool,
+    external_cloud_provider: bool,
+    agent_backend: AgentBackend,
+    /// Imported into real Nodes besides the sandbox, sample app and vpc-ipam images.
+    images: Vec<String>,
     moto: bool,
     localstack: bool,
     pod_network: Option<PodNetworkConfig>,
@@ -43,10 +51,38 @@ impl EnvBuilder {
         self
     }
 
-    /// Nodes the harness creates and plays kubelet for (implies `kube`).
+    /// Real Nodes (implies `kube`): per Node a containerd and a kubelet
+    /// (see [`crate::node`]), and the Pod network as users install it:
+    /// vpc-ipam's DaemonSet from `deploy/` (ptp and the vpc-ipam plugin;
+    /// the backend is [`EnvBuilder::agent_backend`], by default static
+    /// ranges from the Nodes' `spec.podCIDRs`, which kube-controller-manager
+    /// assigns from the environment's /16). Node names, zones and regions
+    /// come from `nodes`; their addresses from the environment's range.
     pub fn nodes(mut self, nodes: Vec<NodeConfig>) -> Self {
         self.kube = true;
         self.nodes = nodes;
+        self.simulated = false;
+        self
+    }
+
+    /// Nodes the harness registers and plays kubelet for, with no
+    /// container runtime (see [`SimulatedKubelet`]): for benchmarks with
+    /// thousands of Pods. Pods get made-up IPs, or real network namespaces
+    /// with [`EnvBuilder::pod_network`].
+    pub fn simulated_nodes(mut self, nodes: Vec<NodeConfig>) -> Self {
+        self.kube = true;
+        self.nodes = nodes;
+        self.simulated = true;
+        self
+    }
+
+    /// Real kubelets start with `--cloud-provider=external`: Nodes carry
+    /// the `node.cloudprovider.kubernetes.io/uninitialized` taint until a
+    /// cloud controller manager initializes them (sets their provider ID,
+    /// addresses and topology labels). Without it the kubelets set the
+    /// provider ID and labels of their [`NodeConfig`] themselves.
+    pub fn external_cloud_provider(mut self) -> Self {
+        self.external_cloud_provider = true;
         self
     }
 
@@ -91,30 +127,36 @@ impl EnvBuilder {
         o
     }
 
-    /// Real Pod networking on the harness's Nodes (needs `nodes`): a
-    /// `vpc-ipam-agent` per Node, and per Pod a network namespace attached
+    /// Also imports this image of [`crate::images::workspace_images`]
+    /// (e.g. [`crate::images::ccm_image`]) into the real Nodes; they always
+    /// have the Pod sandbox's, the sample app's and vpc-ipam's.
+    pub fn image(mut self, reference: &str) -> Self {
+        self.images.push(reference.to_string());
+        self
+    }
+
+    /// Pod networking on simulated Nodes (see [`EnvBuilder::simulated_nodes`]):
+    /// a `vpc-ipam-agent` per Node, and per Pod a network namespace attached
     /// by CNI ADD through Debian's ptp plugin, with `cnlb-pod-server`
     /// inside answering on the Pod's container ports. Pod IPs come from
     /// this environment's own /16 (see [`Env::pod_range`]). Without it Pods
-    /// get made-up IPs and nothing runs.
+    /// get made-up IPs and nothing runs. Real Nodes always have a Pod network.
     pub fn pod_network(mut self) -> Self {
         self.pod_network
             .get_or_insert_with(PodNetworkConfig::default);
         self
     }
 
-    /// The agents' backend (default static over each Node's pod range;
-    /// implies `pod_network`).
+    /// vpc-ipam's backend: on real Nodes the DaemonSet's, on simulated ones
+    /// each agent's (implies `pod_network` there). Default: static ranges.
     pub fn agent_backend(mut self, backend: AgentBackend) -> Self {
-        self.pod_network
-            .get_or_insert_with(PodNetworkConfig::default)
-            .backend = backend;
+        self.agent_backend = backend;
         self
     }
 
-    /// How long a deleted Pod keeps serving, not Ready, before its server
-    /// stops (default 0; a container's preStop `sleep` takes precedence;
-    /// implies `pod_network`).
+    /// On simulated Nodes: how long a deleted Pod keeps serving, not Ready,
+    /// before its server stops (default 0; a container's preStop `sleep`
+    /// takes precedence; implies `pod_network`).
     pub fn pod_drain(mut self, drain: Duration) -> Self {
         self.pod_network
             .get_or_insert_with(PodNetworkConfig::default)
@@ -129,6 +171,22 @@ impl EnvBuilder {
     }
 
     pub async fn start(mut self) -> Result<Env> {
+        let real_nodes = !self.simulated && !self.nodes.is_empty();
+        if self.simulated {
+            if let Some(net) = &mut self.pod_network {
+                net.backend = self.agent_backend.clone();
+            } else if !matches!(self.agent_backend, AgentBackend::Static) {
+                self.pod_network = Some(PodNetworkConfig {
+                    backend: self.agent_backend.clone(),
+                    ..PodNetworkConfig::default()
+                });
+            }
+        }
+        if self.pod_network.is_some() && !self.simulated {
+            bail!(
+                "pod_network() and pod_drain() are for simulated_nodes(): real Nodes always have vpc-ipam's Pod network"
+            );
+        }
         if self.pod_network.is_some() && self.nodes.is_empty() {
             bail!("a pod network needs nodes");
         }
@@ -142,20 +200,38 @@ impl EnvBuilder {
         let mut env = Env {
             dir: dir.path().to_path_buf(),
             tmp: Some(dir),
+            nodes: Vec::new(),
             kubelet: None,
             pod_net: None,
             control_plane: None,
             moto: None,
             localstack: None,
             gce: None,
+            range: None,
             external: external_url().map(|u| AwsEndpoints::single(&u)),
             started,
             ready_in: Duration::ZERO,
             keep: false,
         };
+        if real_nodes || self.pod_network.is_some() {
+            let range = RangeLease::acquire(&env.dir)?;
+            for (i, node) in self.nodes.iter_mut().enumerate().filter(|_| real_nodes) {
+                node.internal_ip = range.node_ip(i)?;
+                node.pod_cidr = String::new();
+            }
+            env.range = Some(range);
+        }
+        let static_pods = real_nodes && matches!(self.agent_backend, AgentBackend::Static);
         // Spawn everything first so the parts come up in parallel.
         if self.kube {
-            env.control_plane = Some(ControlPlane::spawn(&env.dir).await?);
+            let options = ControlPlaneOptions {
+                cluster_cidr: env
+                    .range
+                    .as_ref()
+                    .filter(|_| static_pods)
+                    .map(RangeLease::pod_cidr),
+            };
+            env.control_plane = Some(ControlPlane::spawn(&env.dir, &options).await?);
         }
         if env.external.is_none() {
             if self.moto {
@@ -167,10 +243,14 @@ impl EnvBuilder {
         }
         // The GCE emulator's address is known before it starts, so that the
         // pod network's agents can be pointed at it; its subnetwork takes
-        // the Pod CIDR, known once the pod network has taken its range.
+        // the Pod CIDR, known once the environment has taken its range.
         let gce = match self.gce.take() {
-            Some(opts) => {
+            Some(mut opts) => {
                 let port = free_port()?;
+                if real_nodes && let Ok(r) = NamedRange::new("nodes", "10.127.0.0/16") {
+                    // Where real Nodes' addresses are (see crate::range).
+                    opts.subnetwork = r;
+                }
                 Some((
                     port,
                     GceEmulator::new(&format!("http://127.0.0.1:{port}"), opts),
@@ -178,13 +258,28 @@ impl EnvBuilder {
             }
             None => None,
         };
-        if let Some(cp) = &env.control_plane
-            && !self.nodes.is_empty()
-            && let Some(config) = self.pod_network.take()
+        let instances = match (&gce, &env.range) {
+            (Some((_, g)), Some(range))
+                if matches!(self.agent_backend, AgentBackend::Gcp) =>
+            {
+                self.nodes
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, node)| {
+                        node.pod_cidr = format!("10.{}.{i}.0/24", range.k());
+                        crate::podnet::gce_node(g, i, node)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            _ => Vec::new(),
+        };
+        if let (Some(cp), Some(config), Some(range)) =
+            (&env.control_plane, self.pod_network.take(), &env.range)
         {
             let aws = env.aws().ok();
             let ctx = PodNetContext {
                 env_dir: &env.dir,
+                k: range.k(),
                 cluster: &self.name,
                 aws: aws.as_ref(),
                 gce: gce.as_ref().map(|(_, g)| g),
@@ -194,14 +289,15 @@ impl EnvBuilder {
         }
         if let Some((port, handle)) = gce {
             let mut opts = handle.options().clone();
-            if let Some(net) = &env.pod_net
+            if let Some(range) = &env.range
                 && !opts
                     .secondary_ranges
                     .iter()
                     .any(|r| r.name == GCE_POD_RANGE)
             {
-                opts.secondary_ranges
-                    .push(NamedRange::new(GCE_POD_RANGE, &net.cidr()).map_err(anyhow::Error::msg)?);
+                opts.secondary_ranges.push(
+                    NamedRange::new(GCE_POD_RANGE, &range.pod_cidr()).map_err(anyhow::Error::msg)?,
+                );
             }
             let proc = crate::gce::spawn(&env.dir, port, &opts)?;
             env.gce = Some(GceProcess {
@@ -235,24 +331,77 @@ impl EnvBuilder {
                 Some(g) => {
                     g.proc
                         .wait_ready(t, || async { g.handle.ping().await })
-                        .await
+                        .await?;
+                    for instance in &instances {
+                        g.handle
+                            .seed(instance)
+                            .await
+                            .with_context(|| format!("seeding GCE instance {}", instance.name))?;
+                    }
+                    Ok(())
                 }
                 None => Ok(()),
             }
         };
-        let ready = tokio::try_join!(kube, moto, localstack, gce);
+        // Images are written while the parts start (it reads every binary).
+        let images = async {
+            if !real_nodes {
+                return Ok(Vec::new());
+            }
+            let mut wanted = vec![
+                crate::images::pause_image(),
+                crate::images::pod_server_image(),
+                crate::images::vpc_ipam_image(),
+            ];
+            wanted.extend(self.images.iter().cloned());
+            tokio::task::spawn_blocking(move || crate::images::workspace_archives(&wanted))
+                .await
+                .map_err(|e| anyhow!("building images: {e}"))?
+        };
+        let ready = tokio::try_join!(kube, moto, localstack, gce, images);
         // A part that failed to start is what the logs are for.
         env.keep = ready.is_err();
-        ready?;
+        let ((), (), (), (), images) = ready?;
+        tracing::info!("control plane and emulators ready in {:.1?}", started.elapsed());
 
         if let Some(cp) = &env.control_plane
             && !self.nodes.is_empty()
         {
-            let kubelet =
-                Kubelet::start(cp.admin_client()?, self.nodes, env.pod_net.clone(), t).await;
-            // An agent that failed to start is what the logs are for.
-            env.keep = kubelet.is_err();
-            env.kubelet = Some(kubelet?);
+            let started = if let Some(range) = env.range.as_ref().filter(|_| real_nodes) {
+                let ctx = NodeContext {
+                    control_plane: cp,
+                    env_dir: &env.dir,
+                    k: range.k(),
+                    images: &images,
+                    external_cloud_provider: self.external_cloud_provider,
+                    timeout: t,
+                };
+                let starts = self.nodes.iter().map(|n| RealNode::start(&ctx, n.clone()));
+                let mut first_error = None;
+                for node in futures::future::join_all(starts).await {
+                    match node {
+                        Ok(node) => env.nodes.push(node),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                tracing::info!("Nodes registered in {:.1?}", started.elapsed());
+                match first_error {
+                    Some(e) => Err(e),
+                    None => {
+                        let gce = env.gce.as_ref().map(|g| g.handle.endpoint().to_string());
+                        install_pod_network(cp, &env.dir, &self, gce.as_deref()).await
+                    }
+                }
+            } else {
+                SimulatedKubelet::start(cp.admin_client()?, self.nodes, env.pod_net.clone(), t)
+                    .await
+                    .map(|k| env.kubelet = Some(k))
+            };
+            // A Node that failed to start is what the logs are for.
+            env.keep = started.is_err();
+            started?;
         }
         env.ready_in = started.elapsed();
         tracing::info!(dir = %env.dir.display(), "environment ready in {:.1?}", env.ready_in);
@@ -260,17 +409,64 @@ impl EnvBuilder {
     }
 }
 
+/// vpc-ipam's DaemonSet with the environment's backend, and the wait for
+/// an agent on every Node and every Node Ready.
+async fn install_pod_network(
+    cp: &ControlPlane,
+    dir: &Path,
+    builder: &EnvBuilder,
+    gce_endpoint: Option<&str>,
+) -> Result<()> {
+    let (backend, args) = match &builder.agent_backend {
+        AgentBackend::Static => ("static", Vec::new()),
+        AgentBackend::Gcp => {
+            // GKE's node IPAM controller (the CloudAllocator) copies each
+            // instance's alias IP range into its Node's spec.podCIDR.
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+                kube::Api::all(cp.admin_client()?);
+            for node in &builder.nodes {
+                let patch = serde_json::json!({"spec": {
+                    "podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr],
+                }});
+                nodes
+                    .patch(&node.name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
+                    .await
+                    .with_context(|| format!("setting Node {} spec.podCIDR", node.name))?;
+            }
+            let endpoint = gce_endpoint
+                .context("AgentBackend::Gcp needs the GCE emulator: add .gce() to the builder")?;
+            (
+                "gcp",
+                vec![
+                    format!("--gcp-endpoint={endpoint}"),
+                    format!("--gcp-pod-range-name={GCE_POD_RANGE}"),
+                ],
+            )
+        }
+        AgentBackend::Custom(_) => {
+            bail!("AgentBackend::Custom launches agents of simulated Nodes only")
+        }
+    };
+    let values = crate::install::vpc_ipam_values(cp, &builder.name, backend, &args)?;
+    crate::install::helm_install(cp, dir, "cnlb-vpc-ipam", "cnlb-vpc-ipam", &values).await?;
+    crate::install::wait_daemonset_and_nodes(cp, "vpc-ipam-agent", builder.nodes.len(), builder.timeout)
+        .await
+}
+
 pub struct Env {
     /// Logs, certificates, kubeconfig and emulator state of this environment.
     pub dir: PathBuf,
     tmp: Option<tempfile::TempDir>,
-    // Field order is drop order: the kubelet stops before the API server.
-    kubelet: Option<Kubelet>,
+    // Field order is drop order: the Nodes stop before the API server.
+    nodes: Vec<RealNode>,
+    kubelet: Option<SimulatedKubelet>,
     pod_net: Option<Arc<PodNet>>,
     control_plane: Option<ControlPlane>,
     moto: Option<Emulator>,
     localstack: Option<Emulator>,
     gce: Option<GceProcess>,
+    /// Held until the end: what carries its number is this environment's.
+    range: Option<RangeLease>,
     external: Option<AwsEndpoints>,
     started: Instant,
     ready_in: Duration,
@@ -284,6 +480,10 @@ impl Env {
             name: name.to_string(),
             kube: false,
             nodes: Vec::new(),
+            simulated: false,
+            external_cloud_provider: false,
+            agent_backend: AgentBackend::Static,
+            images: Vec::new(),
             moto: false,
             localstack: false,
             pod_network: None,
@@ -335,18 +535,43 @@ impl Env {
     fn pod_net(&self) -> Result<&Arc<PodNet>> {
         self.pod_net
             .as_ref()
-            .context("this environment was built without .pod_network()")
+            .context("this environment has no simulated Nodes with .pod_network()")
+    }
+
+    /// The real Nodes, in the builder's order.
+    pub fn nodes(&self) -> &[RealNode] {
+        &self.nodes
+    }
+
+    /// The real Node named `name`.
+    pub fn node(&self, name: &str) -> Result<&RealNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.config.name == name)
+            .with_context(|| format!("no real Node {name}"))
     }
 
     /// This environment's Pod addresses, `10.<k>.0.0/16`: `k` is unique
     /// among the environments running on this host.
     pub fn pod_cidr(&self) -> Result<String> {
-        Ok(self.pod_net()?.cidr())
+        self.range
+            .as_ref()
+            .map(RangeLease::pod_cidr)
+            .context("this environment has no Pod network")
     }
 
     /// The pod range of the Node at `node` (index in the builder's list),
-    /// `10.<k>.<node>.0/24`; also the Node's `spec.podCIDR`.
+    /// `10.<k>.<node>.0/24`, where the environment chose it (simulated
+    /// Nodes; real ones with the GCP backend, as their alias IP range).
+    /// Otherwise kube-controller-manager assigns it: read the Node's
+    /// `spec.podCIDR`.
     pub fn pod_range(&self, node: usize) -> Result<String> {
+        if let Some(n) = self.nodes.get(node) {
+            if n.config.pod_cidr.is_empty() {
+                bail!("the pod range of Node {} is its spec.podCIDR", n.config.name);
+            }
+            return Ok(n.config.pod_cidr.clone());
+        }
         self.pod_net()?.pod_range(node)
     }
 
@@ -439,7 +664,8 @@ impl Env {
     /// Current and peak resident memory of every process of the environment
     /// (all members of each part's process group), in bytes.
     pub fn memory(&self) -> Memory {
-        crate::process::group_memory(&self.pids())
+        let node_pids: Vec<i32> = self.nodes.iter().flat_map(RealNode::pids).collect();
+        crate::process::group_memory(&self.pids(), &node_pids)
     }
 
     /// `owner<TAB>pid` of this process, then `pid<TAB>name` per part: read by
@@ -459,6 +685,12 @@ pub use crate::process::Memory;
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // Real Nodes all at once: each kills its processes and waits.
+        std::thread::scope(|s| {
+            for node in self.nodes.drain(..) {
+                s.spawn(move || drop(node));
+            }
+        });
         self.kubelet.take();
         // Pods and agents go while the parts still run (nothing they do
         // needs the API), and before the directory their records are in.
@@ -510,18 +742,20 @@ pub struct Cleaned {
     pub removed: Vec<PathBuf>,
     /// Logs of failed runs, left for a person to read.
     pub kept: Vec<PathBuf>,
-    /// Network namespaces of Pods of dead environments, removed.
-    pub netns: Vec<String>,
+    /// What dead environments left on the host, removed: real Nodes'
+    /// processes, cgroups and addresses, Pods' network namespaces.
+    pub ranges: Vec<String>,
 }
 
-/// Stops what a killed test process left behind: for each environment
+/// Stops what a killed test process left behind: first what dead
+/// environments put on the host (real Nodes with their containers, Pod
+/// network namespaces: see [`crate::range`]); then, for each environment
 /// directory whose owner process is gone, every part still running there is
-/// killed and the directory removed; first their Pods' network namespaces
-/// (servers killed, CNI DEL, namespace deleted). Environments of live
-/// processes and directories kept for their logs are left alone.
+/// killed and the directory removed. Environments of live processes and
+/// directories kept for their logs are left alone.
 pub fn clean_stale() -> Result<Cleaned> {
     let mut cleaned = Cleaned {
-        netns: crate::podnet::clean_stale_netns()?,
+        ranges: crate::range::clean_stale()?,
         ..Cleaned::default()
     };
     let Ok(entries) = std::fs::read_dir(run_root()) else {

@@ -1,23 +1,28 @@
 //! The local environment every cnlb test and the demo run in: the real
-//! Kubernetes control plane built from source, AWS emulators, cnlb's own
-//! GCE emulator, and a harness that plays scheduler and kubelet for Pods on
-//! the Nodes it creates. All on
-//! loopback, on free ports, torn down on drop. See README.md beside this crate.
+//! Kubernetes control plane built from source, real Nodes (containerd and
+//! kubelet) running cnlb as users install it, AWS emulators and cnlb's own
+//! GCE emulator. All on loopback, on free ports, torn down on drop. See
+//! README.md beside this crate.
 
 pub mod aws;
 pub mod controlplane;
 pub mod env;
 pub mod gce;
+pub mod images;
+pub mod install;
 pub mod ipam;
-pub mod kubelet;
+pub mod node;
 pub mod onprem;
 pub mod paths;
 pub mod podnet;
 pub mod process;
+pub mod range;
+pub mod sample_app;
+pub mod simulated_kubelet;
 
 pub use aws::AwsEndpoints;
 pub use controlplane::ControlPlane;
 pub use env::{Env, EnvBuilder, eventually};
 pub use gce::GceEmulator;
-pub use kubelet::NodeConfig;
+pub use node::NodeConfig;
 pub use podnet::{AgentBackend, AgentLaunch, PodSandbox};

@@ -3,9 +3,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use cnlb_localstack_tests::env::{KEEP_VAR, clean_stale};
 use cnlb_localstack_tests::{Env, NodeConfig};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 
 #[derive(Parser)]
 #[command(
@@ -20,9 +23,16 @@ struct Cli {
 enum Cmd {
     /// Start every part, print how to reach them, run until Ctrl-C.
     Up {
-        /// Nodes to create and play kubelet for.
+        /// Real Nodes to start (containerd and a kubelet each).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=200))]
         nodes: u8,
+        /// Simulated Nodes instead (no containers: Pods get made-up IPs).
+        #[arg(long)]
+        simulated: bool,
+        /// Start the kubelets with --cloud-provider=external (Nodes stay
+        /// tainted until a cloud controller manager initializes them).
+        #[arg(long)]
+        external_cloud_provider: bool,
         /// Skip the AWS emulators.
         #[arg(long)]
         no_aws: bool,
@@ -36,21 +46,17 @@ enum Cmd {
         /// Readiness deadline per part, in seconds.
         #[arg(long, default_value_t = 90)]
         timeout: u64,
-        /// Real Pod networking (network namespaces, ptp, a server per Pod)
-        /// with this IPAM; `none` makes Pod IPs up.
-        #[arg(long, value_enum, default_value_t = PodNetwork::None)]
-        pod_network: PodNetwork,
     },
     /// Kill what a killed test or `up` left behind and remove its directories
     /// (environments of running processes and kept logs are left alone).
     Down,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PodNetwork {
-    None,
-    /// vpc-ipam with a vpc-ipam-agent per Node (static backend).
-    VpcIpam,
+    /// Write cnlb's images (and the local environment's) as OCI archives,
+    /// from the binaries of this build.
+    Images {
+        /// Directory to write `<name>-<tag>.tar` into.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -63,10 +69,23 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Cmd::Images { out } => {
+            for spec in cnlb_localstack_tests::images::workspace_images()? {
+                let archive = cnlb_localstack_tests::images::write_archive(&spec, &out)?;
+                let size = std::fs::metadata(&archive.path)?.len();
+                println!(
+                    "{}  {}  {} MiB  {}",
+                    archive.reference,
+                    archive.digest,
+                    size >> 20,
+                    archive.path.display()
+                );
+            }
+        }
         Cmd::Down => {
             let cleaned = clean_stale()?;
-            for netns in &cleaned.netns {
-                println!("cnlb-env: removed network namespace {netns}");
+            for what in &cleaned.ranges {
+                println!("cnlb-env: removed {what}");
             }
             for dir in &cleaned.removed {
                 println!("cnlb-env: stopped and removed {}", dir.display());
@@ -80,28 +99,31 @@ async fn main() -> Result<()> {
         }
         Cmd::Up {
             nodes,
+            simulated,
+            external_cloud_provider,
             no_aws,
             gce,
             check,
             timeout,
-            pod_network,
         } => {
-            let mut b = Env::builder("up")
-                .nodes((1..=nodes).map(NodeConfig::numbered).collect())
-                .kube()
-                .timeout(Duration::from_secs(timeout));
+            let nodes = (1..=nodes).map(NodeConfig::numbered).collect();
+            let mut b = Env::builder("up").kube().timeout(Duration::from_secs(timeout));
+            b = if simulated {
+                b.simulated_nodes(nodes)
+            } else {
+                b.nodes(nodes)
+            };
+            if external_cloud_provider {
+                b = b.external_cloud_provider();
+            }
             if !no_aws {
                 b = b.moto().localstack();
             }
             if gce {
                 b = b.gce();
             }
-            match pod_network {
-                PodNetwork::None => {}
-                PodNetwork::VpcIpam => b = b.pod_network(),
-            }
             let env = b.start().await?;
-            print_summary(&env, no_aws, gce)?;
+            print_summary(&env, no_aws, gce).await?;
             if !check {
                 // Keep the directory until Ctrl-C so the printed paths stay valid.
                 println!("\nRunning; Ctrl-C stops and removes everything.");
@@ -115,7 +137,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
+async fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
     let mem = env.memory();
     println!("cnlb-env ready in {:.1} s", env.ready_in().as_secs_f64());
     println!(
@@ -133,22 +155,36 @@ fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
     if let Ok(kubectl) = cnlb_localstack_tests::paths::control_plane_bin("kubectl") {
         println!("  {} get nodes", kubectl.display());
     }
-    if let Ok(cidr) = env.pod_cidr() {
-        println!("\nPod network: {cidr}");
+    let nodes: Api<Node> = Api::all(cp.admin_client()?);
+    let list = nodes.list(&ListParams::default()).await?;
+    if !list.items.is_empty() {
+        println!("\nNodes:");
+    }
+    for node in &list.items {
+        let info = node.status.as_ref().and_then(|s| s.node_info.clone());
+        let ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+            .map(|a| a.address.clone())
+            .unwrap_or_default();
+        let ready = if cnlb_localstack_tests::node::is_ready(node) {
+            "Ready"
+        } else {
+            "NotReady"
+        };
         println!(
-            "  network namespaces: ip netns list | grep {}",
-            env.netns_prefix()?
+            "  {:<8} {ready:<8} {ip:<15} kubelet {:<9} {}",
+            node.name_any(),
+            info.as_ref().map(|i| i.kubelet_version.as_str()).unwrap_or("?"),
+            info.as_ref()
+                .map(|i| i.container_runtime_version.as_str())
+                .unwrap_or("no container runtime (simulated)"),
         );
-        for i in 0.. {
-            let Ok(range) = env.pod_range(i) else { break };
-            match env.agent_pid(i)? {
-                Some(_) => println!(
-                    "  node {i}: pod range {range}, agent socket {}",
-                    env.agent_socket(i)?.display()
-                ),
-                None => println!("  node {i}: pod range {range}"),
-            }
-        }
+    }
+    if let Ok(cidr) = env.pod_cidr() {
+        println!("\nPod network: {cidr} (vpc-ipam)");
     }
     if !no_aws {
         println!("\nAWS (moto: EC2 + ELBv2):");

@@ -1,11 +1,13 @@
 //! The on-prem stack the demo and its tests run on: the local environment
-//! with a pod network (a `vpc-ipam-agent` per Node, static ranges; a real
-//! network namespace and `cnlb-pod-server` per Pod), an HAProxy in
+//! with real Nodes (vpc-ipam's DaemonSet giving Pods addresses from each
+//! Node's pod CIDR; the sample app's Pods are real containers), an HAProxy in
 //! master-worker mode, the `cnlb-onprem-haproxy` plugin that drives it, and
-//! `cnlb-ccm --provider=onprem` talking to the plugin. HAProxy, the plugin
-//! and the controller are [`Proc`]s in the environment's directory (recorded
-//! in its pids file), so dropping the [`Stack`] and `cnlb-env down` stop
-//! them like every other part.
+//! `cnlb-ccm --provider=onprem` talking to the plugin, installed as users
+//! install it: the Helm chart of deploy/, two replicas electing a leader, in
+//! the host network to reach the plugin on loopback. HAProxy and the plugin
+//! are [`Proc`]s in the environment's directory (recorded in its pids file),
+//! so dropping the [`Stack`] and `cnlb-env down` stop them like every other
+//! part.
 //!
 //! Also here: the sample app (a Deployment whose Pods answer HTTP with
 //! `<namespace>/<name> <ip>`) and its LoadBalancer Service, scaling and
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cnlb_provider_core::LoadBalancerKey;
+use cnlb_provider_onprem::PluginEndpoint;
 use cnlb_provider_onprem::haproxy::{parse_servers_state, proxy_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
@@ -79,6 +82,8 @@ pub struct LbHost {
     pub address_pool: String,
     /// Extra plugin flags (poll and converge intervals).
     plugin_args: Vec<String>,
+    /// Where the plugin serves the provider protocol.
+    pub plugin_endpoint: PluginEndpoint,
     timeout: Duration,
     /// The environment whose pids file lists these processes, so that
     /// `cnlb-env down` kills them should their owner die first.
@@ -92,6 +97,7 @@ impl LbHost {
         dir: &Path,
         address_pool: &str,
         plugin_args: &[&str],
+        plugin_endpoint: PluginEndpoint,
         timeout: Duration,
         env_dir: Option<&Path>,
     ) -> Result<LbHost> {
@@ -102,6 +108,7 @@ impl LbHost {
             dir: dir.to_path_buf(),
             address_pool: address_pool.to_string(),
             plugin_args: plugin_args.iter().map(|a| a.to_string()).collect(),
+            plugin_endpoint,
             timeout,
             env_dir: env_dir.map(Path::to_path_buf),
         })
@@ -118,10 +125,6 @@ impl LbHost {
 
     pub fn master_socket(&self) -> PathBuf {
         self.dir.join("master.sock")
-    }
-
-    pub fn plugin_socket(&self) -> PathBuf {
-        self.dir.join("plugin.sock")
     }
 
     /// Pid (process group) of HAProxy's master and of the plugin, when running.
@@ -149,10 +152,11 @@ impl LbHost {
     /// configuration and listens (it needs no running HAProxy for that).
     pub async fn start_plugin(&mut self) -> Result<()> {
         self.plugin = None;
-        let socket = self.plugin_socket();
-        let _ = std::fs::remove_file(&socket);
+        if let PluginEndpoint::Unix(socket) = &self.plugin_endpoint {
+            let _ = std::fs::remove_file(socket);
+        }
         let mut cmd = Command::new(workspace_bin("cnlb-onprem-haproxy")?);
-        cmd.arg(format!("--listen=unix://{}", socket.display()))
+        cmd.arg(format!("--listen={}", self.plugin_endpoint))
             .arg("--config-file")
             .arg(self.config_file())
             .arg("--runtime-socket")
@@ -163,15 +167,15 @@ impl LbHost {
             .args(&self.plugin_args);
         let proc = self.spawn("cnlb-onprem-haproxy", cmd)?;
         let config = self.config_file();
-        proc.wait_ready(self.timeout, || {
-            let ready = config.is_file() && socket.exists();
-            async move {
-                if ready {
-                    Ok(())
-                } else {
-                    bail!("no configuration file or socket yet")
-                }
+        proc.wait_ready(self.timeout, || async {
+            if !config.is_file() {
+                bail!("no configuration file yet");
             }
+            match &self.plugin_endpoint {
+                PluginEndpoint::Unix(socket) => UnixStream::connect(socket).await.map(drop),
+                PluginEndpoint::Tcp(addr) => TcpStream::connect(addr).await.map(drop),
+            }
+            .context("the plugin does not listen yet")
         })
         .await?;
         self.plugin = Some(proc);
@@ -237,114 +241,82 @@ impl LbHost {
     }
 }
 
-/// The running stack. Field order is drop order: the controller stops
-/// first, then the plugin and HAProxy, then the environment (Pods,
-/// agents, control plane, directory).
+/// The running stack. Field order is drop order: the plugin and HAProxy
+/// stop first, then the environment (Nodes with the controller's Pods,
+/// control plane, directory).
 pub struct Stack {
-    ccm: Option<Proc>,
     /// HAProxy and its plugin, in `<env dir>/lb`.
     pub lb: LbHost,
     /// Admin client of the environment's API server.
     pub client: Client,
     /// The controller's `--cluster-name`.
     pub cluster: String,
-    /// Where the controller serves /metrics, /healthz and /readyz.
-    pub ccm_metrics: SocketAddr,
-    timeout: Duration,
     pub env: Env,
 }
 
 impl Stack {
     /// Starts the environment (control plane, Nodes, pod network), then
     /// the plugin (which writes HAProxy's configuration), HAProxy, and the
-    /// controller, each waited for.
+    /// controller's Deployment, each waited for.
     pub async fn start(config: StackConfig) -> Result<Stack> {
         let env = Env::builder(&config.name)
             .nodes((1..=config.nodes).map(NodeConfig::numbered).collect())
-            .pod_network()
+            .image(&crate::images::ccm_image())
             .timeout(config.timeout)
             .start()
             .await?;
-        // 10.<k>.0.0/16 is this environment's alone: so is 127.<k>.0.0/28.
+        // 127.<k>.0.0/28 is this environment's alone (see crate::range).
         let cidr = env.pod_cidr()?;
         let k = cidr
             .split('.')
             .nth(1)
             .with_context(|| format!("pod CIDR {cidr}"))?;
+        // TCP: the controller's Pods run as an unprivileged user, who may
+        // not open a root-owned socket.
+        let plugin = PluginEndpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
         let lb = LbHost::new(
             &env.dir.join("lb"),
             &format!("127.{k}.0.0/28"),
             &["--converge-interval-secs=1", "--health-poll-ms=500"],
+            plugin.clone(),
             config.timeout,
             Some(&env.dir),
         )?;
         let client = env.kube()?.admin_client()?;
         let mut stack = Stack {
-            ccm: None,
             lb,
             client,
             cluster: config.name.clone(),
-            ccm_metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            timeout: config.timeout,
             env,
         };
         stack.lb.start_plugin().await?;
         stack.lb.start_haproxy().await?;
-        stack.start_ccm().await?;
+        let cp = stack.env.kube()?;
+        let values = crate::install::ccm_values(
+            cp,
+            &stack.cluster,
+            "onprem",
+            CLASS,
+            &[format!("--onprem-plugin={plugin}")],
+            &[],
+        )?;
+        crate::install::helm_install(cp, &stack.env.dir, "cnlb-ccm", "cnlb-ccm", &values).await?;
+        crate::install::wait_deployment_ready(cp, "cnlb-ccm", config.timeout).await?;
         Ok(stack)
-    }
-
-    pub fn ccm_pid(&self) -> Option<i32> {
-        self.ccm.as_ref().map(Proc::pid)
     }
 
     /// Log files of the stack's own parts.
     pub fn logs(&self) -> Vec<PathBuf> {
-        self.ccm
-            .iter()
-            .chain(self.lb.procs())
-            .map(|p| p.log().to_path_buf())
-            .collect()
-    }
-
-    /// `cnlb-ccm --provider=onprem` for class [`CLASS`], leader election off.
-    pub async fn start_ccm(&mut self) -> Result<()> {
-        self.ccm = None;
-        let mut cmd = Command::new(workspace_bin("cnlb-ccm")?);
-        cmd.arg(format!(
-            "--kubeconfig={}",
-            self.env.kube()?.kubeconfig.display()
-        ))
-        .arg(format!("--cluster-name={}", self.cluster))
-        .arg("--provider=onprem")
-        .arg(format!(
-            "--onprem-plugin=unix://{}",
-            self.lb.plugin_socket().display()
-        ))
-        .arg(format!("--load-balancer-class={CLASS}"))
-        .arg("--leader-elect=false")
-        .arg(format!("--metrics-bind-address={}", self.ccm_metrics));
-        let proc = Proc::spawn("cnlb-ccm", cmd, &self.lb.dir)?;
-        // For `cnlb-env down`, should this process be killed before it drops us.
-        record_pid(&self.env.dir, &proc)?;
-        let url = format!("http://{}/readyz", self.ccm_metrics);
-        let http = reqwest::Client::new();
-        proc.wait_ready(self.timeout, || {
-            let request = http.get(&url).timeout(Duration::from_secs(2)).send();
-            async move {
-                request.await?.error_for_status()?;
-                Ok(())
-            }
-        })
-        .await?;
-        self.ccm = Some(proc);
-        Ok(())
+        self.lb.procs().map(|p| p.log().to_path_buf()).collect()
     }
 
     /// Fails if a part of the stack has exited.
     pub fn check_running(&self) -> Result<()> {
-        for p in self.ccm.iter().chain(self.lb.procs()) {
+        for p in self.lb.procs() {
             p.check_running()?;
+        }
+        for n in self.env.nodes() {
+            n.check_running()?;
         }
         Ok(())
     }
@@ -404,6 +376,8 @@ pub async fn haproxy_cli(socket: &Path, command: &str) -> Result<String> {
 /// maxUnavailable 0), and a new Pod counts as Ready only once the load
 /// balancer reports it healthy (the readiness gate).
 pub fn app(replicas: i32, drain_seconds: u32) -> Result<Deployment> {
+    let mut container = crate::sample_app::container("hello", &[TARGET_PORT]);
+    container["lifecycle"] = json!({"preStop": {"sleep": {"seconds": drain_seconds}}});
     Ok(serde_json::from_value(json!({
         "metadata": {"name": APP, "namespace": NAMESPACE},
         "spec": {
@@ -416,12 +390,7 @@ pub fn app(replicas: i32, drain_seconds: u32) -> Result<Deployment> {
                 "spec": {
                     "readinessGates": [{"conditionType": READINESS_GATE}],
                     "terminationGracePeriodSeconds": drain_seconds + 10,
-                    "containers": [{
-                        "name": "hello",
-                        "image": "example.invalid/hello:1",
-                        "ports": [{"name": "http", "containerPort": TARGET_PORT}],
-                        "lifecycle": {"preStop": {"sleep": {"seconds": drain_seconds}}},
-                    }],
+                    "containers": [container],
                 },
             },
         },

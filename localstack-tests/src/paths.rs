@@ -34,7 +34,8 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-/// A control-plane binary (etcd, kube-apiserver, kube-controller-manager, kubectl).
+/// A Kubernetes binary (etcd, kube-apiserver, kube-controller-manager,
+/// kube-scheduler, kubelet, kubectl).
 pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
     let path = cache_dir()
         .join("k8s")
@@ -44,6 +45,33 @@ pub fn control_plane_bin(name: &str) -> Result<PathBuf> {
     if !path.is_file() {
         bail!(
             "{} is not built; run `make env-deps` (or localstack-tests/scripts/build-control-plane.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The containerd version, as pinned in `containerd/go.mod`.
+pub fn containerd_version() -> Result<&'static str> {
+    const GO_MOD: &str = include_str!("../containerd/go.mod");
+    GO_MOD
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("require github.com/containerd/containerd/v2 "))
+        .map(str::trim)
+        .next()
+        .context("containerd/go.mod does not require github.com/containerd/containerd/v2")
+}
+
+/// A containerd binary (containerd, containerd-shim-runc-v2, ctr).
+pub fn containerd_bin(name: &str) -> Result<PathBuf> {
+    let path = cache_dir()
+        .join("containerd")
+        .join(containerd_version()?)
+        .join("bin")
+        .join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `make env-deps` (or localstack-tests/scripts/build-containerd.sh)",
             path.display()
         );
     }
@@ -121,8 +149,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn version_comes_from_go_mod() {
+    fn versions_come_from_go_mod() {
         let v = kubernetes_version().unwrap();
         assert!(v.starts_with("v1."), "{v}");
+        let v = containerd_version().unwrap();
+        assert!(v.starts_with("v2."), "{v}");
     }
 }

@@ -5,16 +5,12 @@
 //! inside the namespace answering on the Pod's container ports.
 //!
 //! ptp installs a host route per Pod IP, so environments running at the same
-//! time on one host need disjoint addresses: each takes a /16 `10.<k>.0.0/16`
-//! by holding an exclusive flock on `<tmp>/cnlb-env-pod-ranges/10.<k>.lock`
-//! for its lifetime (the lock dies with its process), and names every
-//! namespace `cnlb-<k>-...`. A lock that can be taken therefore means that
-//! any namespace carrying its `k` belongs to a dead owner and may be removed;
-//! namespaces of live environments are never touched.
+//! time on one host need disjoint addresses: each uses its own /16
+//! `10.<k>.0.0/16` and names every namespace `cnlb-<k>-...`, from the
+//! environment's [`crate::range::RangeLease`].
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,7 +28,7 @@ use serde_json::{Value, json};
 use crate::aws::AwsEndpoints;
 use crate::env::GCE_POD_RANGE;
 use crate::gce::{GceEmulator, SeedAliasRange, SeedInstance};
-use crate::kubelet::NodeConfig;
+use crate::node::NodeConfig;
 use crate::paths::workspace_bin;
 use crate::process::{Proc, free_port, is_running};
 
@@ -45,10 +41,6 @@ const NETNS_DIR: &str = "/run/netns";
 const CNI_VERSION: &str = "1.0.0";
 const NETWORK_NAME: &str = "cnlb-pods";
 const IFNAME: &str = "eth0";
-/// The second octet of the per-environment /16s: 10.128.0.0/9, clear of the
-/// Service CIDR (10.96.0.0/16) and of the 10.0.0.0/16 the AWS tests use.
-const RANGE_FIRST: u8 = 128;
-const RANGE_LAST: u8 = 254;
 /// A CNI plugin or `ip` call that takes longer is stuck.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new Pod's server may take to accept connections.
@@ -141,7 +133,11 @@ impl AgentBackend {
 
 /// With [`AgentBackend::Gcp`]: makes `node` (the `index`-th, with its pod
 /// range set) a GCE instance of `gce`, and returns what to seed.
-fn gce_node(gce: &GceEmulator, index: usize, node: &mut NodeConfig) -> Result<SeedInstance> {
+pub(crate) fn gce_node(
+    gce: &GceEmulator,
+    index: usize,
+    node: &mut NodeConfig,
+) -> Result<SeedInstance> {
     let zones = gce.zones();
     let zone = zones
         .get(index % zones.len().max(1))
@@ -187,63 +183,6 @@ pub struct PodSandbox {
     pub server_pid: Option<i32>,
 }
 
-// ---------------------------------------------------------------- ranges
-
-/// This environment's /16, held while the lock file stays locked.
-struct RangeLease {
-    k: u8,
-    _lock: File,
-}
-
-fn locks_dir() -> PathBuf {
-    std::env::temp_dir().join("cnlb-env-pod-ranges")
-}
-
-fn lock_path(k: u8) -> PathBuf {
-    locks_dir().join(format!("10.{k}.lock"))
-}
-
-/// Opens (creating) the lock file of `k` and tries to lock it; `None` when a
-/// live process holds it.
-fn try_lock_range(k: u8) -> Result<Option<File>> {
-    std::fs::create_dir_all(locks_dir())?;
-    let path = lock_path(k);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
-}
-
-impl RangeLease {
-    /// Takes the first free /16, removes what a dead former owner left in
-    /// it, and records `env_dir` as its owner (for a later cleanup's DELs).
-    fn acquire(env_dir: &Path) -> Result<RangeLease> {
-        for k in RANGE_FIRST..=RANGE_LAST {
-            let Some(mut file) = try_lock_range(k)? else {
-                continue;
-            };
-            clean_range(k, &mut file);
-            file.set_len(0)?;
-            file.rewind()?;
-            file.write_all(env_dir.as_os_str().as_encoded_bytes())?;
-            return Ok(RangeLease { k, _lock: file });
-        }
-        bail!(
-            "every pod range 10.{RANGE_FIRST}.0.0/16 .. 10.{RANGE_LAST}.0.0/16 is held by a running environment"
-        )
-    }
-}
-
 // ---------------------------------------------------------------- the network
 
 struct NodeNet {
@@ -279,7 +218,8 @@ struct Sandbox {
 /// The pod network of one environment.
 pub struct PodNet {
     config: PodNetworkConfig,
-    range: RangeLease,
+    /// The environment's `k` (see [`crate::range`]).
+    k: u8,
     env_dir: PathBuf,
     cluster: String,
     kubeconfig: Option<PathBuf>,
@@ -294,6 +234,8 @@ pub struct PodNet {
 /// What `PodNet::start` needs from the environment.
 pub struct PodNetContext<'a> {
     pub env_dir: &'a Path,
+    /// The environment's `k` (see [`crate::range`]).
+    pub k: u8,
     pub cluster: &'a str,
     pub aws: Option<&'a AwsEndpoints>,
     pub gce: Option<&'a GceEmulator>,
@@ -306,8 +248,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PodNet {
-    /// Takes a /16 and prepares each Node's directory; `nodes` get their
-    /// `pod_cidr` set to their range. Starts nothing yet.
+    /// Prepares each Node's directory; `nodes` get their `pod_cidr` set to
+    /// their /24 of the environment's /16. Starts nothing yet.
     pub fn new(
         config: PodNetworkConfig,
         nodes: &mut [NodeConfig],
@@ -316,14 +258,13 @@ impl PodNet {
         if nodes.len() > 256 {
             bail!("at most 256 nodes fit in a /16 of /24s");
         }
-        let range = RangeLease::acquire(ctx.env_dir)?;
         let plugin = workspace_bin("vpc-ipam")?;
         let plugin_dir = plugin.parent().context("vpc-ipam without a directory")?;
         let cni_path = format!("{SYSTEM_CNI_DIR}:{}", plugin_dir.display());
         std::fs::create_dir_all(ctx.env_dir.join("netns"))?;
         let mut node_nets = Vec::new();
         for (i, node) in nodes.iter_mut().enumerate() {
-            let pod_range = format!("10.{}.{i}.0/24", range.k);
+            let pod_range = format!("10.{}.{i}.0/24", ctx.k);
             node.pod_cidr = pod_range.clone();
             let instance = match (&config.backend, ctx.gce) {
                 (AgentBackend::Gcp, Some(gce)) => Some(gce_node(gce, i, node)?),
@@ -353,7 +294,7 @@ impl PodNet {
         }
         Ok(PodNet {
             config,
-            range,
+            k: ctx.k,
             env_dir: ctx.env_dir.to_path_buf(),
             cluster: ctx.cluster.to_string(),
             kubeconfig: ctx.kubeconfig.map(Path::to_path_buf),
@@ -367,12 +308,12 @@ impl PodNet {
 
     /// `10.<k>.0.0/16`.
     pub fn cidr(&self) -> String {
-        format!("10.{}.0.0/16", self.range.k)
+        format!("10.{}.0.0/16", self.k)
     }
 
     /// Every namespace of this environment starts with it.
     pub fn netns_prefix(&self) -> String {
-        netns_prefix(self.range.k)
+        netns_prefix(self.k)
     }
 
     pub fn drain(&self) -> Duration {
@@ -937,21 +878,14 @@ fn remove_netns(name: &str) -> Result<()> {
 
 /// Removes what a dead owner of range `k` left: processes in its
 /// namespaces, their attachments (CNI DEL from the records in the owner's
-/// directory, named in the lock file, while its agents may still answer),
-/// and the namespaces. The caller holds the range's lock.
-fn clean_range(k: u8, lock_file: &mut File) -> Vec<String> {
+/// directory, while its agents may still answer), and the namespaces.
+/// The caller holds the range's lock.
+pub(crate) fn clean_range(k: u8, owner: Option<&Path>) -> Vec<String> {
     let names = netns_with_prefix(&netns_prefix(k));
-    if names.is_empty() {
-        return names;
-    }
-    let mut owner = String::new();
-    let _ = lock_file
-        .rewind()
-        .and_then(|_| lock_file.read_to_string(&mut owner));
     for name in &names {
         kill_netns_processes(name);
-        if !owner.is_empty()
-            && let Ok(record) = CniRecord::load(Path::new(&owner), name)
+        if let Some(owner) = owner
+            && let Ok(record) = CniRecord::load(owner, name)
             && let Err(e) = record.exec("DEL")
         {
             tracing::warn!("{e:#}");
@@ -961,26 +895,17 @@ fn clean_range(k: u8, lock_file: &mut File) -> Vec<String> {
         }
     }
     names
+        .into_iter()
+        .map(|n| format!("network namespace {n}"))
+        .collect()
 }
 
-/// Removes the network namespaces of environments whose owner is dead
-/// (their range's lock is free), with their servers; returns their names.
-/// Namespaces of ranges a live process holds are left alone.
-pub fn clean_stale_netns() -> Result<Vec<String>> {
-    let mut ranges: Vec<u8> = netns_with_prefix("cnlb-")
+/// The ranges some network namespace on this host belongs to.
+pub(crate) fn ranges_in_use() -> Vec<u8> {
+    netns_with_prefix("cnlb-")
         .iter()
         .filter_map(|n| n.strip_prefix("cnlb-")?.split_once('-')?.0.parse().ok())
-        .filter(|k| (RANGE_FIRST..=RANGE_LAST).contains(k))
-        .collect();
-    ranges.sort_unstable();
-    ranges.dedup();
-    let mut removed = Vec::new();
-    for k in ranges {
-        if let Some(mut file) = try_lock_range(k)? {
-            removed.extend(clean_range(k, &mut file));
-        }
-    }
-    Ok(removed)
+        .collect()
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ pub fn is_running(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Resident memory of a set of process groups, in bytes: now and each
+/// Resident memory of a set of processes, in bytes: now and each
 /// process's peak (VmHWM) summed, an upper bound of the peak of the whole.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Memory {
@@ -225,7 +225,9 @@ pub struct Memory {
     pub processes: usize,
 }
 
-pub fn group_memory(groups: &[i32]) -> Memory {
+/// The memory of every process in one of the process groups `groups`, or
+/// one of `pids`.
+pub fn group_memory(groups: &[i32], pids: &[i32]) -> Memory {
     let mut m = Memory::default();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return m;
@@ -242,7 +244,7 @@ pub fn group_memory(groups: &[i32]) -> Memory {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(2))
             .and_then(|g| g.parse::<i32>().ok());
-        if !pgrp.is_some_and(|g| groups.contains(&g)) {
+        if !pgrp.is_some_and(|g| groups.contains(&g)) && !pids.contains(&pid) {
             continue;
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

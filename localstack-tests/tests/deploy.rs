@@ -1139,8 +1139,11 @@ fn vpc_ipam_chart_default_rendering_is_the_plain_manifests() {
 
 #[test]
 fn vpc_ipam_chart_takes_static_ranges_with_the_static_backend_only() {
-    let err = helm_template(VPC_IPAM_CHART, &["--set", "backend=static"]).unwrap_err();
-    assert!(err.contains("backend=static needs staticRanges"), "{err}");
+    // Without ranges, each node's own: its spec.podCIDRs.
+    let docs = helm_template(VPC_IPAM_CHART, &["--set", "backend=static"]).unwrap();
+    let spec = &object(&docs, "DaemonSet", AGENT)["spec"]["template"]["spec"];
+    let args = strings(&container(spec, "containers", "agent")["args"]);
+    assert_eq!(args[..2], ["--backend=static", "--static-node-pod-cidrs"]);
     let err = helm_template(VPC_IPAM_CHART, &["--set", "staticRanges={10.1.0.0/24}"]).unwrap_err();
     assert!(err.contains("only used with backend=static"), "{err}");
     let err = helm_template(VPC_IPAM_CHART, &["--set", "bakend=static"]).unwrap_err();
@@ -1188,10 +1191,11 @@ fn vpc_ipam_gke_values_render_flags_the_agent_takes() {
     let spec = &object(&docs, "DaemonSet", AGENT)["spec"]["template"]["spec"];
     let args = strings(&container(spec, "containers", "agent")["args"]);
     assert_eq!(flag(&args, "backend"), "gcp");
+    // The kubelet expands $(NODE_IP) from the downward API.
     let argv = ["vpc-ipam-agent", "--node-name=node-1", "--cluster-name=c1"]
         .into_iter()
         .map(String::from)
-        .chain(args.iter().cloned());
+        .chain(args.iter().map(|a| a.replace("$(NODE_IP)", "10.0.0.1")));
     let parsed = cnlb_vpc_ipam::agent_cli::AgentArgs::try_parse_validated_from(argv)
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert_eq!(parsed.backend, cnlb_vpc_ipam::agent_cli::Backend::Gcp);

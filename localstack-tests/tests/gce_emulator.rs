@@ -1500,9 +1500,10 @@ async fn request_ids_and_in_use_deletes() {
     );
 }
 
-/// With a pod network, the emulator's `pods` range is the environment's Pod
-/// CIDR: a Node's pod range is its alias range, and a real Pod (a network
-/// namespace with `cnlb-pod-server`) is probed over HTTP at its IP.
+/// With real Nodes, the emulator's `pods` range is the environment's Pod
+/// CIDR: each Node is a GCE instance whose alias range is its pod range,
+/// and a real Pod (a container of `cnlb-pod-server`) is probed over HTTP at
+/// its IP.
 #[tokio::test]
 async fn pod_ips_are_probed_in_the_pod_network() {
     use k8s_openapi::api::core::v1::Pod;
@@ -1511,8 +1512,8 @@ async fn pod_ips_are_probed_in_the_pod_network() {
 
     let env = Env::builder("gce-pods")
         .nodes(vec![NodeConfig::numbered(1)])
-        .pod_network()
         .gce()
+        .agent_backend(cnlb_localstack_tests::AgentBackend::Gcp)
         .start()
         .await
         .unwrap();
@@ -1527,47 +1528,33 @@ async fn pod_ips_are_probed_in_the_pod_network() {
             .any(|r| r.name == "pods" && r.cidr.to_string() == pod_cidr)
     );
     let gce = Gce::new(emu).await;
-    let node = NodeConfig::numbered(1);
-    gce.emu
-        .seed(&SeedInstance {
-            zone: gce.zone.clone(),
-            name: node.name.clone(),
-            network_ip: node.internal_ip.to_string(),
-            alias_ip_ranges: vec![SeedAliasRange {
-                ip_cidr_range: env.pod_range(0).unwrap(),
-                subnetwork_range_name: Some("pods".into()),
-            }],
-            ..SeedInstance::default()
-        })
-        .await
-        .unwrap();
+    let node = &env.nodes()[0].config;
+    assert_eq!(node.zone, gce.zone, "the first Node is in the first zone");
 
     let client = env.kube().unwrap().admin_client().unwrap();
     let pods: Api<Pod> = Api::namespaced(client, "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web"},
-        "spec": {"containers": [{"name": "web", "image": "none", "ports": [{"containerPort": 8080}]}]},
+        "spec": {"containers": [cnlb_localstack_tests::sample_app::container("web", &[8080])]},
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    eventually(
-        "the Pod has a sandbox with an IP",
-        Duration::from_secs(60),
-        || async {
-            Ok(env
-                .pod_sandbox("default", "web")?
-                .and_then(|s| s.ip)
-                .is_some())
-        },
-    )
+    eventually("the Pod has an IP", Duration::from_secs(60), || async {
+        Ok(pods.get("web").await?.status.and_then(|s| s.pod_ip).is_some())
+    })
     .await
     .unwrap();
-    let ip = env
-        .pod_sandbox("default", "web")
+    let ip = pods
+        .get("web")
+        .await
         .unwrap()
-        .and_then(|s| s.ip)
-        .unwrap()
-        .to_string();
+        .status
+        .and_then(|s| s.pod_ip)
+        .unwrap();
+    assert!(
+        ip.starts_with(env.pod_range(0).unwrap().trim_end_matches("0/24")),
+        "{ip} from the Node's alias range"
+    );
 
     gce.neg("neg-pods").await;
     assert_done_ok(

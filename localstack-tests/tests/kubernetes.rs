@@ -1,6 +1,7 @@
-//! The control plane is real: controllers turn a Deployment into Pods, the
-//! harness binds them and reports them Ready, the EndpointSlice controller
-//! publishes their IPs; RBAC refuses a ServiceAccount outside its role.
+//! The control plane is real: controllers turn a Deployment into Pods,
+//! kube-scheduler binds them to the real Nodes, whose kubelets run them and
+//! report them Ready, the EndpointSlice controller publishes their IPs;
+//! RBAC refuses a ServiceAccount outside its role.
 
 #![allow(clippy::unwrap_used)] // helpers of tests: a failed call fails the test
 
@@ -9,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_localstack_tests::{Env, NodeConfig, eventually, sample_app};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -77,10 +78,7 @@ async fn deployment_and_service_give_endpoint_slices_with_pod_ips() {
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{
-                    "name": "web", "image": "example.invalid/web:1",
-                    "ports": [{"containerPort": 8080}],
-                }]},
+                "spec": {"containers": [sample_app::container("web", &[8080])]},
             },
         },
     }))
@@ -102,15 +100,22 @@ async fn deployment_and_service_give_endpoint_slices_with_pod_ips() {
 
     endpoints_follow_pods(&client, &nodes, 3).await;
     let ips = pod_ips(&client).await;
+    let prefix = env.pod_cidr().unwrap().replace(".0.0/16", ".");
     assert!(
-        ips.iter().all(|ip| ip.starts_with("100.64.")),
-        "pod IPs from node pod CIDRs: {ips:?}"
+        ips.iter().all(|ip| ip.starts_with(&prefix)),
+        "pod IPs from the environment's Pod CIDR {prefix}*: {ips:?}"
     );
+    // Real containers answer on their IPs.
+    for ip in &ips {
+        let addr = std::net::SocketAddr::new(ip.parse().unwrap(), 8080);
+        let body = cnlb_localstack_tests::onprem::get_body(addr).await.unwrap();
+        assert!(body.ends_with(&format!(" {ip}")), "{ip} answered {body:?}");
+    }
 
     scale(&client, 5).await;
     endpoints_follow_pods(&client, &nodes, 5).await;
 
-    // Scale-down deletes pods gracefully; the harness finishes each deletion.
+    // Scale-down deletes pods gracefully; their kubelets finish each deletion.
     scale(&client, 2).await;
     endpoints_follow_pods(&client, &nodes, 2).await;
 }

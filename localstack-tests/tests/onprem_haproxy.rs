@@ -82,18 +82,18 @@ fn target(addr: SocketAddr) -> Target {
 async fn haproxy_plugin_conformance_backends_restart_delete() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let [a, b, c] = subnet(211);
+    let endpoint = PluginEndpoint::Unix(dir.path().join("plugin.sock"));
     let mut haproxy = LbHost::new(
         dir.path(),
         &format!("{a}.{b}.{c}.0/28"),
         &["--converge-interval-secs=1", "--health-poll-ms=200"],
+        endpoint.clone(),
         READY,
         None,
     )?;
     // The plugin writes the configuration HAProxy starts with.
     haproxy.start_plugin().await?;
     haproxy.start_haproxy().await?;
-    let socket = haproxy.plugin_socket();
-    let endpoint = PluginEndpoint::Unix(socket.clone());
     let plugin = GrpcProvider::connect(&endpoint).await?;
     assert_eq!(plugin.name(), "haproxy");
     eventually("the plugin probes ready", READY, || async {

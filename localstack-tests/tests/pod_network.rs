@@ -1,9 +1,12 @@
-//! Pods of the harness's Nodes get real networking: a network namespace
-//! attached by Debian's ptp plugin, an address from the Node's range in
-//! this environment's own /16, and a server inside that the host reaches at
-//! the Pod IP. EndpointSlices carry exactly those IPs; a deleted Pod leaves
-//! the endpoints at once, serves through its drain time, then its namespace
-//! goes; dropping the environment leaves no namespace and no process.
+//! Pods on real Nodes get their network from cnlb's vpc-ipam as users
+//! install it (the DaemonSet of deploy/): its init container puts the
+//! plugin and the conflist on each Node, containerd's CNI runs Debian's ptp
+//! with our IPAM plugin, which asks the Node's agent for an address from
+//! the Node's `spec.podCIDR`. EndpointSlices carry exactly those IPs; the
+//! host reaches the containers there; an agent killed with SIGKILL is
+//! restarted by its kubelet and serves again; a deleted Pod leaves the
+//! ready endpoints at once, serves through its preStop sleep, then its
+//! route goes; dropping the environment leaves no process.
 
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
 
@@ -12,17 +15,16 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cnlb_localstack_tests::podnet::netns_with_prefix;
 use cnlb_localstack_tests::process::is_running;
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_localstack_tests::{Env, NodeConfig, eventually, sample_app};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-const DRAIN: Duration = Duration::from_secs(3);
+const DRAIN_SECONDS: u32 = 4;
 
 /// Live (not deleting) Pods of the Deployment: name -> (node, IP).
 async fn live_pods(client: &Client) -> BTreeMap<String, (String, String)> {
@@ -66,24 +68,50 @@ async fn endpoints_are_the_pods(client: &Client, n: usize) -> BTreeMap<String, (
     live_pods(client).await
 }
 
-/// Each Node's agent serves metrics; one killed with SIGKILL comes back
-/// (new pid, same socket) through `restart_agent`.
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn agent_pid(env: &Env, node: usize) -> Option<i32> {
+    env.nodes()[node]
+        .pids()
+        .into_iter()
+        .find(|p| comm(*p) == "vpc-ipam-agent")
+}
+
+/// Each Node's agent serves metrics on the Node's address, its socket and
+/// state where the DaemonSet puts them on the node; one killed with
+/// SIGKILL is restarted by its kubelet and serves again.
 async fn agents_serve_and_restart(env: &Env) {
-    for node in 0..2 {
-        let metrics = env.agent_metrics_addr(node).unwrap();
-        get(&format!("http://{metrics}/metrics")).await.unwrap();
-        assert!(env.agent_socket(node).unwrap().exists());
-        assert!(env.agent_state_dir(node).unwrap().is_dir());
+    for node in env.nodes() {
+        let metrics = format!("http://{}:9971/metrics", node.config.internal_ip);
+        eventually("the agent serves its metrics", WAIT, || async {
+            get(&metrics).await.map(|_| true)
+        })
+        .await
+        .unwrap();
+        assert!(node.host_path("/run/cnlb").join("vpc-ipam.sock").exists());
+        assert!(node.host_path("/var/lib/cnlb").join("vpc-ipam").is_dir());
+        assert!(node.host_path("/opt/cni/bin").join("vpc-ipam").is_file());
+        assert!(node.host_path("/etc/cni/net.d").join("10-cnlb.conflist").is_file());
     }
-    let old = env.agent_pid(0).unwrap().unwrap();
+    let old = agent_pid(env, 0).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    env.restart_agent(0).await.unwrap();
-    let new = env.agent_pid(0).unwrap().unwrap();
-    assert!(new != old && is_running(new) && !is_running(old));
+    let metrics = format!("http://{}:9971/readyz", env.nodes()[0].config.internal_ip);
+    eventually("the kubelet restarts the agent", WAIT, || async {
+        let new = agent_pid(env, 0);
+        Ok(new.is_some_and(|p| p != old) && get(&metrics).await.is_ok())
+    })
+    .await
+    .unwrap();
+    assert!(!is_running(old));
 }
 
 fn http() -> reqwest::Client {
@@ -104,20 +132,19 @@ async fn get(url: &str) -> anyhow::Result<String> {
         .await?)
 }
 
-/// Through our vpc-ipam and a vpc-ipam-agent per Node (static backend).
 #[tokio::test]
 async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods() {
     let nodes = vec![NodeConfig::numbered(1), NodeConfig::numbered(2)];
     let env = Env::builder("pod_network")
         .nodes(nodes.clone())
-        .pod_network()
-        .pod_drain(DRAIN)
         .start()
         .await
         .unwrap();
     agents_serve_and_restart(&env).await;
     let client = env.kube().unwrap().admin_client().unwrap();
 
+    let mut container = sample_app::container("web", &[8080]);
+    container["lifecycle"] = json!({"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}});
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {
@@ -125,10 +152,7 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{
-                    "name": "web", "image": "example.invalid/web:1",
-                    "ports": [{"containerPort": 8080}],
-                }]},
+                "spec": {"containers": [container]},
             },
         },
     }))
@@ -150,23 +174,23 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
 
     let pods = endpoints_are_the_pods(&client, 3).await;
     let cidr = env.pod_cidr().unwrap();
+    let node_api: Api<Node> = Api::all(client.clone());
     for (name, (node, ip)) in &pods {
-        // The address is from the range of the Pod's Node.
-        let index = nodes.iter().position(|n| &n.name == node).unwrap();
-        let range = env.pod_range(index).unwrap();
+        // The address is from the range kube-controller-manager gave the Pod's Node.
+        let range = node_api
+            .get(node)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .pod_cidr
+            .unwrap();
         let prefix = range.strip_suffix("0/24").unwrap();
         assert!(
             ip.starts_with(prefix),
             "{name} on {node}: {ip} not in {range} ({cidr})"
         );
-
-        let sandbox = env.pod_sandbox("default", name).unwrap().unwrap();
-        assert_eq!(sandbox.ip.map(|a| a.to_string()).as_ref(), Some(ip));
-        assert_eq!(sandbox.node, index);
-        assert_eq!(sandbox.ports, vec![8080]);
-        assert!(env.pod_netns().unwrap().contains(&sandbox.netns));
-
-        // The host reaches the server in the Pod's namespace.
+        // The host reaches the Pod's container.
         let body = get(&format!("http://{ip}:8080/")).await.unwrap();
         assert_eq!(body, format!("default/{name} {ip}\n"));
         assert_eq!(
@@ -176,7 +200,7 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
     }
 
     // Scale to 1: the two deleted Pods leave the ready endpoints at once but
-    // keep serving through the drain, then their namespaces go.
+    // keep serving through their preStop sleep, then their routes go.
     Api::<Deployment>::namespaced(client.clone(), "default")
         .patch(
             "web",
@@ -187,24 +211,19 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
         .unwrap();
     let api: Api<Pod> = Api::namespaced(client.clone(), "default");
     eventually(
-        "a deleted pod is not Ready and still serves",
+        "a deleted pod is no ready endpoint and still serves",
         WAIT,
         || async {
+            let ready = ready_endpoint_ips(&client).await;
             for pod in api
                 .list(&ListParams::default().labels("app=web"))
                 .await?
                 .items
             {
-                let ready = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-                    .map(|c| c.status == "True");
                 let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
                 if pod.metadata.deletion_timestamp.is_some()
-                    && ready == Some(false)
                     && let Some(ip) = ip
+                    && !ready.contains(&ip)
                     && get(&format!("http://{ip}:8080/")).await?
                         == format!("default/{} {ip}\n", pod.name_any())
                 {
@@ -218,25 +237,27 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
     .unwrap();
     let left = endpoints_are_the_pods(&client, 1).await;
     let (kept, _) = left.iter().next().unwrap();
-    let kept_netns = env.pod_sandbox("default", kept).unwrap().unwrap().netns;
-    eventually(
-        "only the remaining pod's namespace is left",
-        WAIT,
-        || async {
-            Ok(env.pod_netns()? == vec![kept_netns.clone()] && env.pod_sandboxes()?.len() == 1)
-        },
-    )
+    eventually("the deleted Pods are gone", WAIT, || async {
+        Ok(api
+            .list(&ListParams::default().labels("app=web"))
+            .await?
+            .items
+            .len()
+            == 1)
+    })
     .await
     .unwrap();
-    // Their host routes went with them (this host may accept any TCP
-    // connection to an unrouted address, so a connect proves nothing).
+    // Their host routes went with them, by CNI DEL (this host may accept
+    // any TCP connection to an unrouted address, so a connect proves nothing).
     for (name, (_, ip)) in pods.iter().filter(|(name, _)| *name != kept) {
-        let routes = std::process::Command::new("ip")
-            .args(["route", "show", ip])
-            .output()
-            .unwrap();
-        let routes = String::from_utf8(routes.stdout).unwrap();
-        assert_eq!(routes.trim(), "", "deleted pod {name}: route to {ip} left");
+        eventually(&format!("{name}'s route to {ip} is gone"), WAIT, || async {
+            let routes = std::process::Command::new("ip")
+                .args(["route", "show", ip])
+                .output()?;
+            Ok(String::from_utf8(routes.stdout)?.trim().is_empty())
+        })
+        .await
+        .unwrap();
     }
     let routes = std::process::Command::new("ip")
         .args(["route", "show", &left[kept].1])
@@ -248,11 +269,10 @@ async fn pods_get_addresses_from_vpc_ipam_that_serve_and_leave_with_their_pods()
             .contains("dev veth")
     );
 
-    // Dropping the environment leaves no namespace and no server or agent.
-    let prefix = env.netns_prefix().unwrap();
-    let pids = env.pids();
+    // Dropping the environment leaves no container, agent or other process.
+    let mut pids = env.pids();
+    pids.extend(env.nodes().iter().flat_map(|n| n.pids()));
     drop(env);
-    assert_eq!(netns_with_prefix(&prefix), Vec::<String>::new());
     assert!(
         pids.iter().all(|p| !is_running(*p)),
         "processes left: {pids:?}"

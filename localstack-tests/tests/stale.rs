@@ -1,21 +1,22 @@
 //! A test process killed with SIGKILL cannot drop its environment; the
-//! parts it started keep running, and its Pods' network namespaces and
-//! servers stay. `cnlb-env down` (run by `make test` first) finds the parts
-//! by the directory they run in and the namespaces by their range's free
-//! lock, kills and removes them. Its own test binary: it must not race other
-//! tests' environments.
+//! parts it started keep running, and so do its Nodes with their
+//! containers. `cnlb-env down` (run by `make test` first) finds the parts
+//! by the directory they run in and the Nodes by their range's free lock
+//! (their cgroups and addresses), kills and removes them. Its own test
+//! binary: it must not race other tests' environments.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cnlb_localstack_tests::env::clean_stale;
+use cnlb_localstack_tests::images::pod_server_image;
+use cnlb_localstack_tests::node::cgroups;
 use cnlb_localstack_tests::paths::{control_plane_bin, workspace_bin};
-use cnlb_localstack_tests::podnet::netns_with_prefix;
 use cnlb_localstack_tests::process::is_running;
 
 /// Polls `f` until it returns Some, for at most 60 s.
@@ -36,52 +37,71 @@ fn stdout(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn netns_pids(netns: &str) -> Vec<i32> {
-    stdout(Command::new("ip").args(["netns", "pids", netns]))
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect()
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn lo_has(ip: &str) -> bool {
+    stdout(Command::new("ip").args(["-4", "-o", "address", "show", "dev", "lo"]))
+        .contains(&format!("{ip}/32"))
 }
 
 #[test]
 fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
     let mut up = Command::new(workspace_bin("cnlb-env").unwrap())
-        .args(["up", "--nodes=1", "--no-aws", "--pod-network=vpc-ipam"])
+        .args(["up", "--nodes=1", "--no-aws"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut dir = None;
-    let mut netns_prefix = None;
+    let mut k = None;
+    let mut node_ip = None;
     for line in BufReader::new(up.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
-        if let Some(d) = line.trim().strip_prefix("directory (logs, certificates): ") {
+        let line = line.trim();
+        if let Some(d) = line.strip_prefix("directory (logs, certificates): ") {
             dir = Some(PathBuf::from(d));
         }
-        if let Some(p) = line
-            .trim()
-            .strip_prefix("network namespaces: ip netns list | grep ")
-        {
-            netns_prefix = Some(p.to_string());
+        if let Some(cidr) = line.strip_prefix("Pod network: ") {
+            k = cidr.split('.').nth(1).map(String::from);
+        }
+        if line.starts_with("node-1 ") {
+            node_ip = line.split_whitespace().nth(2).map(String::from);
         }
         if line.starts_with("Running;") {
             break;
         }
     }
     let dir = dir.expect("cnlb-env up printed its directory");
-    let prefix = netns_prefix.expect("cnlb-env up printed its namespaces' prefix");
+    let cgroup = format!("cnlb-{}-node-1", k.expect("cnlb-env up printed its Pod network"));
+    let node_ip = node_ip.expect("cnlb-env up printed its Node");
+    assert!(lo_has(&node_ip));
 
-    // A Pod, so there is a namespace with a server in it.
+    // A Pod, so there is a container.
     stdout(
         Command::new(control_plane_bin("kubectl").unwrap())
             .arg(format!("--kubeconfig={}", dir.join("kubeconfig").display()))
-            .args(["run", "web", "--image=example.invalid/web:1", "--port=8080"]),
+            .args(["run", "web", "--image-pull-policy=Never"])
+            .arg(format!("--image={}", pod_server_image()))
+            .args(["--", "--pod=default/web", "--ip=0.0.0.0", "--port=8080"]),
     );
-    let (netns, servers) = wait_for("the pod's namespace has its server", || {
-        let netns = netns_with_prefix(&prefix).pop()?;
-        let pids = netns_pids(&netns);
-        (!pids.is_empty()).then_some((netns, pids))
+    let server = wait_for("the Pod's container runs", || {
+        cgroups::pids(&cgroup)
+            .into_iter()
+            .find(|p| comm(*p) == "cnlb-pod-server")
     });
+    let node_pids = cgroups::pids(&cgroup);
+    let node_names: BTreeSet<String> = node_pids.iter().map(|p| comm(*p)).collect();
+    for name in ["kubelet", "containerd", "containerd-shim", "cnlb-pod-server", "cnlb-pause"] {
+        assert!(
+            node_names.iter().any(|n| n.starts_with(name)),
+            "{name} in {node_names:?}"
+        );
+    }
 
     let pids = std::fs::read_to_string(dir.join("pids")).unwrap();
     let (parts, names): (Vec<i32>, Vec<&str>) = pids
@@ -96,16 +116,16 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
             "etcd",
             "kube-apiserver",
             "kube-controller-manager",
-            "vpc-ipam-agent"
+            "kube-scheduler",
         ])
     );
 
     // While its owner lives, the environment is not touched.
     let cleaned = clean_stale().unwrap();
     assert!(!cleaned.removed.contains(&dir));
-    assert!(!cleaned.netns.contains(&netns), "{cleaned:?}");
+    assert!(cleaned.ranges.is_empty(), "{cleaned:?}");
     assert!(parts.iter().all(|p| is_running(*p)));
-    assert!(servers.iter().all(|p| is_running(*p)));
+    assert!(node_pids.iter().all(|p| is_running(*p)));
 
     up.kill().unwrap(); // SIGKILL: no drop, no cleanup
     up.wait().unwrap();
@@ -113,10 +133,7 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
         parts.iter().all(|p| is_running(*p)),
         "the parts outlive a killed owner"
     );
-    assert!(
-        servers.iter().all(|p| is_running(*p)),
-        "the pod's server outlives a killed owner"
-    );
+    assert!(is_running(server), "the Pod's container outlives a killed owner");
 
     let cleaned = clean_stale().unwrap();
     assert!(cleaned.removed.contains(&dir), "{cleaned:?}");
@@ -125,10 +142,14 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
         "leftover processes: {parts:?}"
     );
     assert!(!dir.exists());
-    assert!(cleaned.netns.contains(&netns), "{cleaned:?}");
-    assert!(!Path::new("/run/netns").join(&netns).exists());
     assert!(
-        servers.iter().all(|p| !is_running(*p)),
-        "leftover pod servers: {servers:?}"
+        cleaned.ranges.iter().any(|r| r.contains(&cgroup)),
+        "{cleaned:?}"
     );
+    assert!(
+        node_pids.iter().all(|p| !is_running(*p)),
+        "leftover Node processes: {node_pids:?}"
+    );
+    assert!(cgroups::with_prefix(&cgroup).is_empty(), "cgroup {cgroup} left");
+    assert!(!lo_has(&node_ip), "address {node_ip} left on lo");
 }

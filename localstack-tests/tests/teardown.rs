@@ -1,13 +1,13 @@
-//! The harness cleans up after itself: no process, network namespace or
-//! directory survives an environment, also when the test panics (then the
-//! logs are kept), and a part that dies is reported by name with its log.
+//! The harness cleans up after itself: no process, container, cgroup,
+//! address or directory survives an environment, also when the test panics
+//! (then the logs are kept), and a part that dies is reported by name with
+//! its log.
 
 use std::process::Command;
 use std::time::Duration;
 
-use cnlb_localstack_tests::podnet::netns_with_prefix;
 use cnlb_localstack_tests::process::{Proc, is_running};
-use cnlb_localstack_tests::{Env, NodeConfig, eventually};
+use cnlb_localstack_tests::{Env, NodeConfig, eventually, sample_app};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
@@ -55,7 +55,7 @@ fn a_panicking_test_leaves_no_process_and_keeps_its_logs() {
 }
 
 #[test]
-fn a_panicking_test_with_pods_leaves_no_namespace_and_no_process() {
+fn a_panicking_test_with_pods_leaves_no_container_and_no_process() {
     let (inner, seen) = std::sync::mpsc::channel();
     let result = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -65,46 +65,50 @@ fn a_panicking_test_with_pods_leaves_no_namespace_and_no_process() {
         rt.block_on(async move {
             let env = Env::builder("panics-pods")
                 .nodes(vec![NodeConfig::numbered(1)])
-                .pod_network()
                 .start()
                 .await
                 .unwrap();
             let client = env.kube().unwrap().admin_client().unwrap();
             let pod: Pod = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "web"},
-                "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1"}]},
+                "spec": {"containers": [sample_app::container("web", &[8080])]},
             }))
             .unwrap();
             Api::<Pod>::namespaced(client, "default")
                 .create(&PostParams::default(), &pod)
                 .await
                 .unwrap();
-            eventually("the pod has a sandbox", Duration::from_secs(60), || async {
-                Ok(env
-                    .pod_sandbox("default", "web")?
-                    .is_some_and(|s| s.server_pid.is_some()))
+            let node = &env.nodes()[0];
+            eventually("the Pod's container runs", Duration::from_secs(60), || async {
+                Ok(node.pids().iter().any(|p| comm(*p) == "cnlb-pod-server"))
             })
             .await
             .unwrap();
-            assert_eq!(env.pod_netns().unwrap().len(), 1);
-            let prefix = env.netns_prefix().unwrap();
-            inner.send((env.dir.clone(), env.pids(), prefix)).unwrap();
+            let mut pids = env.pids();
+            pids.extend(node.pids());
+            inner.send((env.dir.clone(), pids)).unwrap();
             panic!("a failing test");
         })
     })
     .join();
     assert!(result.is_err(), "the inner test should have panicked");
-    let (dir, pids, prefix) = seen.recv().unwrap();
-    assert_eq!(netns_with_prefix(&prefix), Vec::<String>::new());
+    let (dir, pids) = seen.recv().unwrap();
     assert!(
         pids.iter().all(|p| !is_running(*p)),
         "processes left: {pids:?}"
     );
     assert!(
-        dir.join("node-1").join("vpc-ipam-agent.log").is_file(),
-        "the agent's log is kept"
+        dir.join("nodes/node-1/kubelet.log").is_file(),
+        "the kubelet's log is kept"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 #[tokio::test]

@@ -410,9 +410,9 @@ async fn gcp_agent_assigns_reuses_and_races_alias_ranges() {
 
 // ---------------------------------------------------------------- harness
 
-/// `.gce().pod_network()` with `AgentBackend::Gcp`: every Node is a GCE
-/// instance whose alias range is its pod CIDR, and its agent hands out
-/// that range.
+/// Real Nodes with `AgentBackend::Gcp`: every Node is a GCE instance whose
+/// alias range is its pod CIDR, and its agent (vpc-ipam's DaemonSet) hands
+/// out that range.
 #[tokio::test]
 async fn harness_pods_get_addresses_from_their_nodes_alias_ranges() {
     let common::gcp::GcpCluster { gce, client, env } =
@@ -501,8 +501,8 @@ async fn harness_pods_get_addresses_from_their_nodes_alias_ranges() {
         );
     }
     // The agents called Compute at start only.
-    for i in 0..3 {
-        let metrics = env.agent_metrics_addr(i).unwrap();
+    for node in env.nodes() {
+        let metrics = format!("{}:9971", node.config.internal_ip);
         let text = reqwest::get(format!("http://{metrics}/metrics"))
             .await
             .unwrap()

@@ -45,14 +45,20 @@ pub struct AgentArgs {
     pub state_dir: PathBuf,
 
     /// Address range for Pods, repeatable (IPv4 or IPv6 CIDR such as
-    /// 10.1.0.0/24); required with --backend static.
+    /// 10.1.0.0/24); with --backend static, this or
+    /// --static-node-pod-cidrs.
     #[arg(
         long = "static-range",
         value_name = "CIDR",
         value_parser = parse_range,
-        required_if_eq("backend", "static")
+        conflicts_with = "static_node_pod_cidrs"
     )]
     pub static_ranges: Vec<Cidr>,
+
+    /// With --backend static: the ranges are the Node's spec.podCIDRs,
+    /// which kube-controller-manager assigns with --allocate-node-cidrs.
+    #[arg(long)]
+    pub static_node_pod_cidrs: bool,
 
     /// Free addresses the pool tries to keep ready.
     #[arg(long, default_value_t = 4, value_name = "N")]
@@ -146,6 +152,21 @@ impl AgentArgs {
                 "--static-range is only used with --backend static, not --backend {}",
                 self.backend
             ));
+        }
+        if self.backend != Backend::Static && self.static_node_pod_cidrs {
+            return Err(format!(
+                "--static-node-pod-cidrs is only used with --backend static, not --backend {}",
+                self.backend
+            ));
+        }
+        if self.backend == Backend::Static
+            && self.static_ranges.is_empty()
+            && !self.static_node_pod_cidrs
+        {
+            return Err(
+                "--backend static needs --static-range (repeatable) or --static-node-pod-cidrs"
+                    .into(),
+            );
         }
         if self.backend == Backend::Aws {
             self.aws.validate()?;
@@ -270,6 +291,23 @@ mod tests {
     #[test]
     fn static_backend_requires_a_range() {
         rejected(&["--backend", "static"], "--static-range");
+        rejected(&["--backend", "static"], "--static-node-pod-cidrs");
+        let args = parse(&["--backend", "static", "--static-node-pod-cidrs"]).unwrap();
+        assert!(args.static_node_pod_cidrs && args.static_ranges.is_empty());
+        rejected(
+            &[
+                "--backend",
+                "static",
+                "--static-node-pod-cidrs",
+                "--static-range",
+                "10.1.0.0/24",
+            ],
+            "--static-range",
+        );
+        rejected(
+            &["--backend", "gcp", "--static-node-pod-cidrs"],
+            "--backend static",
+        );
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! - [`protocol`]: the plugin ↔ agent messages on the unix socket;
 //! - [`agent`], [`pool`], [`store`]: allocation, watermarks, crash-safe state;
 //! - [`backend`]: where addresses come from (static ranges, AWS, GCP);
-//! - [`server`], [`metrics`]: the agent's socket and HTTP endpoints.
+//! - [`server`], [`metrics`]: the agent's socket and HTTP endpoints;
+//! - [`install`]: the DaemonSet's init container (plugin and configuration).
 
 pub mod agent;
 pub mod agent_cli;
 pub mod backend;
 pub mod cidr;
 pub mod cni;
+pub mod install;
 pub mod metrics;
 pub mod plugin;
 pub mod pool;

@@ -63,7 +63,7 @@ async fn main() -> Result<()> {
         Provider::Aws => {
             println!("starting the environment (control plane, moto)...");
             let env = Env::builder("bench-aws")
-                .nodes(nodes)
+                .simulated_nodes(nodes)
                 .moto()
                 .start()
                 .await?;
@@ -88,7 +88,7 @@ async fn main() -> Result<()> {
         Provider::Gcp => {
             println!("starting the environment (control plane, GCE emulator, Pod network)...");
             let env = Env::builder("bench-gcp")
-                .nodes(nodes)
+                .simulated_nodes(nodes)
                 .gce()
                 .pod_network()
                 .agent_backend(AgentBackend::Gcp)
@@ -398,7 +398,7 @@ impl Ccm {
 
     /// Resident memory now and at peak, in bytes.
     fn rss(&self) -> Result<(u64, u64)> {
-        let m = group_memory(&[self.proc.pid()]);
+        let m = group_memory(&[self.proc.pid()], &[]);
         Ok((m.rss, m.peak))
     }
 }

@@ -56,7 +56,7 @@ async fn main() -> Result<()> {
     };
     // `demo` dropped its Stack on the way out: everything is stopped.
     println!(
-        "Stopped and removed everything: cnlb-ccm, the plugin, HAProxy, the Pods' network namespaces, the agents and the control plane."
+        "Stopped and removed everything: the plugin, HAProxy, the Nodes with their containers, and the control plane."
     );
     result
 }
@@ -79,9 +79,12 @@ async fn demo(args: &Args) -> Result<()> {
     step(
         1,
         "Starting the local environment",
-        "A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager), 3 Nodes,\n\
-         a vpc-ipam agent per Node handing out Pod IPs (static ranges), HAProxy, the cnlb-onprem-haproxy\n\
-         plugin that drives it, and cnlb-ccm (the controller) for Services of class cnlb.dev/onprem.",
+        "A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)\n\
+         and 3 real Nodes (a kubelet and containerd each), all built from source. cnlb is installed as\n\
+         users install it, from the images `make images` builds and the Helm charts in deploy/: vpc-ipam\n\
+         (a DaemonSet: its agent gives each Pod an IP from its Node's range), and cnlb-ccm (a Deployment\n\
+         of 2 replicas, one leading) for Services of class cnlb.dev/onprem. The load balancer is HAProxy,\n\
+         driven by the cnlb-onprem-haproxy plugin.",
     );
     let started = Instant::now();
     let stack = Stack::start(StackConfig::new("demo")).await?;
@@ -91,12 +94,27 @@ async fn demo(args: &Args) -> Result<()> {
         started.elapsed().as_secs_f64(),
         stack.env.dir.display()
     );
+    let kubeconfig = stack.env.kube()?.kubeconfig.display().to_string();
+    let kubectl = control_plane_bin("kubectl")?;
+    for args in [
+        &["get", "nodes", "-o", "wide"][..],
+        &["get", "pods", "-n", "kube-system", "-o", "wide"][..],
+    ] {
+        println!("\n   $ kubectl {}", args.join(" "));
+        let out = std::process::Command::new(&kubectl)
+            .arg(format!("--kubeconfig={kubeconfig}"))
+            .args(args)
+            .output()?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("   {line}");
+        }
+    }
 
     step(
         2,
         "Deploying the sample app: Deployment \"hello\", 3 Pods",
-        "Each Pod gets its own network namespace and IP, with a small server answering HTTP on\n\
-         port 8080 with \"<namespace>/<pod name> <pod IP>\". They declare the readiness gate\n\
+        "Each Pod is a real container of the sample image, a small server answering HTTP on port 8080\n\
+         with \"<namespace>/<pod name> <pod IP>\", with a readiness probe. They declare the readiness gate\n\
          cnlb.dev/load-balancer-ready, so they become Ready only once the load balancer reports them healthy.",
     );
     onprem::deploy_app(&client, 3, args.drain).await?;
@@ -229,16 +247,14 @@ async fn demo(args: &Args) -> Result<()> {
         list(stack.lb.servers(&backend).await?.unwrap_or_default())
     );
 
-    let kubectl = control_plane_bin("kubectl")
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "kubectl".into());
-    let kubeconfig = stack.env.kube()?.kubeconfig.display().to_string();
+    let kubectl = kubectl.display().to_string();
     step(
         7,
         "Running. Try it from another terminal:",
         &format!(
             "export KUBECONFIG={kubeconfig}\n\
-             {kubectl} get pods,svc -o wide\n\
+             {kubectl} get nodes,pods,svc -o wide\n\
+             {kubectl} logs -n kube-system deployment/cnlb-ccm\n\
              curl {url}            # the load balancer (Service {NAMESPACE}/{APP}, port {PORT})\n\
              {kubectl} scale deployment {APP} --replicas=2\n\
              echo 'show servers state' | socat stdio {}    # HAProxy's view (socat: apt install socat)\n\

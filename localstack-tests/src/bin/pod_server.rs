@@ -1,8 +1,13 @@
-//! `cnlb-pod-server`: what runs "in" a Pod of the local environment. The
-//! harness starts it inside the Pod's network namespace; it answers every
+//! `cnlb-pod-server`: the sample app of the local environment, run as the
+//! container of the image `localhost/cnlb/pod-server` on real Nodes (and by
+//! the simulated kubelet inside a Pod's network namespace). It answers every
 //! HTTP GET on each given port with 200 and `<namespace>/<name> <ip>`, so a
-//! test (or a load balancer) can tell which Pod answered, and `/healthz` with
-//! `ok`. Plain std and a thread per connection: it must start in milliseconds.
+//! test (or a load balancer) can tell which Pod answered; `/healthz` with
+//! `ok`; and `/exit?code=N` by exiting with status N, as agnhost does, so a
+//! test can crash a container. As a container's first process it must exit
+//! on SIGTERM itself (the kernel ignores unhandled signals for PID 1); it
+//! logs when it does. Plain std and a thread per connection: it must start
+//! in milliseconds.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -28,6 +33,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    exit_on_termination()?;
     let body: Arc<str> = format!("{} {}\n", args.pod, args.ip).into();
     // Bind every port before serving, so a bind error exits at once.
     let listeners = args
@@ -80,6 +86,14 @@ fn answer(stream: TcpStream, body: &str) -> Result<()> {
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let (status, text) = match (method, path) {
         ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n"),
+        ("GET", p) if p.starts_with("/exit") => {
+            let code = p
+                .split_once("code=")
+                .and_then(|(_, c)| c.parse::<i32>().ok())
+                .unwrap_or(0);
+            eprintln!("cnlb-pod-server: exiting with status {code} as asked");
+            std::process::exit(code);
+        }
         ("GET" | "HEAD", _) => ("200 OK", body),
         _ => ("405 Method Not Allowed", "only GET\n"),
     };
@@ -91,5 +105,28 @@ fn answer(stream: TcpStream, body: &str) -> Result<()> {
         text.len()
     )?;
     out.flush()?;
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in every thread and exits on either from a
+/// thread of its own, logging it (tests read when a container was signalled).
+fn exit_on_termination() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().context("blocking SIGTERM")?;
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            let since_epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            eprintln!(
+                "cnlb-pod-server: {signal} at {:.3}, exiting",
+                since_epoch.as_secs_f64()
+            );
+            std::process::exit(0);
+        }
+    });
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cnlb_localstack_tests::Env;
+use cnlb_localstack_tests::{Env, sample_app};
 use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::Proc;
 use cnlb_provider_aws::Clients;
@@ -17,7 +17,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-/// An environment with `nodes` harness Nodes and moto, the VPC network of
+/// An environment with `nodes` real Nodes and moto, the VPC network of
 /// [`super::ec2_network`], and this process's AWS SDK pointed at moto.
 pub struct Cluster {
     // Dropped last: the environment outlives the clients.
@@ -88,8 +88,7 @@ pub async fn create_web(client: &Client, replicas: i32) {
             "selector": {"matchLabels": {"app": "web"}},
             "template": {
                 "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1",
-                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "spec": {"containers": [sample_app::container("web", &[8080])]},
             },
         },
     }))
@@ -114,8 +113,7 @@ pub async fn create_gated_web(client: &Client, replicas: i32, gate: &str) {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
                     "readinessGates": [{"conditionType": gate}],
-                    "containers": [{"name": "web", "image": "example.invalid/web:1",
-                                    "ports": [{"name": "http", "containerPort": 8080}]}],
+                    "containers": [sample_app::container("web", &[8080])],
                 },
             },
         },

@@ -1,8 +1,8 @@
 //! `cnlb-ccm --provider=gcp` against an environment with the GCE emulator
-//! and GKE-style Nodes: each Node is a GCE instance whose alias IP range
-//! (from the subnetwork's secondary range `pods`) holds its Pods' IPs, given
-//! out by `vpc-ipam-agent --backend gcp`; Pods are real network namespaces
-//! with a server inside, so the emulator's health checks probe them for real.
+//! and GKE-style real Nodes: each Node is a GCE instance whose alias IP
+//! range (from the subnetwork's secondary range `pods`) holds its Pods' IPs,
+//! given out by vpc-ipam's DaemonSet with `--backend gcp`; Pods are real
+//! containers, so the emulator's health checks probe them for real.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -27,7 +27,6 @@ pub async fn cluster(name: &str, nodes: u8) -> GcpCluster {
     let env = Env::builder(name)
         .nodes(nodes)
         .gce()
-        .pod_network()
         .agent_backend(AgentBackend::Gcp)
         .start()
         .await

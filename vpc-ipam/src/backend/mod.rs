@@ -67,19 +67,25 @@ pub fn backend_error(e: ProviderError) -> BackendError {
     }
 }
 
-/// The `spec.providerID` of Node `node_name`, which names the node's
-/// instance. Transient while the Node has none yet (the cloud controller
-/// manager sets it when it initialises the Node) or the API server cannot
-/// be reached; permanent when the agent may not read Nodes.
-pub async fn node_provider_id(kube: &kube::Client, node_name: &str) -> BackendResult<String> {
+/// Node `node_name`. Transient while the API server cannot be reached;
+/// permanent when the agent may not read Nodes.
+pub async fn read_node(kube: &kube::Client, node_name: &str) -> BackendResult<Node> {
     let nodes: kube::Api<Node> = kube::Api::all(kube.clone());
-    let node = nodes.get(node_name).await.map_err(|e| {
+    nodes.get(node_name).await.map_err(|e| {
         let msg = format!("reading Node {node_name}: {e}");
         match e {
             kube::Error::Api(s) if s.code == 401 || s.code == 403 => BackendError::Permanent(msg),
             _ => BackendError::Transient(msg),
         }
-    })?;
+    })
+}
+
+/// The `spec.providerID` of Node `node_name`, which names the node's
+/// instance. Transient while the Node has none yet (the cloud controller
+/// manager sets it when it initialises the Node) or the API server cannot
+/// be reached; permanent when the agent may not read Nodes.
+pub async fn node_provider_id(kube: &kube::Client, node_name: &str) -> BackendResult<String> {
+    let node = read_node(kube, node_name).await?;
     let provider_id = node.spec.and_then(|s| s.provider_id).unwrap_or_default();
     if provider_id.is_empty() {
         return Err(BackendError::Transient(format!(

@@ -1,8 +1,10 @@
-//! The harness's stand-in for kube-scheduler and the kubelet, for Pods on the
-//! Nodes it creates: it binds pending Pods to its Nodes round-robin, reports
-//! them Running and Ready (honouring readiness gates), finishes graceful
-//! deletions, and renews each Node's Lease so kube-controller-manager's node
-//! lifecycle controller sees live nodes.
+//! A simulated kubelet, for benchmarks that need thousands of Pods: it
+//! registers Nodes with no container runtime, reports the Pods
+//! kube-scheduler binds to them Running and Ready in one step (honouring
+//! readiness gates), finishes graceful deletions, and renews each Node's
+//! Lease so kube-controller-manager's node lifecycle controller sees live
+//! nodes. Behaviour that depends on real kubelet timing (readiness probes,
+//! preStop hooks, restarts) is tested on real Nodes ([`crate::node`]).
 //!
 //! Pod IPs are made up from each Node's pod CIDR, unless the environment has
 //! a pod network (`podnet`): then each Pod gets a real sandbox (network
@@ -29,59 +31,18 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::node::NodeConfig;
 use crate::podnet::PodNet;
 
 const MANAGER: &str = "cnlb-env-kubelet";
 const LEASE_SECONDS: i32 = 40;
 
-/// A Node the harness creates and serves.
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    pub name: String,
-    /// `topology.kubernetes.io/zone`.
-    pub zone: String,
-    /// `topology.kubernetes.io/region`.
-    pub region: String,
-    pub internal_ip: Ipv4Addr,
-    /// An IPv4 /24 the Node's Pods get addresses from (host .1 is the gateway).
-    pub pod_cidr: String,
-    /// `spec.providerID`, e.g. `gce://<project>/<zone>/<name>` for a Node
-    /// seeded as a GCE instance (see `AgentBackend::Gcp`); none by default.
-    pub provider_id: Option<String>,
-}
-
-impl NodeConfig {
-    /// `node-<i>` in zone `us-east-1<a|b|c>` with pod CIDR `100.64.<i>.0/24`.
-    pub fn numbered(i: u8) -> NodeConfig {
-        let zone = ["a", "b", "c"][usize::from(i) % 3];
-        NodeConfig {
-            name: format!("node-{i}"),
-            zone: format!("{}{zone}", crate::aws::REGION),
-            region: crate::aws::REGION.to_string(),
-            internal_ip: Ipv4Addr::new(10, 0, 0, 10 + i),
-            pod_cidr: format!("100.64.{i}.0/24"),
-            provider_id: None,
-        }
-    }
-
-    fn pod_base(&self) -> Result<Ipv4Addr> {
-        let (addr, len) = self
-            .pod_cidr
-            .split_once('/')
-            .context("pod CIDR without prefix")?;
-        if len != "24" {
-            bail!("pod CIDR {} must be a /24", self.pod_cidr);
-        }
-        Ok(addr.parse()?)
-    }
-}
-
 /// Runs until dropped.
-pub struct Kubelet {
+pub struct SimulatedKubelet {
     tasks: Vec<JoinHandle<()>>,
 }
 
-impl Drop for Kubelet {
+impl Drop for SimulatedKubelet {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
@@ -89,7 +50,7 @@ impl Drop for Kubelet {
     }
 }
 
-impl Kubelet {
+impl SimulatedKubelet {
     /// Registers the Nodes, starts the pod network's agents (waiting up to
     /// `timeout` for each), then serves Pods.
     pub async fn start(
@@ -97,7 +58,7 @@ impl Kubelet {
         nodes: Vec<NodeConfig>,
         net: Option<Arc<PodNet>>,
         timeout: Duration,
-    ) -> Result<Kubelet> {
+    ) -> Result<SimulatedKubelet> {
         for node in &nodes {
             register_node(&client, node).await?;
         }
@@ -107,7 +68,7 @@ impl Kubelet {
         let heartbeat = tokio::spawn(heartbeat(client.clone(), nodes.clone()));
         let mut pods = PodLoop::new(client, nodes, net)?;
         let pod_loop = tokio::spawn(async move { pods.run().await });
-        Ok(Kubelet {
+        Ok(SimulatedKubelet {
             tasks: vec![heartbeat, pod_loop],
         })
     }
@@ -187,7 +148,6 @@ struct PodLoop {
     used: BTreeMap<String, BTreeSet<u8>>,
     /// Pod uid -> (node, offset), to release on deletion.
     assigned: BTreeMap<String, (String, u8)>,
-    next_node: usize,
     /// With a pod network: a worker per Pod on our Nodes, fed the Pod's
     /// latest state (`None` once it is gone from the API).
     net: Option<Arc<PodNet>>,
@@ -199,7 +159,7 @@ struct PodLoop {
 impl PodLoop {
     fn new(client: Client, nodes: Vec<NodeConfig>, net: Option<Arc<PodNet>>) -> Result<PodLoop> {
         for n in &nodes {
-            n.pod_base()?;
+            pod_base(n)?;
         }
         let used = nodes
             .iter()
@@ -210,7 +170,6 @@ impl PodLoop {
             nodes,
             used,
             assigned: BTreeMap::new(),
-            next_node: 0,
             net,
             workers: BTreeMap::new(),
             worker_tasks: JoinSet::new(),
@@ -288,10 +247,7 @@ impl PodLoop {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
         let spec = pod.spec.as_ref().context("pod without spec")?;
         let Some(node_name) = spec.node_name.clone() else {
-            if pod.metadata.deletion_timestamp.is_none() {
-                self.bind(&api, &name).await?;
-            }
-            return Ok(());
+            return Ok(()); // kube-scheduler binds it
         };
         let Some(node) = self.nodes.iter().find(|n| n.name == node_name).cloned() else {
             return Ok(()); // someone else's node
@@ -315,28 +271,6 @@ impl PodLoop {
         report_running(&api, &pod, &node, &ip).await
     }
 
-    async fn bind(&mut self, api: &Api<Pod>, name: &str) -> Result<()> {
-        let Some(node) = self.nodes.get(self.next_node % self.nodes.len().max(1)) else {
-            return Ok(()); // no nodes: leave pods pending, as a cluster would
-        };
-        self.next_node += 1;
-        let binding = json!({
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": node.name},
-        });
-        let pp = PostParams::default();
-        match api
-            .create_subresource::<_, serde_json::Value>("binding", name, &pp, &binding)
-            .await
-        {
-            Ok(_) => Ok(()),
-            // Already bound by an earlier event for the same pod.
-            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
-            Err(e) => Err(anyhow!("binding pod {name} to {}: {e}", node.name)),
-        }
-    }
-
     fn assign(&mut self, pod: &Pod, node: &NodeConfig) -> Result<Ipv4Addr> {
         let uid = pod.uid().context("pod without uid")?;
         let used = self.used.entry(node.name.clone()).or_default();
@@ -348,7 +282,7 @@ impl PodLoop {
         };
         used.insert(offset);
         self.assigned.insert(uid, (node.name.clone(), offset));
-        let [a, b, c, _] = node.pod_base()?.octets();
+        let [a, b, c, _] = pod_base(node)?.octets();
         Ok(Ipv4Addr::new(a, b, c, offset))
     }
 
@@ -359,6 +293,18 @@ impl PodLoop {
             used.remove(&offset);
         }
     }
+}
+
+/// The first address of the Node's pod CIDR, which must be a /24.
+fn pod_base(node: &NodeConfig) -> Result<Ipv4Addr> {
+    let (addr, len) = node
+        .pod_cidr
+        .split_once('/')
+        .context("pod CIDR without prefix")?;
+    if len != "24" {
+        bail!("pod CIDR {} must be a /24", node.pod_cidr);
+    }
+    Ok(addr.parse()?)
 }
 
 /// Reports the Pod Running with `ip`, its containers ready, and Ready when
