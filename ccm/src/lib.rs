@@ -1,5 +1,16 @@
-//! Pure parts of cnlb-ccm: no kube client calls and no I/O, so they are unit
-//! tested here and shared with the `cnlb-ccm` binary.
+//! cnlb-ccm's library: the Service controller and its pure parts.
+//!
+//! - [`annotations`]: a Service and its annotations to a
+//!   `LoadBalancerSpec`, one error per bad key (pure);
+//! - [`targets`]: EndpointSlices to desired targets, readiness gate rules (pure);
+//! - [`conditions`]: the Service conditions cnlb writes (pure);
+//! - [`service`]: the controller that wires them to the Kubernetes API and
+//!   a `LoadBalancerProvider`.
+//!
+//! The `cnlb-ccm` binary adds the command line, leader election, the
+//! probe and metrics server and garbage collection.
 
 pub mod annotations;
+pub mod conditions;
+pub mod service;
 pub mod targets;

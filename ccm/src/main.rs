@@ -2,7 +2,6 @@
 //! that send traffic straight to Pod IPs.
 
 mod cli;
-mod controller;
 mod gc;
 mod leader;
 mod metrics;

@@ -20,7 +20,8 @@ use crate::cli::{Args, BindAddress, Provider};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::shutdown::Signals;
-use crate::{controller, gc, leader};
+use crate::{gc, leader};
+use cnlb_ccm::service::{self, ControllerMetrics};
 
 /// How often the API server is probed after start-up, for the
 /// `cnlb_kube_api_reachable` gauge.
@@ -93,7 +94,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     health.set_ready();
 
     let provider = build_provider(&args, &metrics).await?;
-    let settings = controller::Settings {
+    let controller_metrics = ControllerMetrics::register(&mut metrics.registry());
+    let settings = service::Settings {
         cluster: args.cluster_name.clone(),
         class: args.load_balancer_class.clone(),
         manage_unclassed: args.manage_unclassed,
@@ -126,7 +128,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         provider.clone(),
         args.cluster_name.clone(),
     ));
-    let controllers = tokio::spawn(controller::run(client, provider, settings));
+    let controllers = tokio::spawn(service::run(client, provider, settings, controller_metrics));
     let outcome = match elector.as_mut() {
         Some(elector) => tokio::select! {
             () = elector.hold() => Err(Error::LostLeadership),

@@ -35,9 +35,23 @@ pub fn pending_gates(pod: &Pod) -> Vec<&'static str> {
 /// terminating. Such a Pod must be registered (it is not Ready, so its
 /// endpoint says not ready) or its gate could never turn True.
 pub fn awaits_gate(pod: &Pod) -> bool {
+    serves_behind_gate(pod) && !pending_gates(pod).is_empty()
+}
+
+/// True for a Pod that declares one of cnlb's gates, whose containers are
+/// ready and that is not terminating: it takes traffic whether its gate is
+/// still pending ([`awaits_gate`]) or has just opened. Its endpoint says
+/// ready only after the kubelet has seen the gate and the EndpointSlice
+/// controller the Pod, a moment later; deregistering it meanwhile would
+/// flap the target.
+pub fn serves_behind_gate(pod: &Pod) -> bool {
+    let declared = pod.spec.as_ref().and_then(|s| s.readiness_gates.as_ref());
     pod.metadata.deletion_timestamp.is_none()
         && condition(pod, "ContainersReady") == Some(true)
-        && !pending_gates(pod).is_empty()
+        && declared.is_some_and(|gs| {
+            gs.iter()
+                .any(|g| READINESS_GATES.contains(&g.condition_type.as_str()))
+        })
 }
 
 /// The status of the Pod's condition `kind`, if present.
@@ -50,9 +64,18 @@ fn condition(pod: &Pod, kind: &str) -> Option<bool> {
 }
 
 /// IPs of the Pods that [`awaits_gate`].
-pub fn awaiting_gate(pods: &[Pod]) -> BTreeSet<IpAddr> {
-    pods.iter()
-        .filter(|p| awaits_gate(p))
+pub fn awaiting_gate<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<IpAddr> {
+    ips_where(pods, awaits_gate)
+}
+
+/// IPs of the Pods that [`serves_behind_gate`].
+pub fn serving_behind_gate<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<IpAddr> {
+    ips_where(pods, serves_behind_gate)
+}
+
+fn ips_where<'a>(pods: impl IntoIterator<Item = &'a Pod>, f: fn(&Pod) -> bool) -> BTreeSet<IpAddr> {
+    pods.into_iter()
+        .filter(|p| f(p))
         .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
         .collect()
 }
@@ -62,11 +85,11 @@ pub fn awaiting_gate(pods: &[Pod]) -> BTreeSet<IpAddr> {
 /// the listener's name (the Service port name), at that port's number, so
 /// named target ports resolve per Pod. Terminating endpoints are included
 /// with their state: the diff deregisters them at once. Endpoints of Pods
-/// in `awaiting_gate` count as ready (see [`awaits_gate`]).
-pub fn desired_targets(
+/// in `behind_gate` count as ready (see [`serves_behind_gate`]).
+pub fn desired_targets<'a>(
     listeners: &[Listener],
-    slices: &[EndpointSlice],
-    awaiting_gate: &BTreeSet<IpAddr>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    behind_gate: &BTreeSet<IpAddr>,
 ) -> BTreeMap<String, TargetSet> {
     let mut out: BTreeMap<String, TargetSet> = listeners
         .iter()
@@ -102,7 +125,7 @@ pub fn desired_targets(
                     let Ok(ip) = addr.parse::<IpAddr>() else {
                         continue;
                     };
-                    let state = if awaiting_gate.contains(&ip) && !state.terminating {
+                    let state = if behind_gate.contains(&ip) && !state.terminating {
                         TargetState::READY
                     } else {
                         state
@@ -238,6 +261,12 @@ mod tests {
     fn only_pods_held_back_by_our_gate_await_it() {
         assert!(awaits_gate(&pod(true, true, false)));
         assert!(!awaits_gate(&pod(true, true, true)), "gate already True");
+        assert!(
+            serves_behind_gate(&pod(true, true, true)),
+            "gate just opened: still serving until its endpoint says ready"
+        );
+        assert!(!serves_behind_gate(&pod(true, false, true)));
+        assert!(!serves_behind_gate(&pod(false, true, false)));
         assert!(
             !awaits_gate(&pod(true, false, false)),
             "containers not ready"

@@ -240,9 +240,7 @@ impl ControlPlane {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, cn);
         for o in orgs {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, *o);
+            params.distinguished_name.push(DnType::OrganizationName, *o);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate()?;
@@ -254,8 +252,12 @@ impl ControlPlane {
     /// `node` (`system:node:<node>` in `system:nodes`: what the Node
     /// authorizer and NodeRestriction recognise), and returns its path.
     pub fn node_kubeconfig(&self, dir: &Path, node: &str) -> Result<PathBuf> {
-        let (cert, key) = self.client_certificate(&format!("system:node:{node}"), &["system:nodes"])?;
-        let (cert_file, key_file) = (dir.join("kubelet-client.crt"), dir.join("kubelet-client.key"));
+        let (cert, key) =
+            self.client_certificate(&format!("system:node:{node}"), &["system:nodes"])?;
+        let (cert_file, key_file) = (
+            dir.join("kubelet-client.crt"),
+            dir.join("kubelet-client.key"),
+        );
         std::fs::write(&cert_file, cert)?;
         std::fs::write(&key_file, key)?;
         let path = dir.join("kubelet.kubeconfig");

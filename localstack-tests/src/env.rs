@@ -259,18 +259,15 @@ impl EnvBuilder {
             None => None,
         };
         let instances = match (&gce, &env.range) {
-            (Some((_, g)), Some(range))
-                if matches!(self.agent_backend, AgentBackend::Gcp) =>
-            {
-                self.nodes
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, node)| {
-                        node.pod_cidr = format!("10.{}.{i}.0/24", range.k());
-                        crate::podnet::gce_node(g, i, node)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+            (Some((_, g)), Some(range)) if matches!(self.agent_backend, AgentBackend::Gcp) => self
+                .nodes
+                .iter_mut()
+                .enumerate()
+                .map(|(i, node)| {
+                    node.pod_cidr = format!("10.{}.{i}.0/24", range.k());
+                    crate::podnet::gce_node(g, i, node)
+                })
+                .collect::<Result<Vec<_>>>()?,
             _ => Vec::new(),
         };
         if let (Some(cp), Some(config), Some(range)) =
@@ -296,7 +293,8 @@ impl EnvBuilder {
                     .any(|r| r.name == GCE_POD_RANGE)
             {
                 opts.secondary_ranges.push(
-                    NamedRange::new(GCE_POD_RANGE, &range.pod_cidr()).map_err(anyhow::Error::msg)?,
+                    NamedRange::new(GCE_POD_RANGE, &range.pod_cidr())
+                        .map_err(anyhow::Error::msg)?,
                 );
             }
             let proc = crate::gce::spawn(&env.dir, port, &opts)?;
@@ -362,7 +360,10 @@ impl EnvBuilder {
         // A part that failed to start is what the logs are for.
         env.keep = ready.is_err();
         let ((), (), (), (), images) = ready?;
-        tracing::info!("control plane and emulators ready in {:.1?}", started.elapsed());
+        tracing::info!(
+            "control plane and emulators ready in {:.1?}",
+            started.elapsed()
+        );
 
         if let Some(cp) = &env.control_plane
             && !self.nodes.is_empty()
@@ -429,7 +430,11 @@ async fn install_pod_network(
                     "podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr],
                 }});
                 nodes
-                    .patch(&node.name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(patch))
+                    .patch(
+                        &node.name,
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(patch),
+                    )
                     .await
                     .with_context(|| format!("setting Node {} spec.podCIDR", node.name))?;
             }
@@ -449,8 +454,13 @@ async fn install_pod_network(
     };
     let values = crate::install::vpc_ipam_values(cp, &builder.name, backend, &args)?;
     crate::install::helm_install(cp, dir, "cnlb-vpc-ipam", "cnlb-vpc-ipam", &values).await?;
-    crate::install::wait_daemonset_and_nodes(cp, "vpc-ipam-agent", builder.nodes.len(), builder.timeout)
-        .await
+    crate::install::wait_daemonset_and_nodes(
+        cp,
+        "vpc-ipam-agent",
+        builder.nodes.len(),
+        builder.timeout,
+    )
+    .await
 }
 
 pub struct Env {
@@ -568,7 +578,10 @@ impl Env {
     pub fn pod_range(&self, node: usize) -> Result<String> {
         if let Some(n) = self.nodes.get(node) {
             if n.config.pod_cidr.is_empty() {
-                bail!("the pod range of Node {} is its spec.podCIDR", n.config.name);
+                bail!(
+                    "the pod range of Node {} is its spec.podCIDR",
+                    n.config.name
+                );
             }
             return Ok(n.config.pod_cidr.clone());
         }

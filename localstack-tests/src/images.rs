@@ -147,7 +147,9 @@ pub fn workspace_archives(references: &[String]) -> Result<Vec<OciArchive>> {
     static WRITTEN: std::sync::Mutex<BTreeMap<String, OciArchive>> =
         std::sync::Mutex::new(BTreeMap::new());
     let dir = crate::paths::cache_dir().join("images");
-    let mut written = WRITTEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut written = WRITTEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let specs = workspace_images()?;
     let mut out = Vec::new();
     for reference in references {
@@ -297,7 +299,10 @@ pub fn write_archive(spec: &ImageSpec, dir: &Path) -> Result<OciArchive> {
         return Ok(archive);
     }
     let mut entries: Vec<(String, Vec<u8>)> = vec![
-        ("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        (
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
         ("index.json".into(), index),
         (blob_path(&digest), manifest),
         (blob_path(&config_digest), config),
@@ -309,7 +314,10 @@ pub fn write_archive(spec: &ImageSpec, dir: &Path) -> Result<OciArchive> {
     {
         let mut tar = tar::Builder::new(std::io::BufWriter::new(tmp.as_file()));
         for dir_name in ["blobs/", "blobs/sha256/"] {
-            tar.append(&header(dir_name, 0, 0o755, tar::EntryType::Directory)?, std::io::empty())?;
+            tar.append(
+                &header(dir_name, 0, 0o755, tar::EntryType::Directory)?,
+                std::io::empty(),
+            )?;
         }
         for (name, data) in &entries {
             let h = header(name, data.len() as u64, 0o644, tar::EntryType::Regular)?;
@@ -367,14 +375,16 @@ fn layer_tar(files: &[ImageFile]) -> Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
     for d in &dirs {
         let mode = if d == "tmp/" { 0o1777 } else { 0o755 };
-        tar.append(&header(d, 0, mode, tar::EntryType::Directory)?, std::io::empty())?;
+        tar.append(
+            &header(d, 0, mode, tar::EntryType::Directory)?,
+            std::io::empty(),
+        )?;
     }
     for f in sorted {
         let data = if f.strip {
             stripped(&f.source)?
         } else {
-            std::fs::read(&f.source)
-                .with_context(|| format!("reading {}", f.source.display()))?
+            std::fs::read(&f.source).with_context(|| format!("reading {}", f.source.display()))?
         };
         let h = header(
             f.path.trim_start_matches('/'),

@@ -107,7 +107,9 @@ async fn main() -> Result<()> {
             timeout,
         } => {
             let nodes = (1..=nodes).map(NodeConfig::numbered).collect();
-            let mut b = Env::builder("up").kube().timeout(Duration::from_secs(timeout));
+            let mut b = Env::builder("up")
+                .kube()
+                .timeout(Duration::from_secs(timeout));
             b = if simulated {
                 b.simulated_nodes(nodes)
             } else {
@@ -177,7 +179,9 @@ async fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
         println!(
             "  {:<8} {ready:<8} {ip:<15} kubelet {:<9} {}",
             node.name_any(),
-            info.as_ref().map(|i| i.kubelet_version.as_str()).unwrap_or("?"),
+            info.as_ref()
+                .map(|i| i.kubelet_version.as_str())
+                .unwrap_or("?"),
             info.as_ref()
                 .map(|i| i.container_runtime_version.as_str())
                 .unwrap_or("no container runtime (simulated)"),

@@ -56,7 +56,10 @@ pub fn containerd_version() -> Result<&'static str> {
     const GO_MOD: &str = include_str!("../containerd/go.mod");
     GO_MOD
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("require github.com/containerd/containerd/v2 "))
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("require github.com/containerd/containerd/v2 ")
+        })
         .map(str::trim)
         .next()
         .context("containerd/go.mod does not require github.com/containerd/containerd/v2")

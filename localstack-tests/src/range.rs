@@ -13,6 +13,10 @@
 //! A lock that can be taken therefore means that whatever carries its `k`
 //! belongs to a dead owner and may be removed; nothing of a live
 //! environment is ever touched.
+//!
+//! Pod networking turns on IP forwarding (the ptp plugin does); the first
+//! environment records the host's setting, and `cnlb-env down` puts it back
+//! once no environment runs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -69,6 +73,7 @@ impl RangeLease {
     /// Takes the first free `k`, removes what a dead former owner left
     /// under it, and records `env_dir` as its owner.
     pub fn acquire(env_dir: &Path) -> Result<RangeLease> {
+        record_ip_forward()?;
         for k in FIRST..=LAST {
             let Some(mut file) = try_lock(k)? else {
                 continue;
@@ -109,8 +114,46 @@ fn clean(k: u8, owner: Option<&Path>) -> Vec<String> {
     removed
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+fn ip_forward_record() -> PathBuf {
+    locks_dir().join("ip_forward.before")
+}
+
+/// Writes down the host's IP forwarding setting unless it is already.
+fn record_ip_forward() -> Result<()> {
+    std::fs::create_dir_all(locks_dir())?;
+    let record = ip_forward_record();
+    if !record.exists() {
+        let value = std::fs::read_to_string(IP_FORWARD).context("reading ip_forward")?;
+        std::fs::write(&record, value.trim())?;
+    }
+    Ok(())
+}
+
+/// Puts back the recorded IP forwarding setting if no environment holds a
+/// range; returns what was done.
+fn restore_ip_forward() -> Result<Option<String>> {
+    let record = ip_forward_record();
+    let Ok(value) = std::fs::read_to_string(&record) else {
+        return Ok(None);
+    };
+    for k in FIRST..=LAST {
+        if locks_dir().join(format!("10.{k}.lock")).exists() && try_lock(k)?.is_none() {
+            return Ok(None); // a live environment still needs it
+        }
+    }
+    std::fs::write(IP_FORWARD, value.trim()).context("restoring ip_forward")?;
+    std::fs::remove_file(&record)?;
+    Ok(Some(format!(
+        "net.ipv4.ip_forward set back to {}",
+        value.trim()
+    )))
+}
+
 /// Cleans every `k` that has leftovers on this host and whose lock is free
-/// (its owner is dead); returns what was removed.
+/// (its owner is dead), then restores IP forwarding if no environment runs;
+/// returns what was done.
 pub fn clean_stale() -> Result<Vec<String>> {
     let mut ks: Vec<u8> = crate::node::ranges_in_use();
     ks.extend(crate::podnet::ranges_in_use());
@@ -124,5 +167,6 @@ pub fn clean_stale() -> Result<Vec<String>> {
             removed.extend(clean(k, former.as_deref()));
         }
     }
+    removed.extend(restore_ip_forward()?);
     Ok(removed)
 }

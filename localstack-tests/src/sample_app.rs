@@ -26,9 +26,7 @@ pub fn container(name: &str, ports: &[u16]) -> Value {
             }
         })
         .collect();
-    let field = |name: &str, path: &str| {
-        json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
-    };
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     json!({
         "name": name,
         "image": pod_server_image(),

@@ -1,8 +1,9 @@
-//! The readiness gate `cnlb.dev/load-balancer-ready`: a Pod that declares it
-//! is registered while not yet Ready, becomes Ready only once its target is
-//! healthy, and so a rolling update (maxUnavailable 0) never has fewer
-//! registered targets than replicas: no target is dropped before its
-//! replacement is registered.
+//! The readiness gate `cnlb.dev/load-balancer-ready`, with cnlb-ccm
+//! installed as users install it (the Helm chart, in the cluster): a Pod
+//! that declares it is registered while not yet Ready, becomes Ready only
+//! once its target is healthy, and so a rolling update (maxUnavailable 0)
+//! never has fewer registered targets than replicas: no target is dropped
+//! before its replacement is registered.
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,9 +28,10 @@ fn gated_pods_become_ready_after_registration_and_rollouts_keep_capacity() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let cluster = ccm::cluster("aws-gate", 2).await;
-        let (env, aws, net) = (&cluster.env, &cluster.aws, &cluster.net);
-        let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
+        let cluster =
+            ccm::cluster_with("aws-gate", 2, &[cnlb_localstack_tests::images::ccm_image()]).await;
+        ccm::install(&cluster).await;
+        let aws = &cluster.aws;
         let client = cluster.client.clone();
 
         ccm::create_gated_web(&client, 3, GATE).await;

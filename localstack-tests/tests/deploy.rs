@@ -1307,12 +1307,18 @@ fn vpc_ipam_daemonset_is_least_privilege_and_consistent() {
     assert_eq!(conflist["plugins"][0]["type"], "ptp");
     assert_eq!(conflist["plugins"][0]["ipam"]["type"], "vpc-ipam");
     assert_eq!(conflist["plugins"][0]["ipam"]["agentSocket"], socket);
-    let script = strings(&init["args"]).join("\n");
-    assert!(
-        script.contains(&format!("/host/etc/cni/net.d/{CONFLIST}")),
-        "{script}"
+    // The agent itself installs them (the image has no shell).
+    assert_eq!(
+        strings(&init["command"]),
+        ["/usr/local/bin/vpc-ipam-agent", "install-cni"]
     );
-    assert!(script.contains("/host/opt/cni/bin/vpc-ipam"), "{script}");
+    let install = strings(&init["args"]);
+    assert_eq!(
+        flag(&install, "conflist"),
+        format!("/etc/cnlb/cni/{CONFLIST}")
+    );
+    assert_eq!(flag(&install, "cni-conf-dir"), "/host/etc/cni/net.d");
+    assert_eq!(flag(&install, "cni-bin-dir"), "/host/opt/cni/bin");
 
     // The ServiceAccount it runs as is bound to a role that only reads Nodes.
     assert_eq!(spec["serviceAccountName"], AGENT);
@@ -1772,7 +1778,7 @@ fn ccm_chart_renders_the_gke_values_as_gcp_flags() {
         .collect();
     assert_eq!(
         env.keys().collect::<Vec<_>>(),
-        ["CNLB_CLUSTER_NAME", "GOOGLE_CLOUD_PROJECT"]
+        ["CNLB_CLUSTER_NAME", "GOOGLE_CLOUD_PROJECT", "POD_IP"]
     );
     assert_eq!(env["CNLB_CLUSTER_NAME"], values["clusterName"]);
     assert_eq!(env["GOOGLE_CLOUD_PROJECT"], gcp["project"]);
@@ -1785,7 +1791,9 @@ fn ccm_chart_renders_the_gke_values_as_gcp_flags() {
         let field = format!("pub {}:", name.replace('-', "_"));
         assert!(cli.contains(&field), "{a}: ccm/src/cli.rs has no {field}");
     }
-    for name in env.keys() {
+    // Variables the flags name ($(POD_IP)) are the kubelet's to expand.
+    let expanded = |name: &str| args.iter().any(|a| a.contains(&format!("$({name})")));
+    for name in env.keys().filter(|n| !expanded(n)) {
         assert!(
             cli.contains(&format!("env = \"{name}\"")),
             "ccm/src/cli.rs reads no {name}"
@@ -1866,7 +1874,8 @@ fn ccm_chart_checks_the_gcp_values() {
         .iter()
         .map(|e| &e["name"])
         .collect();
-    assert_eq!(env, [&json!("CNLB_CLUSTER_NAME")]);
+    // POD_IP: where the metrics server binds.
+    assert_eq!(env, [&json!("POD_IP"), &json!("CNLB_CLUSTER_NAME")]);
 
     let docs = helm_template(
         NAME,

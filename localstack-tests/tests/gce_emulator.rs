@@ -1540,7 +1540,12 @@ async fn pod_ips_are_probed_in_the_pod_network() {
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
     eventually("the Pod has an IP", Duration::from_secs(60), || async {
-        Ok(pods.get("web").await?.status.and_then(|s| s.pod_ip).is_some())
+        Ok(pods
+            .get("web")
+            .await?
+            .status
+            .and_then(|s| s.pod_ip)
+            .is_some())
     })
     .await
     .unwrap();

@@ -96,7 +96,11 @@ async fn agents_serve_and_restart(env: &Env) {
         assert!(node.host_path("/run/cnlb").join("vpc-ipam.sock").exists());
         assert!(node.host_path("/var/lib/cnlb").join("vpc-ipam").is_dir());
         assert!(node.host_path("/opt/cni/bin").join("vpc-ipam").is_file());
-        assert!(node.host_path("/etc/cni/net.d").join("10-cnlb.conflist").is_file());
+        assert!(
+            node.host_path("/etc/cni/net.d")
+                .join("10-cnlb.conflist")
+                .is_file()
+        );
     }
     let old = agent_pid(env, 0).unwrap();
     nix::sys::signal::kill(

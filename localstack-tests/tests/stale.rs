@@ -77,7 +77,10 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
         }
     }
     let dir = dir.expect("cnlb-env up printed its directory");
-    let cgroup = format!("cnlb-{}-node-1", k.expect("cnlb-env up printed its Pod network"));
+    let cgroup = format!(
+        "cnlb-{}-node-1",
+        k.expect("cnlb-env up printed its Pod network")
+    );
     let node_ip = node_ip.expect("cnlb-env up printed its Node");
     assert!(lo_has(&node_ip));
 
@@ -96,7 +99,13 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
     });
     let node_pids = cgroups::pids(&cgroup);
     let node_names: BTreeSet<String> = node_pids.iter().map(|p| comm(*p)).collect();
-    for name in ["kubelet", "containerd", "containerd-shim", "cnlb-pod-server", "cnlb-pause"] {
+    for name in [
+        "kubelet",
+        "containerd",
+        "containerd-shim",
+        "cnlb-pod-server",
+        "cnlb-pause",
+    ] {
         assert!(
             node_names.iter().any(|n| n.starts_with(name)),
             "{name} in {node_names:?}"
@@ -133,7 +142,10 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
         parts.iter().all(|p| is_running(*p)),
         "the parts outlive a killed owner"
     );
-    assert!(is_running(server), "the Pod's container outlives a killed owner");
+    assert!(
+        is_running(server),
+        "the Pod's container outlives a killed owner"
+    );
 
     let cleaned = clean_stale().unwrap();
     assert!(cleaned.removed.contains(&dir), "{cleaned:?}");
@@ -150,6 +162,9 @@ fn down_cleans_up_after_a_killed_owner_and_spares_live_ones() {
         node_pids.iter().all(|p| !is_running(*p)),
         "leftover Node processes: {node_pids:?}"
     );
-    assert!(cgroups::with_prefix(&cgroup).is_empty(), "cgroup {cgroup} left");
+    assert!(
+        cgroups::with_prefix(&cgroup).is_empty(),
+        "cgroup {cgroup} left"
+    );
     assert!(!lo_has(&node_ip), "address {node_ip} left on lo");
 }

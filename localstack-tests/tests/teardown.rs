@@ -79,9 +79,11 @@ fn a_panicking_test_with_pods_leaves_no_container_and_no_process() {
                 .await
                 .unwrap();
             let node = &env.nodes()[0];
-            eventually("the Pod's container runs", Duration::from_secs(60), || async {
-                Ok(node.pids().iter().any(|p| comm(*p) == "cnlb-pod-server"))
-            })
+            eventually(
+                "the Pod's container runs",
+                Duration::from_secs(60),
+                || async { Ok(node.pids().iter().any(|p| comm(*p) == "cnlb-pod-server")) },
+            )
             .await
             .unwrap();
             let mut pids = env.pids();

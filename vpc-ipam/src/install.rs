@@ -46,16 +46,26 @@ fn file_name<'a>(path: &'a Path, flag: &str) -> Result<&'a std::ffi::OsStr, Stri
 }
 
 fn copy_atomically(from: &Path, to: &Path, mode: u32) -> Result<(), String> {
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = to.with_file_name(format!(".{name}.tmp"));
     let step = |e: io::Error, what: &str| format!("{what}: {e}");
     fs::copy(from, &tmp).map_err(|e| {
-        step(e, &format!("copying {} to {}", from.display(), tmp.display()))
+        step(
+            e,
+            &format!("copying {} to {}", from.display(), tmp.display()),
+        )
     })?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
         .map_err(|e| step(e, &format!("chmod {}", tmp.display())))?;
-    fs::rename(&tmp, to)
-        .map_err(|e| step(e, &format!("renaming {} to {}", tmp.display(), to.display())))
+    fs::rename(&tmp, to).map_err(|e| {
+        step(
+            e,
+            &format!("renaming {} to {}", tmp.display(), to.display()),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -82,10 +92,17 @@ mod tests {
         };
         install(&args).unwrap();
         assert_eq!(fs::read(bin.join("vpc-ipam")).unwrap(), b"plugin");
-        let mode = fs::metadata(bin.join("vpc-ipam")).unwrap().permissions().mode();
+        let mode = fs::metadata(bin.join("vpc-ipam"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
         assert_eq!(fs::read(conf.join("10-cnlb.conflist")).unwrap(), b"{}");
-        let names: Vec<_> = fs::read_dir(&bin).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&bin)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names, ["vpc-ipam"], "no temporary file left");
 
         let missing = InstallArgs {

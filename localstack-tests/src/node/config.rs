@@ -122,9 +122,15 @@ mod tests {
     #[test]
     fn containerd_runs_runc_with_the_local_pause_image() {
         let toml = containerd_toml(&files());
-        assert!(toml.contains("sandbox = 'localhost/cnlb/pause:0.1.0'"), "{toml}");
+        assert!(
+            toml.contains("sandbox = 'localhost/cnlb/pause:0.1.0'"),
+            "{toml}"
+        );
         assert!(toml.contains("restrict_oom_score_adj = true"), "{toml}");
-        assert!(toml.contains("stream_server_address = '10.127.130.10'"), "{toml}");
+        assert!(
+            toml.contains("stream_server_address = '10.127.130.10'"),
+            "{toml}"
+        );
         assert!(toml.contains("'io.containerd.nri.v1.nri'"), "{toml}");
     }
 

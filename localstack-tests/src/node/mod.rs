@@ -130,7 +130,9 @@ impl RealNode {
         for image in ctx.images {
             node.ctr(&["images", "import", &image.path.display().to_string()])
                 .await
-                .with_context(|| format!("importing {} into {}", image.reference, node.config.name))?;
+                .with_context(|| {
+                    format!("importing {} into {}", image.reference, node.config.name)
+                })?;
         }
         node.start_kubelet(ctx).await?;
         Ok(node)
@@ -192,7 +194,10 @@ impl RealNode {
     fn in_node(&self, program: &Path) -> Command {
         let mut cmd = Command::new("sh");
         cmd.arg("-ec")
-            .arg(format!("{} && exec \"$@\"", cgroups::join_script(&self.cgroup)))
+            .arg(format!(
+                "{} && exec \"$@\"",
+                cgroups::join_script(&self.cgroup)
+            ))
             .arg("sh")
             .arg("nsenter")
             .arg(format!("--target={}", self.holder))
@@ -219,7 +224,9 @@ impl RealNode {
         let mut cmd = self.in_node(&containerd);
         cmd.arg(format!("--config={}", toml.display()));
         // containerd finds its shim, and the shim runc, on PATH.
-        let bin_dir = containerd.parent().context("containerd without a directory")?;
+        let bin_dir = containerd
+            .parent()
+            .context("containerd without a directory")?;
         cmd.env(
             "PATH",
             format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display()),
@@ -338,7 +345,9 @@ async fn run(cmd: Command) -> Result<String> {
     let what = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::from(cmd).kill_on_drop(true).output(),
+        tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .with_context(|| format!("{what}: no answer in 60 s"))??;

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cnlb_localstack_tests::{Env, sample_app};
 use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::Proc;
+use cnlb_localstack_tests::{Env, sample_app};
 use cnlb_provider_aws::Clients;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -28,15 +28,19 @@ pub struct Cluster {
 }
 
 pub async fn cluster(name: &str, nodes: u8) -> Cluster {
+    cluster_with(name, nodes, &[]).await
+}
+
+/// [`cluster`] whose Nodes also have `images` (e.g. cnlb-ccm's, to install it).
+pub async fn cluster_with(name: &str, nodes: u8, images: &[String]) -> Cluster {
     let nodes = (1..=nodes)
         .map(cnlb_localstack_tests::NodeConfig::numbered)
         .collect();
-    let env = Env::builder(name)
-        .nodes(nodes)
-        .moto()
-        .start()
-        .await
-        .unwrap();
+    let mut builder = Env::builder(name).nodes(nodes).moto();
+    for image in images {
+        builder = builder.image(image);
+    }
+    let env = builder.start().await.unwrap();
     super::use_endpoints(&env.aws().unwrap());
     let aws = Clients::from_env().await;
     let net = super::ec2_network(&aws).await;
@@ -69,6 +73,41 @@ pub fn command(env: &Env, vpc: &str) -> Command {
     cmd
 }
 
+/// cnlb-ccm installed as users install it: the Helm chart of deploy/ (two
+/// replicas electing a leader, the chart's ServiceAccount and RBAC,
+/// in-cluster configuration), in the host network to reach moto, which the
+/// standard AWS variables name. Needs the image: see [`cluster_with`].
+pub async fn install(cluster: &Cluster) {
+    let env = &cluster.env;
+    let cp = env.kube().unwrap();
+    let vars: Vec<(String, String)> = env
+        .aws()
+        .unwrap()
+        .env_vars()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let mut values = cnlb_localstack_tests::install::ccm_values(
+        cp,
+        "test",
+        "aws",
+        "cnlb.dev/nlb",
+        &[
+            "--aws-write-rate=20/40".into(),
+            "--aws-targets-rate=20/40".into(),
+        ],
+        &vars,
+    )
+    .unwrap();
+    values["aws"] = json!({"vpcId": cluster.net.vpc});
+    cnlb_localstack_tests::install::helm_install(cp, &env.dir, "cnlb-ccm", "cnlb-ccm", &values)
+        .await
+        .unwrap();
+    cnlb_localstack_tests::install::wait_deployment_ready(cp, "cnlb-ccm", Duration::from_secs(90))
+        .await
+        .unwrap();
+}
+
 /// Starts the controller (leader election off) with the environment's AWS endpoints.
 pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
     let mut cmd = command(env, vpc);
@@ -79,50 +118,42 @@ pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
     Proc::spawn(name, cmd, &env.dir).unwrap()
 }
 
-/// Deployment `web` (label app=web) whose Pods serve port 8080, named http.
-pub async fn create_web(client: &Client, replicas: i32) {
-    let deployment: Deployment = serde_json::from_value(json!({
+/// Deployment `web` (label app=web) as JSON: `replicas` Pods of the sample
+/// app serving port 8080 (named http), rolled out one new Pod before one
+/// old one goes (maxSurge 1, maxUnavailable 0), declaring the readiness
+/// gate `gate` when given. Tests adjust it before [`create_deployment`].
+pub fn web(replicas: i32, gate: Option<&str>) -> serde_json::Value {
+    let mut pod_spec = json!({"containers": [sample_app::container("web", &[8080])]});
+    if let Some(gate) = gate {
+        pod_spec["readinessGates"] = json!([{"conditionType": gate}]);
+    }
+    json!({
         "metadata": {"name": "web"},
         "spec": {
             "replicas": replicas,
+            "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [sample_app::container("web", &[8080])]},
-            },
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": pod_spec},
         },
-    }))
-    .unwrap();
+    })
+}
+
+pub async fn create_deployment(client: &Client, deployment: serde_json::Value) {
+    let deployment: Deployment = serde_json::from_value(deployment).unwrap();
     let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
     api.create(&PostParams::default(), &deployment)
         .await
         .unwrap();
 }
 
-/// Deployment `web` as [`create_web`] makes it, but whose Pods declare the
-/// readiness gate `gate` and whose rollouts keep every replica
-/// (maxUnavailable 0, maxSurge 1).
+/// [`web`] without a gate, created.
+pub async fn create_web(client: &Client, replicas: i32) {
+    create_deployment(client, web(replicas, None)).await;
+}
+
+/// [`web`] with readiness gate `gate`, created.
 pub async fn create_gated_web(client: &Client, replicas: i32, gate: &str) {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": replicas,
-            "strategy": {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "readinessGates": [{"conditionType": gate}],
-                    "containers": [sample_app::container("web", &[8080])],
-                },
-            },
-        },
-    }))
-    .unwrap();
-    let api: Api<Deployment> = Api::namespaced(client.clone(), "default");
-    api.create(&PostParams::default(), &deployment)
-        .await
-        .unwrap();
+    create_deployment(client, web(replicas, Some(gate))).await;
 }
 
 /// Ready endpoint addresses of Service `web`, with the node and zone each names.

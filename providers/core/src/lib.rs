@@ -8,11 +8,13 @@
 //!   [`NodeProvider`]); AWS, GCP and on-prem crates depend on this crate only.
 //! - [`error`]: typed [`ProviderError`]s whose [`RetryPolicy`] tells the
 //!   controller whether to wait for a change, retry at a time, or back off.
+//! - [`fake`]: an in-memory provider for the controller's tests.
 //!
 //! The controller (`ccm`) translates Kubernetes objects into the model, diffs,
 //! and calls a provider only when something changed.
 
 pub mod error;
+pub mod fake;
 pub mod model;
 pub mod provider;
 

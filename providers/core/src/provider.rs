@@ -297,93 +297,12 @@ pub trait NodeProvider: Send + Sync {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::*;
     use crate::error::ProviderError;
+    use crate::fake::Fake;
     use crate::model::{Protocol, diff_targets, owner_tags};
-
-    /// In-memory provider: checks the traits are object safe and usable
-    /// behind `Arc<dyn _>` from tokio tasks.
-    #[derive(Default)]
-    struct Fake {
-        targets: Mutex<TargetSet>,
-    }
-
-    #[async_trait::async_trait]
-    impl LoadBalancerProvider for Fake {
-        fn name(&self) -> &str {
-            "fake"
-        }
-
-        async fn ensure_load_balancer(
-            &self,
-            spec: &LoadBalancerSpec,
-            known: &ResourceIds,
-        ) -> Result<LoadBalancerStatus> {
-            spec.validate()?;
-            let mut ids = known.clone();
-            ids.entry("lb".into())
-                .or_insert_with(|| spec.key.short_name());
-            Ok(LoadBalancerStatus {
-                ingress: vec![LoadBalancerIngress {
-                    hostname: Some(format!("{}.example", spec.key.short_name())),
-                    ip: None,
-                    ip_mode: None,
-                }],
-                ids,
-                annotations: BTreeMap::new(),
-            })
-        }
-
-        async fn sync_targets(
-            &self,
-            _key: &LoadBalancerKey,
-            _listener: &Listener,
-            delta: &TargetDelta,
-            _known: &ResourceIds,
-        ) -> Result<()> {
-            let mut targets = self
-                .targets
-                .lock()
-                .map_err(|_| ProviderError::cloud("sync", "poisoned", true))?;
-            delta.apply_to(&mut targets);
-            Ok(())
-        }
-
-        async fn target_health(
-            &self,
-            _key: &LoadBalancerKey,
-            _known: &ResourceIds,
-        ) -> Result<Vec<TargetHealth>> {
-            let targets = self
-                .targets
-                .lock()
-                .map_err(|_| ProviderError::cloud("health", "poisoned", true))?;
-            Ok(targets
-                .iter()
-                .map(|t| TargetHealth {
-                    listener: "http".into(),
-                    ip: t.ip,
-                    port: t.port,
-                    state: TargetHealthState::Healthy,
-                    reason: None,
-                })
-                .collect())
-        }
-
-        async fn delete_load_balancer(
-            &self,
-            _key: &LoadBalancerKey,
-            _known: &ResourceIds,
-        ) -> Result<()> {
-            Ok(())
-        }
-
-        async fn list_owned(&self, _cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
-            Ok(Vec::new())
-        }
-    }
 
     #[tokio::test]
     async fn provider_is_object_safe_and_delta_driven() {

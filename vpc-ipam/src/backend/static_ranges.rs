@@ -123,9 +123,8 @@ impl Backend for StaticRanges {
             && self.addresses.get().is_none()
         {
             let ranges = node_pod_cidrs(kube, node_name).await?;
-            let addresses = ranges_addresses(&ranges, |r| {
-                format!("Node {node_name} spec.podCIDRs {r}")
-            })?;
+            let addresses =
+                ranges_addresses(&ranges, |r| format!("Node {node_name} spec.podCIDRs {r}"))?;
             let _ = self.addresses.set(addresses);
         }
         Ok(())
@@ -147,7 +146,13 @@ mod tests {
     #[test]
     fn usable_addresses_skip_network_gateway_and_broadcast() {
         let b = StaticRanges::new(&["10.1.0.0/29".parse().unwrap()]).unwrap();
-        let ips: Vec<String> = b.addresses.get().unwrap().iter().map(|a| a.ip.to_string()).collect();
+        let ips: Vec<String> = b
+            .addresses
+            .get()
+            .unwrap()
+            .iter()
+            .map(|a| a.ip.to_string())
+            .collect();
         assert_eq!(
             ips,
             ["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6"]

@@ -10,28 +10,31 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use clap::Parser;
 use cnlb_vpc_ipam::agent::{Agent, AgentConfig, StartError};
 use cnlb_vpc_ipam::agent_cli::{
     AgentArgs, Backend as BackendKind, NLB_DEFAULT_DEREGISTRATION_DELAY,
 };
-use cnlb_vpc_ipam::backend::{Backend, kube_client};
 use cnlb_vpc_ipam::backend::aws::AwsBackend;
 use cnlb_vpc_ipam::backend::gcp::GcpBackend;
 use cnlb_vpc_ipam::backend::static_ranges::StaticRanges;
+use cnlb_vpc_ipam::backend::{Backend, kube_client};
 use cnlb_vpc_ipam::install::{InstallArgs, install};
 use cnlb_vpc_ipam::metrics::Metrics;
 use cnlb_vpc_ipam::pool::Targets;
 use cnlb_vpc_ipam::store::Store;
 use cnlb_vpc_ipam::{server, telemetry};
 use prometheus_client::registry::Registry;
-use clap::Parser;
 use tracing::{error, info, warn};
 
 /// Waits before retrying a start that failed on a transient cloud error.
 const START_RETRY: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|a| a == "install-cni") {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "install-cni")
+    {
         let args = InstallArgs::parse_from(std::env::args_os().skip(1));
         return match install(&args) {
             Ok(()) => ExitCode::SUCCESS,

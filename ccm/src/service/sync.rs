@@ -1,0 +1,126 @@
+//! Targets follow the endpoints: every listener's targets are brought to
+//! the Service's EndpointSlices (from the store) as deltas against what is
+//! registered; then, while it is worth knowing, the cloud is asked for
+//! their health, which opens readiness gates and says in the status
+//! whether traffic can flow.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cnlb_provider_core::{
+    LoadBalancerIngress, LoadBalancerSpec, ResourceIds, TargetSet, diff_targets, registered_targets,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use tracing::info;
+
+use super::{Context, Error, SERVICE_NAME_LABEL, gates, status};
+use crate::conditions::{Wanted, health_unsettled, targets_healthy};
+use crate::targets::{awaiting_gate, desired_targets, serving_behind_gate};
+
+/// The Service's EndpointSlices, from the store.
+pub(super) fn slices(ctx: &Context, svc: &Service) -> Vec<Arc<EndpointSlice>> {
+    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+    ctx.slices.state_filter(|s| {
+        s.namespace().as_deref() == Some(ns.as_str())
+            && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
+    })
+}
+
+/// Brings the targets of `spec`'s listeners to the endpoints, then writes
+/// the status: `ingress` (the current one when `None`), the load balancer
+/// condition `lb`, and the targets' health when it was read.
+pub(super) async fn targets(
+    ctx: &Context,
+    svc: &Service,
+    spec: &LoadBalancerSpec,
+    ids: &ResourceIds,
+    ingress: Option<&[LoadBalancerIngress]>,
+    lb: Wanted,
+) -> Result<Action, Error> {
+    let uid = spec.key.uid.clone();
+    let slices = slices(ctx, svc);
+    let pods = gates::endpoint_pods(ctx, &slices);
+    let awaiting = awaiting_gate(pods.iter().map(|p| p.as_ref()));
+    let serving = serving_behind_gate(pods.iter().map(|p| p.as_ref()));
+    let desired = desired_targets(&spec.listeners, slices.iter().map(|s| s.as_ref()), &serving);
+
+    // After a start, or after an ensure replaced target groups, the cloud
+    // says what is registered; that read doubles as the first health poll.
+    let mut health = None;
+    let mut registered = match ctx.registered(&uid) {
+        Some(r) => r,
+        None => {
+            let h = ctx.provider.target_health(&spec.key, ids).await?;
+            let r = spec
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), registered_targets(&h, &l.name)))
+                .collect();
+            health = Some(h);
+            r
+        }
+    };
+    let mut changes = 0;
+    for listener in &spec.listeners {
+        let current = registered.entry(listener.name.clone()).or_default();
+        let want = desired.get(&listener.name).cloned().unwrap_or_default();
+        let delta = diff_targets(current, &want);
+        if delta.is_empty() {
+            continue;
+        }
+        changes += delta.len();
+        ctx.provider
+            .sync_targets(&spec.key, listener, &delta, ids)
+            .await?;
+        delta.apply_to(current);
+    }
+    ctx.remember_registered(&uid, registered.clone());
+    if changes > 0 {
+        info!(service = %spec.key.service(), changes, "targets synced");
+        health = None;
+    }
+
+    // Health is worth a call after a change, while a gate waits, and while
+    // the cloud has not decided on every target yet; never at rest.
+    let poll = changes > 0 || !awaiting.is_empty() || ctx.health_pending(&uid);
+    let mut wanted = vec![lb];
+    if poll {
+        let h = match health {
+            Some(h) => h,
+            None => ctx.provider.target_health(&spec.key, ids).await?,
+        };
+        gates::open(ctx, &pods, &awaiting, &desired, &h).await?;
+        wanted.push(targets_healthy(&spec.listeners, &registered, &h));
+        let unsettled = health_unsettled(&registered, &h);
+        status::write(ctx, svc, ingress, &wanted).await?;
+        return Ok(ctx.next_poll(&uid, changes > 0, !awaiting.is_empty(), unsettled));
+    }
+    status::write(ctx, svc, ingress, &wanted).await?;
+    Ok(Action::await_change())
+}
+
+/// Polls of one Service's health in a row: 1 s, 2 s, 4 s, ... 10 s, from
+/// 1 s again whenever targets changed (a new Pod waits for its first health
+/// report; during a rollout this is each step).
+pub(super) fn poll_delay(polls: u32) -> Duration {
+    let secs = 1u64 << polls.saturating_sub(1).min(4);
+    Duration::from_secs(secs.min(10))
+}
+
+/// Registered targets per listener name, as cached per Service UID.
+pub(super) type Registered = BTreeMap<String, TargetSet>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_back_off_to_ten_seconds() {
+        let delays: Vec<u64> = (1..=7).map(|n| poll_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10, 10]);
+    }
+}
