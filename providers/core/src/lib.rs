@@ -4,8 +4,9 @@
 //! - [`model`]: the desired state (a [`LoadBalancerSpec`] per Service, a
 //!   [`TargetSet`] of Pod IPs per listener) and pure functions over it: the
 //!   target diff ([`diff_targets`]), batching, stable names and ownership tags.
-//! - [`provider`]: the traits a cloud implements ([`LoadBalancerProvider`],
-//!   [`NodeProvider`]); AWS, GCP and on-prem crates depend on this crate only.
+//! - [`provider`]: the trait a cloud's load balancers implement
+//!   ([`LoadBalancerProvider`]); [`node`]: the one its instances implement
+//!   ([`NodeProvider`]). AWS, GCP and on-prem crates depend on this crate only.
 //! - [`error`]: typed [`ProviderError`]s whose [`RetryPolicy`] tells the
 //!   controller whether to wait for a change, retry at a time, or back off.
 //! - [`fake`]: an in-memory provider for the controller's tests.
@@ -16,6 +17,7 @@
 pub mod error;
 pub mod fake;
 pub mod model;
+pub mod node;
 pub mod provider;
 
 pub use error::{ProviderError, Result, RetryPolicy};
@@ -25,8 +27,10 @@ pub use model::{
     TAG_SERVICE, TAG_SERVICE_UID, Target, TargetDelta, TargetSet, TargetState, diff_targets,
     is_owned_by, is_owned_by_cluster, key_from_owner_tags, owner_tags,
 };
+pub use node::{
+    Instance, InstanceMetadata, InstanceState, NodeAddress, NodeAddressKind, NodeProvider, NodeRef,
+};
 pub use provider::{
-    InstanceMetadata, IpMode, LoadBalancerIngress, LoadBalancerProvider, LoadBalancerStatus,
-    NodeAddress, NodeAddressKind, NodeProvider, NodeRef, OwnedLoadBalancer, ResourceIds,
-    TargetHealth, TargetHealthState, registered_targets,
+    IpMode, LoadBalancerIngress, LoadBalancerProvider, LoadBalancerStatus, OwnedLoadBalancer,
+    ResourceIds, TargetHealth, TargetHealthState, registered_targets,
 };

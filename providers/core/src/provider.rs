@@ -219,82 +219,6 @@ pub trait LoadBalancerProvider: Send + Sync {
     async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>>;
 }
 
-/// A Node as the cloud side needs to identify it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct NodeRef {
-    /// Kubernetes Node name.
-    pub name: String,
-    /// `spec.providerID`, once set (e.g. `aws:///eu-west-1a/i-0123`).
-    pub provider_id: Option<String>,
-}
-
-/// Kind of a node address (`status.addresses[].type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum NodeAddressKind {
-    InternalIP,
-    ExternalIP,
-    Hostname,
-    InternalDNS,
-    ExternalDNS,
-}
-
-impl NodeAddressKind {
-    /// The Kubernetes spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InternalIP => "InternalIP",
-            Self::ExternalIP => "ExternalIP",
-            Self::Hostname => "Hostname",
-            Self::InternalDNS => "InternalDNS",
-            Self::ExternalDNS => "ExternalDNS",
-        }
-    }
-}
-
-/// One entry of `status.addresses`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NodeAddress {
-    pub kind: NodeAddressKind,
-    pub address: String,
-}
-
-/// What the node controller writes on a Node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceMetadata {
-    /// Value for `spec.providerID`.
-    pub provider_id: String,
-    /// Value for the `node.kubernetes.io/instance-type` label.
-    pub instance_type: String,
-    /// In the order they should appear in `status.addresses`.
-    pub addresses: Vec<NodeAddress>,
-    /// Value for `topology.kubernetes.io/zone`.
-    pub zone: String,
-    /// Value for `topology.kubernetes.io/region`.
-    pub region: String,
-}
-
-/// Node lifecycle, as k8s.io/cloud-provider `InstancesV2`. Instances are
-/// looked up by `provider_id` when set, by node name otherwise. All methods
-/// are read-only.
-#[async_trait::async_trait]
-pub trait NodeProvider: Send + Sync {
-    /// Short provider name for logs and metrics.
-    fn name(&self) -> &str;
-
-    /// `Ok(false)` only when the cloud says for certain the instance no
-    /// longer exists (the controller then deletes the Node); any doubt must
-    /// be an error, never `false`.
-    async fn instance_exists(&self, node: &NodeRef) -> Result<bool>;
-
-    /// `Ok(true)` when the instance exists but is stopped or shutting down
-    /// (the controller then taints the Node).
-    async fn instance_shutdown(&self, node: &NodeRef) -> Result<bool>;
-
-    /// Metadata to initialise the Node with.
-    /// [`NotFound`](crate::ProviderError::NotFound) if there is no instance.
-    async fn instance_metadata(&self, node: &NodeRef) -> Result<InstanceMetadata>;
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -389,14 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn node_types_serialize_with_kubernetes_spelling() {
-        let addr = NodeAddress {
-            kind: NodeAddressKind::InternalIP,
-            address: "10.0.0.1".into(),
-        };
-        let json = serde_json::to_value(&addr).unwrap();
-        assert_eq!(json["kind"], "InternalIP");
-        assert_eq!(NodeAddressKind::ExternalDNS.as_str(), "ExternalDNS");
+    fn ip_mode_serializes_with_kubernetes_spelling() {
         assert_eq!(serde_json::to_value(IpMode::Vip).unwrap(), "VIP");
     }
 }
