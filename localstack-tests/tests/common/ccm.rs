@@ -18,7 +18,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 /// An environment with `nodes` real Nodes and moto, the VPC network of
-/// [`super::ec2_network`], and this process's AWS SDK pointed at moto.
+/// [`super::ec2_network`], and clients of that moto.
 pub struct Cluster {
     // Dropped last: the environment outlives the clients.
     pub aws: Clients,
@@ -41,8 +41,7 @@ pub async fn cluster_with(name: &str, nodes: u8, images: &[String]) -> Cluster {
         builder = builder.image(image);
     }
     let env = builder.start().await.unwrap();
-    super::use_endpoints(&env.aws().unwrap());
-    let aws = Clients::from_env().await;
+    let aws = super::clients_for(&env.aws().unwrap()).await;
     let net = super::ec2_network(&aws).await;
     let client = env.kube().unwrap().admin_client().unwrap();
     Cluster {

@@ -1,6 +1,8 @@
-//! AWS scenarios shared by the emulator tests. Clients come from
-//! `cnlb_provider_aws::Clients::from_env()`, the product's own configuration
-//! path, so the emulators are reached only through `AWS_ENDPOINT_URL_*`.
+//! AWS scenarios shared by the emulator tests. A binary with a single test
+//! points this process's SDK at its emulator through `AWS_ENDPOINT_URL_*`
+//! ([`use_endpoints`]) and takes `Clients::from_env()`, the product's own
+//! configuration path; binaries with several tests at once build their
+//! clients explicitly ([`clients_for`]).
 
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
 #![allow(dead_code)] // each test binary uses a part of it
@@ -27,6 +29,24 @@ pub fn use_endpoints(endpoints: &AwsEndpoints) {
     for (k, v) in endpoints.env_vars() {
         // SAFETY: see above; the only other threads are idle blocking-pool threads.
         unsafe { std::env::set_var(k, v) };
+    }
+}
+
+/// Clients of `endpoints` for the test's own calls, configured explicitly:
+/// several tests of one binary run at once, each with its own moto, so the
+/// process environment ([`use_endpoints`]) cannot name one. (The controller
+/// processes still get their endpoints from the standard variables.)
+pub async fn clients_for(endpoints: &AwsEndpoints) -> Clients {
+    let config = |url: &str| {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(url)
+            .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
+            .test_credentials()
+            .load()
+    };
+    Clients {
+        ec2: cnlb_provider_aws::ec2::Client::new(&config(&endpoints.ec2).await),
+        elbv2: cnlb_provider_aws::elbv2::Client::new(&config(&endpoints.elbv2).await),
     }
 }
 
