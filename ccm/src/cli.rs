@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use cnlb_provider_aws::RateLimit;
@@ -149,6 +150,76 @@ pub struct Args {
     /// that a burst cannot flood a rate-limited cloud API.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+
+    /// Controllers to run, comma-separated, as kube-controller-manager
+    /// names them: service, cloud-node, cloud-node-lifecycle; "*" for all,
+    /// "-NAME" to leave one out (e.g. "*,-cloud-node-lifecycle").
+    #[arg(long, default_value = "*", value_name = "NAME,...", value_parser = parse_controllers)]
+    pub controllers: Controllers,
+
+    /// How often the instances of NotReady Nodes are checked
+    /// (cloud-node-lifecycle), e.g. 5s.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    pub node_monitor_period: Duration,
+
+    /// How often the Nodes' addresses are synced from their instances
+    /// (cloud-node), e.g. 5m.
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_duration)]
+    pub node_status_update_frequency: Duration,
+}
+
+/// The controllers `--controllers` enables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Controllers {
+    pub service: bool,
+    pub cloud_node: bool,
+    pub cloud_node_lifecycle: bool,
+}
+
+const CONTROLLERS: [&str; 3] = ["service", "cloud-node", "cloud-node-lifecycle"];
+
+fn parse_controllers(s: &str) -> Result<Controllers, String> {
+    let mut on = std::collections::BTreeSet::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (remove, name) = match item.strip_prefix('-') {
+            Some(name) => (true, name),
+            None => (false, item),
+        };
+        let names: Vec<&str> = match name {
+            "*" => CONTROLLERS.to_vec(),
+            n if CONTROLLERS.contains(&n) => vec![n],
+            n => {
+                return Err(format!(
+                    "unknown controller {n:?}: the controllers are {}",
+                    CONTROLLERS.join(", ")
+                ));
+            }
+        };
+        for n in names {
+            if remove {
+                on.remove(n);
+            } else {
+                on.insert(n);
+            }
+        }
+    }
+    Ok(Controllers {
+        service: on.contains("service"),
+        cloud_node: on.contains("cloud-node"),
+        cloud_node_lifecycle: on.contains("cloud-node-lifecycle"),
+    })
+}
+
+/// A duration such as 5s, 5m or 1h30m.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: k8s_openapi::jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration like 5s, 5m or 1h30m: {e}"))?;
+    let d = Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(d)
 }
 
 /// `RATE/BURST`, both positive integers, e.g. `10/20`.
@@ -346,6 +417,45 @@ mod tests {
     #[test]
     fn command_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn controllers_are_named_as_kube_controller_manager_names_them() {
+        let all = Controllers {
+            service: true,
+            cloud_node: true,
+            cloud_node_lifecycle: true,
+        };
+        assert_eq!(parse(&[]).unwrap().controllers, all);
+        let only = parse(&["--controllers=service"]).unwrap().controllers;
+        assert_eq!(
+            (only.service, only.cloud_node, only.cloud_node_lifecycle),
+            (true, false, false)
+        );
+        let but = parse(&["--controllers=*,-cloud-node-lifecycle"])
+            .unwrap()
+            .controllers;
+        assert_eq!(
+            (but.service, but.cloud_node, but.cloud_node_lifecycle),
+            (true, true, false)
+        );
+        let err = parse(&["--controllers=service,nodes"]).unwrap_err().to_string();
+        assert!(err.contains("--controllers") && err.contains("\"nodes\""), "{err}");
+    }
+
+    #[test]
+    fn node_periods_are_durations() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.node_monitor_period, Duration::from_secs(5));
+        assert_eq!(args.node_status_update_frequency, Duration::from_secs(300));
+        let args = parse(&["--node-monitor-period=1m30s"]).unwrap();
+        assert_eq!(args.node_monitor_period, Duration::from_secs(90));
+        for bad in ["often", "0s", "-5s"] {
+            let err = parse(&[&format!("--node-monitor-period={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--node-monitor-period"), "{bad}: {err}");
+        }
     }
 
     #[test]

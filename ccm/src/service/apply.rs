@@ -11,7 +11,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::events::Kind;
+use crate::events::Kind;
 use super::{APPLIED_ANNOTATION, Context, Error, FINALIZER, IDS_ANNOTATION, gates, status, sync};
 use crate::annotations::parse_service;
 use crate::conditions::{LOAD_BALANCER_READY, Wanted};

@@ -14,7 +14,6 @@
 //! are merged into the next one.
 
 mod apply;
-mod events;
 mod gates;
 mod metrics;
 mod status;
@@ -41,7 +40,7 @@ pub use metrics::ControllerMetrics;
 
 use crate::annotations::opted_in;
 use crate::targets::READINESS_GATES;
-use events::{Events, Kind};
+use crate::events::{Events, Kind};
 use sync::Registered;
 
 /// Held while cnlb owns cloud resources for the Service.
@@ -365,7 +364,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
     ctx.metrics
         .reconciled(started.elapsed(), result.as_ref().err().map(Error::kind));
     if result.is_ok() {
-        ctx.events.forget(&svc, "SyncLoadBalancerFailed");
+        ctx.events.forget(svc.as_ref(), "SyncLoadBalancerFailed");
     }
     result
 }
@@ -414,7 +413,7 @@ fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
     let note = err.to_string();
     tokio::spawn(async move {
         ctx.events
-            .send(&svc, Kind::Warning, "SyncLoadBalancerFailed", "", &note)
+            .send(svc.as_ref(), Kind::Warning, "SyncLoadBalancerFailed", "", &note)
             .await;
     });
     action

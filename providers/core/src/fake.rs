@@ -1,14 +1,16 @@
-//! An in-memory [`LoadBalancerProvider`] for the controller's tests: it
-//! keeps load balancers and their targets per listener, answers health from
-//! a state the test sets, can be made to fail, and counts its calls. The
-//! controller's reconcile logic is tested against it and a real API server,
-//! without cloud emulators.
+//! In-memory providers for the controllers' tests: [`Fake`], a
+//! [`LoadBalancerProvider`] that keeps load balancers and their targets per
+//! listener, answers health from a state the test sets, can be made to fail
+//! and counts its calls; [`FakeNodes`], a [`NodeProvider`] whose instances
+//! the test sets. The controllers' logic is tested against them and a real
+//! API server, without cloud emulators.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{ProviderError, Result};
 use crate::model::{Listener, LoadBalancerKey, LoadBalancerSpec, TargetDelta, TargetSet};
+use crate::node::{Instance, NodeProvider, NodeRef};
 use crate::provider::{
     LoadBalancerIngress, LoadBalancerProvider, LoadBalancerStatus, OwnedLoadBalancer, ResourceIds,
     TargetHealth, TargetHealthState,
@@ -176,5 +178,46 @@ impl LoadBalancerProvider for Fake {
                 ids: ResourceIds::new(),
             })
             .collect())
+    }
+}
+
+/// An in-memory [`NodeProvider`]: instances by Node name, which a test adds,
+/// stops and deletes; counts its lookups.
+#[derive(Default)]
+pub struct FakeNodes {
+    state: Mutex<(BTreeMap<String, Instance>, usize)>,
+}
+
+impl FakeNodes {
+    fn state(&self) -> MutexGuard<'_, (BTreeMap<String, Instance>, usize)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The instance behind Node `name` (replacing any).
+    pub fn set(&self, name: &str, instance: Instance) {
+        self.state().0.insert(name.to_string(), instance);
+    }
+
+    /// Node `name`'s instance is gone.
+    pub fn remove(&self, name: &str) {
+        self.state().0.remove(name);
+    }
+
+    /// How many times [`NodeProvider::instances`] was called.
+    pub fn lookups(&self) -> usize {
+        self.state().1
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeProvider for FakeNodes {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    async fn instances(&self, nodes: &[NodeRef]) -> Result<Vec<Option<Instance>>> {
+        let mut state = self.state();
+        state.1 += 1;
+        Ok(nodes.iter().map(|n| state.0.get(&n.name).cloned()).collect())
     }
 }
