@@ -18,6 +18,7 @@ pub mod config;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -104,8 +105,11 @@ pub struct RealNode {
     pub dir: PathBuf,
     cgroup: String,
     holder: i32,
-    /// Mount namespace holder, containerd, kubelet.
+    /// Mount namespace holder, containerd.
     procs: Vec<Proc>,
+    /// The kubelet, and its arguments (to start it again).
+    kubelet: std::sync::Mutex<Option<Proc>>,
+    kubelet_args: Vec<String>,
 }
 
 impl RealNode {
@@ -122,6 +126,8 @@ impl RealNode {
             cgroup,
             holder: 0,
             procs: Vec::new(),
+            kubelet: std::sync::Mutex::new(None),
+            kubelet_args: Vec::new(),
         };
         cgroups::create(&node.cgroup)?;
         lo_address("add", node.config.internal_ip)?;
@@ -134,7 +140,7 @@ impl RealNode {
                     format!("importing {} into {}", image.reference, node.config.name)
                 })?;
         }
-        node.start_kubelet(ctx).await?;
+        node.first_kubelet(ctx).await?;
         Ok(node)
     }
 
@@ -240,7 +246,7 @@ impl RealNode {
         Ok(())
     }
 
-    async fn start_kubelet(&mut self, ctx: &NodeContext<'_>) -> Result<()> {
+    async fn first_kubelet(&mut self, ctx: &NodeContext<'_>) -> Result<()> {
         let cp = ctx.control_plane;
         let ip = self.config.internal_ip;
         let (cert, key) = cp.serving_certificate(
@@ -269,30 +275,59 @@ impl RealNode {
             serde_json::to_vec_pretty(&config::kubelet_config(&files))?,
         )?;
         let kubeconfig = cp.node_kubeconfig(&self.dir, &self.config.name)?;
-        let mut cmd = self.in_node(&control_plane_bin("kubelet")?);
-        cmd.arg(format!("--config={}", config_file.display()))
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--hostname-override={}", self.config.name))
-            .arg(format!("--node-ip={ip}"))
-            .arg("-v=2");
+        self.kubelet_args = vec![
+            format!("--config={}", config_file.display()),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--hostname-override={}", self.config.name),
+            format!("--node-ip={ip}"),
+            "-v=2".into(),
+        ];
         if ctx.external_cloud_provider {
-            cmd.arg("--cloud-provider=external");
+            self.kubelet_args.push("--cloud-provider=external".into());
         } else {
-            cmd.arg(format!(
+            self.kubelet_args.push(format!(
                 "--node-labels=topology.kubernetes.io/region={},topology.kubernetes.io/zone={}",
                 self.config.region, self.config.zone
             ));
         }
-        let proc = Proc::spawn("kubelet", cmd, &self.dir)?;
+        self.spawn_kubelet()?;
         let nodes: Api<Node> = Api::all(cp.admin_client()?);
         let name = self.config.name.clone();
-        proc.wait_ready(ctx.timeout, || async {
-            nodes.get(&name).await?;
-            Ok(())
-        })
-        .await?;
-        self.procs.push(proc);
+        let kubelet = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(kubelet) = kubelet else {
+            bail!("the kubelet did not start")
+        };
+        let ready = kubelet
+            .wait_ready(ctx.timeout, || async {
+                nodes.get(&name).await?;
+                Ok(())
+            })
+            .await;
+        *self.kubelet.lock().unwrap_or_else(PoisonError::into_inner) = Some(kubelet);
+        ready
+    }
+
+    fn spawn_kubelet(&self) -> Result<()> {
+        let mut cmd = self.in_node(&control_plane_bin("kubelet")?);
+        cmd.args(&self.kubelet_args);
+        let proc = Proc::spawn("kubelet", cmd, &self.dir)?;
+        *self.kubelet.lock().unwrap_or_else(PoisonError::into_inner) = Some(proc);
         Ok(())
+    }
+
+    /// Kills the kubelet (SIGKILL, as a machine that stops would): the Node
+    /// goes NotReady once kube-controller-manager misses its heartbeats.
+    /// Its containers keep running.
+    pub fn stop_kubelet(&self) {
+        if let Some(kubelet) = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            kubelet.kill();
+        }
+    }
+
+    /// Starts the kubelet again with the same flags (after [`Self::stop_kubelet`]).
+    pub fn start_kubelet(&self) -> Result<()> {
+        self.stop_kubelet();
+        self.spawn_kubelet()
     }
 
     fn ctr_command(&self, args: &[&str]) -> Result<Command> {
@@ -316,6 +351,9 @@ impl RealNode {
         for p in &self.procs {
             p.check_running()?;
         }
+        if let Some(kubelet) = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            kubelet.check_running()?;
+        }
         Ok(())
     }
 
@@ -330,6 +368,10 @@ impl Drop for RealNode {
         // Containers, shims, containerd, the kubelet and the namespace
         // holder, all at once; the mounts go with the last of them.
         cgroups::kill_all(&self.cgroup);
+        self.kubelet
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         self.procs.clear();
         cgroups::remove(&self.cgroup);
         // Images and container filesystems; the logs stay with a kept directory.
