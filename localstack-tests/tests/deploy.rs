@@ -1526,10 +1526,11 @@ async fn vpc_ipam_manifests_apply_and_the_agent_can_only_read_nodes() {
 }
 // ---------------------------------------------------------------- cnlb-ccm on GCP
 
-/// Where cnlb-ccm's Compute requests are: the provider, and the one way it
-/// calls (which waits for operations).
-const CCM_GCP_SOURCES: [&str; 2] = [
+/// Where cnlb-ccm's Compute requests are: the load balancer provider, the
+/// node provider, and the one way both call (which waits for operations).
+const CCM_GCP_SOURCES: [&str; 3] = [
     "providers/gcp/src/provider.rs",
+    "providers/gcp/src/nodes.rs",
     "providers/gcp/src/calls.rs",
 ];
 const CCM_GCP_ROLE: &str = "deploy/gcp/ccm-role.yaml";
@@ -1717,6 +1718,7 @@ fn ccm_gcp_role_grants_exactly_the_compute_calls_of_the_provider() {
         "forwardingRules.insert",
         "zoneOperations.wait",
         "regions.get",
+        "instances.list",
     ] {
         assert!(methods.contains(m), "the scan found no {m}: {methods:?}");
     }

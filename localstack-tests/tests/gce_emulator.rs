@@ -3,8 +3,9 @@
 //! operations and the library's poller, NEG limits (500 endpoints per call)
 //! and paging, alias IP ranges and NIC fingerprints, 403 rateLimitExceeded
 //! as the caller sees it, health that follows real probes (TCP and HTTP,
-//! 127.0.0.x listeners and a real Pod), requestId deduplication, and
-//! resources refused deletion while in use.
+//! 127.0.0.x listeners and a real Pod), requestId deduplication,
+//! resources refused deletion while in use, and instances listed page by
+//! page, stopped, started and deleted.
 
 #![allow(clippy::unwrap_used)] // test code: a failed call should fail the test
 
@@ -1498,6 +1499,218 @@ async fn request_ids_and_in_use_deletes() {
         "{:?}",
         r.load_balancing_links()
     );
+}
+
+impl Gce {
+    async fn try_instance(&self, name: &str) -> Result<m::Instance, GaxError> {
+        self.instances
+            .get()
+            .set_project(&self.project)
+            .set_zone(&self.zone)
+            .set_instance(name)
+            .send()
+            .await
+    }
+
+    async fn status(&self, name: &str) -> String {
+        let i = self.try_instance(name).await.unwrap();
+        i.status.unwrap().name().unwrap().to_string()
+    }
+
+    async fn wait_zone_op(&self, op: &m::Operation) -> m::Operation {
+        self.zone_ops
+            .wait()
+            .set_project(&self.project)
+            .set_zone(&self.zone)
+            .set_operation(op.name.clone().unwrap())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn instances_list_in_pages_stop_start_and_delete() {
+    let mut opts = options();
+    // Long enough to see an instance between states.
+    opts.operation_delay_ms = 600;
+    let (_env, gce) = start("gce-instances", opts).await;
+    gce.emu
+        .seed(&SeedInstance {
+            zone: gce.zone.clone(),
+            name: "vm-1".into(),
+            network_ip: "10.0.0.21".into(),
+            machine_type: Some("n2-standard-4".into()),
+            nat_ip: Some("34.118.0.21".into()),
+            ..SeedInstance::default()
+        })
+        .await
+        .unwrap();
+    seed(&gce, "vm-2", "10.0.0.22", None).await;
+    seed(&gce, "vm-3", "10.0.0.23", None).await;
+
+    // Paged: 2, then 1; the fields a node controller reads.
+    let page = gce
+        .instances
+        .list()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_max_results(2u32)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 2);
+    let token = page.next_page_token.clone().unwrap();
+    let rest = gce
+        .instances
+        .list()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_max_results(2u32)
+        .set_page_token(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!(rest.next_page_token, None);
+    let vm1 = &page.items[0];
+    assert_eq!(vm1.name.as_deref(), Some("vm-1"));
+    assert!(
+        vm1.machine_type
+            .as_deref()
+            .unwrap()
+            .ends_with("/zones/us-central1-a/machineTypes/n2-standard-4")
+    );
+    assert!(
+        vm1.zone
+            .as_deref()
+            .unwrap()
+            .ends_with("/zones/us-central1-a")
+    );
+    assert_eq!(vm1.status, Some(m::instance::Status::Running));
+    let nat = &vm1.network_interfaces[0].access_configs[0];
+    assert_eq!(nat.nat_ip.as_deref(), Some("34.118.0.21"));
+    assert_eq!(nat.name.as_deref(), Some("External NAT"));
+    assert!(
+        page.items[1].network_interfaces[0]
+            .access_configs
+            .is_empty()
+    );
+
+    // stop: a zonal operation; STOPPING until it completes, then TERMINATED.
+    let op = gce
+        .instances
+        .stop()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(op.operation_type.as_deref(), Some("stop"));
+    assert!(
+        op.target_link
+            .as_deref()
+            .unwrap()
+            .ends_with("/zones/us-central1-a/instances/vm-1")
+    );
+    assert!(
+        op.zone
+            .as_deref()
+            .unwrap()
+            .ends_with("/zones/us-central1-a")
+    );
+    assert_eq!(gce.status("vm-1").await, "STOPPING");
+    assert_done_ok(&gce.wait_zone_op(&op).await);
+    assert_eq!(gce.status("vm-1").await, "TERMINATED");
+    // Stopping a stopped instance succeeds and changes nothing.
+    let again = gce
+        .instances
+        .stop()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-1")
+        .poller()
+        .until_done()
+        .await
+        .unwrap();
+    assert_done_ok(&again);
+    assert_eq!(gce.status("vm-1").await, "TERMINATED");
+
+    // start: STAGING, then RUNNING.
+    let op = gce
+        .instances
+        .start()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(op.operation_type.as_deref(), Some("start"));
+    assert_eq!(gce.status("vm-1").await, "STAGING");
+    assert_done_ok(&gce.wait_zone_op(&op).await);
+    assert_eq!(gce.status("vm-1").await, "RUNNING");
+
+    // delete: STOPPING, then gone from get and list.
+    let op = gce
+        .instances
+        .delete()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(op.operation_type.as_deref(), Some("delete"));
+    assert_eq!(gce.status("vm-2").await, "STOPPING");
+    assert_done_ok(&gce.wait_zone_op(&op).await);
+    let gone = gce.try_instance("vm-2").await.unwrap_err();
+    assert_eq!(
+        status_and_reason(&gone),
+        (Some(404), Some("notFound".into()))
+    );
+    let names: Vec<String> = gce
+        .instances
+        .list()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .send()
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|i| i.name)
+        .collect();
+    assert_eq!(names, ["vm-1", "vm-3"]);
+
+    // What does not exist: 404 at once, no operation.
+    let missing = gce
+        .instances
+        .stop()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-2")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(status_and_reason(&missing).0, Some(404));
+    let missing = gce
+        .instances
+        .delete()
+        .set_project(&gce.project)
+        .set_zone(&gce.zone)
+        .set_instance("vm-9")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(status_and_reason(&missing).0, Some(404));
+
+    let calls = gce.emu.calls().await.unwrap();
+    assert_eq!(calls.get("instances.stop"), 3);
+    assert_eq!(calls.get("instances.start"), 1);
+    assert_eq!(calls.get("instances.delete"), 2);
+    assert_eq!(calls.get("notServed"), 0);
 }
 
 /// With real Nodes, the emulator's `pods` range is the environment's Pod

@@ -26,6 +26,13 @@ pub struct SeedInstance {
     /// Instance status (default RUNNING; e.g. TERMINATED, STOPPING).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// Machine type name (default `e2-standard-2`); `machineType` is its URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_type: Option<String>,
+    /// External IPv4 address: `nic0` gets an access config
+    /// (`ONE_TO_ONE_NAT`, "External NAT") with this `natIP`.
+    #[serde(default, rename = "natIP", skip_serializing_if = "Option::is_none")]
+    pub nat_ip: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }

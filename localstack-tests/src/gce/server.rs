@@ -154,6 +154,9 @@ enum Call<'a> {
     Instances(&'a str),
     Instance(&'a str, &'a str),
     UpdateNic(&'a str, &'a str),
+    /// `instances.stop` (false) or `instances.start` (true).
+    PowerInstance(&'a str, &'a str, bool),
+    DeleteInstance(&'a str, &'a str),
     List(Kind, Scope),
     Get(Kind, Scope, &'a str),
     Insert(Kind, Scope),
@@ -203,7 +206,10 @@ fn route<'a>(method: &Method, segs: &[&'a str]) -> Option<Call<'a>> {
         ["regions", r, "subnetworks", s] if get => Call::Subnetwork(r, s),
         ["zones", z, "instances"] if get => Call::Instances(z),
         ["zones", z, "instances", i] if get => Call::Instance(z, i),
+        ["zones", z, "instances", i] if method == Method::DELETE => Call::DeleteInstance(z, i),
         ["zones", z, "instances", i, "updateNetworkInterface"] if patch => Call::UpdateNic(z, i),
+        ["zones", z, "instances", i, "stop"] if post => Call::PowerInstance(z, i, false),
+        ["zones", z, "instances", i, "start"] if post => Call::PowerInstance(z, i, true),
         [
             "zones",
             z,
@@ -289,6 +295,9 @@ impl Call<'_> {
             Call::Instances(_) => "instances.list".into(),
             Call::Instance(..) => "instances.get".into(),
             Call::UpdateNic(..) => "instances.updateNetworkInterface".into(),
+            Call::PowerInstance(_, _, false) => "instances.stop".into(),
+            Call::PowerInstance(_, _, true) => "instances.start".into(),
+            Call::DeleteInstance(..) => "instances.delete".into(),
             Call::List(k, _) => format!("{}.list", k.method_prefix()),
             Call::Get(k, ..) => format!("{}.get", k.method_prefix()),
             Call::Insert(k, _) => format!("{}.insert", k.method_prefix()),
@@ -311,6 +320,8 @@ impl Call<'_> {
         match self {
             Call::Endpoints(..) | Call::ListEndpoints(..) => QuotaGroup::Endpoints,
             Call::UpdateNic(..)
+            | Call::PowerInstance(..)
+            | Call::DeleteInstance(..)
             | Call::Insert(..)
             | Call::Delete(..)
             | Call::Change(..)
@@ -323,6 +334,8 @@ impl Call<'_> {
         matches!(
             self,
             Call::UpdateNic(..)
+                | Call::PowerInstance(..)
+                | Call::DeleteInstance(..)
                 | Call::Insert(..)
                 | Call::Delete(..)
                 | Call::Change(..)
@@ -340,6 +353,8 @@ impl Call<'_> {
             | Call::Instances(z)
             | Call::Instance(z, _)
             | Call::UpdateNic(z, _)
+            | Call::PowerInstance(z, ..)
+            | Call::DeleteInstance(z, _)
             | Call::Endpoints(z, ..)
             | Call::ListEndpoints(z, _) => Some(Scope::Zone(z.to_string())),
             Call::List(_, s)
@@ -438,6 +453,8 @@ fn execute(
             body,
             ctx,
         ),
+        Call::PowerInstance(z, i, start) => w.power_instance(z, i, *start, ctx),
+        Call::DeleteInstance(z, i) => w.delete_instance_op(z, i, ctx),
         Call::List(k, s) => w.list(*k, s, &lq),
         Call::Get(k, s, n) => w.get(*k, s, n),
         Call::Insert(k, s) => w.insert(*k, s, body, ctx),

@@ -292,6 +292,16 @@ enum Mutation {
         instance: String,
         nic: Box<m::NetworkInterface>,
     },
+    /// `instances.stop` (`start: false`) or `instances.start`.
+    Power {
+        zone: String,
+        instance: String,
+        start: bool,
+    },
+    DeleteInstance {
+        zone: String,
+        instance: String,
+    },
     Fail(ApiError),
 }
 
@@ -881,6 +891,24 @@ impl World {
                 instance,
                 nic,
             } => self.apply_nic(&zone, &instance, &nic),
+            Mutation::Power {
+                zone,
+                instance,
+                start,
+            } => {
+                let link = self.instance_rel(&zone, &instance);
+                let inst = self
+                    .instances
+                    .get_mut(&(zone, instance))
+                    .ok_or_else(|| ApiError::not_found(&link))?;
+                inst.status = Some(m::instance::Status::from(if start {
+                    "RUNNING"
+                } else {
+                    "TERMINATED"
+                }));
+                Ok(())
+            }
+            Mutation::DeleteInstance { zone, instance } => self.delete_instance(&zone, &instance),
         }
     }
 
@@ -2137,6 +2165,18 @@ impl World {
         nic.network_ip = Some(ip.to_string());
         nic.stack_type = Some(m::network_interface::StackType::from("IPV4_ONLY"));
         nic.fingerprint = Some(b64_decode(&self.fingerprint()).into());
+        if let Some(nat) = &s.nat_ip {
+            let nat: Ipv4Addr = nat
+                .parse()
+                .map_err(|_| ApiError::invalid_field("natIP", nat, "Not an IPv4 address."))?;
+            let mut config = m::AccessConfig::default();
+            config.kind = Some("compute#accessConfig".into());
+            config.r#type = Some(m::access_config::Type::from("ONE_TO_ONE_NAT"));
+            config.name = Some("External NAT".into());
+            config.nat_ip = Some(nat.to_string());
+            config.network_tier = Some(m::access_config::NetworkTier::from("PREMIUM"));
+            nic.access_configs = vec![config];
+        }
         let mut inst = m::Instance::default();
         inst.kind = Some("compute#instance".into());
         inst.id = Some(id);
@@ -2145,9 +2185,10 @@ impl World {
         inst.zone = Some(self.zone_link(&s.zone));
         inst.self_link = Some(self.instance_link(&s.zone, &s.name));
         inst.machine_type = Some(format!(
-            "{API}{}/zones/{}/machineTypes/e2-standard-2",
+            "{API}{}/zones/{}/machineTypes/{}",
             self.project_path(),
-            s.zone
+            s.zone,
+            s.machine_type.as_deref().unwrap_or("e2-standard-2")
         ));
         inst.status = Some(m::instance::Status::from(
             s.status.as_deref().unwrap_or("RUNNING"),
@@ -2205,10 +2246,43 @@ impl World {
         Ok(())
     }
 
+    /// The status an instance shows while an operation on it runs: STOPPING
+    /// while it is being stopped or deleted, STAGING while it is being
+    /// started (the last such operation wins).
+    fn transitional_status(&self, zone: &str, name: &str) -> Option<&'static str> {
+        let mut status = None;
+        for key in self.pending.values() {
+            match self.ops.get(key).and_then(|r| r.mutation.as_ref()) {
+                Some(Mutation::Power {
+                    zone: z,
+                    instance: i,
+                    start,
+                }) if z == zone && i == name => {
+                    status = Some(if *start { "STAGING" } else { "STOPPING" });
+                }
+                Some(Mutation::DeleteInstance {
+                    zone: z,
+                    instance: i,
+                }) if z == zone && i == name => status = Some("STOPPING"),
+                _ => {}
+            }
+        }
+        status
+    }
+
+    /// An instance as GET and list show it.
+    fn render_instance(&self, zone: &str, name: &str, i: &m::Instance) -> Result<Value> {
+        let mut v = to_value(i)?;
+        if let Some(status) = self.transitional_status(zone, name) {
+            v["status"] = json!(status);
+        }
+        Ok(v)
+    }
+
     pub fn instance(&self, zone: &str, name: &str) -> Result<Value> {
         self.check_scope(&Scope::Zone(zone.to_string()))?;
         match self.instances.get(&(zone.to_string(), name.to_string())) {
-            Some(i) => to_value(i),
+            Some(i) => self.render_instance(zone, name, i),
             None => Err(ApiError::not_found(&self.instance_rel(zone, name))),
         }
     }
@@ -2219,10 +2293,69 @@ impl World {
             .instances
             .iter()
             .filter(|((z, _), _)| z == zone)
-            .map(|(_, i)| to_value(i))
+            .map(|((z, n), i)| self.render_instance(z, n, i))
             .collect::<Result<Vec<_>>>()?;
         let link = format!("{API}{}/zones/{zone}/instances", self.project_path());
         list_page(items, q, "compute#instanceList", &link)
+    }
+
+    /// `instances.stop` (`start: false`) and `instances.start`: the
+    /// instance must exist; it is TERMINATED (GCE's "stopped") or RUNNING
+    /// when the operation completes. Stopping a stopped instance or
+    /// starting a running one succeeds and changes nothing, as in GCE.
+    pub fn power_instance(
+        &mut self,
+        zone: &str,
+        name: &str,
+        start: bool,
+        ctx: Mutating,
+    ) -> Result<Value> {
+        let zone = zone.to_string();
+        let name = name.to_string();
+        self.mutate(ctx, move |w| {
+            let inst = w
+                .instances
+                .get(&(zone.clone(), name.clone()))
+                .ok_or_else(|| ApiError::not_found(&w.instance_rel(&zone, &name)))?;
+            let id = inst.id;
+            let link = w.instance_link(&zone, &name);
+            Ok((
+                Scope::Zone(zone.clone()),
+                if start { "start" } else { "stop" },
+                link,
+                id,
+                Mutation::Power {
+                    zone,
+                    instance: name,
+                    start,
+                },
+            ))
+        })
+    }
+
+    /// `instances.delete`: gone (and out of every NEG) when the operation
+    /// completes, STOPPING until then.
+    pub fn delete_instance_op(&mut self, zone: &str, name: &str, ctx: Mutating) -> Result<Value> {
+        let zone = zone.to_string();
+        let name = name.to_string();
+        self.mutate(ctx, move |w| {
+            let inst = w
+                .instances
+                .get(&(zone.clone(), name.clone()))
+                .ok_or_else(|| ApiError::not_found(&w.instance_rel(&zone, &name)))?;
+            let id = inst.id;
+            let link = w.instance_link(&zone, &name);
+            Ok((
+                Scope::Zone(zone.clone()),
+                "delete",
+                link,
+                id,
+                Mutation::DeleteInstance {
+                    zone,
+                    instance: name,
+                },
+            ))
+        })
     }
 
     fn check_nic_fingerprint(

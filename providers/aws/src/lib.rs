@@ -7,16 +7,20 @@
 //! rate-limits it per group of operations ([`RateLimits`]), retries it with
 //! backoff and jitter on throttling and transient errors, and records the
 //! `cnlb_cloud_api_*` metrics per operation in the registry given to
-//! [`AwsProvider::new`]. [`ipam::Ec2Ipam`] is vpc-ipam's door to EC2
-//! (ENIs, secondary IPs and prefixes), through the same wrapper.
+//! [`AwsProvider::new`]. [`AwsNodes`] (from [`AwsProvider::nodes`]) is the
+//! node provider: the EC2 instances behind Nodes, in batches, through the
+//! same wrapper. [`ipam::Ec2Ipam`] is vpc-ipam's door to EC2 (ENIs,
+//! secondary IPs and prefixes), through a wrapper of its own.
 
 mod calls;
 mod error;
 pub mod ipam;
+pub mod nodes;
 pub mod plan;
 mod provider;
 
 pub use cnlb_cloud_calls::{MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits};
+pub use nodes::AwsNodes;
 pub use provider::{AwsConfig, AwsProvider, ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
 
 pub use aws_sdk_ec2 as ec2;

@@ -10,6 +10,7 @@
 //! that failed here has used up its retries or cannot succeed as sent.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,6 +35,7 @@ use prometheus_client::registry::Registry;
 
 use crate::Clients;
 use crate::calls::{Calls, RateLimits};
+use crate::nodes::AwsNodes;
 use crate::plan::{
     DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID, TARGET_BATCH, changed,
     elb_protocol, ingress_rules, listener_of_id_key, target_group_id_key, target_group_name,
@@ -66,7 +68,8 @@ impl AwsConfig {
 pub struct AwsProvider {
     clients: Clients,
     config: AwsConfig,
-    calls: Calls,
+    /// Shared with [`AwsProvider::nodes`]: one set of buckets and metrics.
+    calls: Arc<Calls>,
 }
 
 type Tags = BTreeMap<String, String>;
@@ -80,9 +83,16 @@ impl AwsProvider {
     pub fn new(clients: Clients, config: AwsConfig, registry: &mut Registry) -> AwsProvider {
         AwsProvider {
             clients: clients.without_sdk_retries(),
-            calls: Calls::new(&config.rate_limits, registry),
+            calls: Arc::new(Calls::new(&config.rate_limits, registry)),
             config,
         }
+    }
+
+    /// The node provider of the same account and region, calling through
+    /// this provider's wrapper: the same rate limits (DescribeInstances
+    /// draws from the `read` bucket) and `cnlb_cloud_api_*` metrics.
+    pub fn nodes(&self) -> AwsNodes {
+        AwsNodes::with_calls(&self.clients, Arc::clone(&self.calls))
     }
 
     #[cfg(test)]

@@ -14,17 +14,21 @@
 //! - [`plan`]: the desired resources as API bodies, names, ownership and
 //!   drift rules (pure).
 //! - [`provider`]: [`GcpProvider`], the `LoadBalancerProvider`.
+//! - [`nodes`]: [`GcpNodes`], the `NodeProvider`: the instances behind
+//!   Nodes, one `instances.list` per zone.
 //! - [`ipam`]: the calls of vpc-ipam's GCP backend (the node's alias IP
 //!   range on `nic0`, from a subnetwork secondary range).
 
 pub mod calls;
 pub mod error;
 pub mod ipam;
+pub mod nodes;
 pub mod plan;
 pub mod provider;
 
 pub use calls::{Calls, Compute, Connection};
 pub use cnlb_cloud_calls::{RateLimit, RateLimits};
+pub use nodes::GcpNodes;
 pub use plan::GcpConfig;
 pub use provider::{GcpProvider, NEG_STATUS_ANNOTATION};
 

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use cnlb_provider_core::{
@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::MAX_ENDPOINTS_PER_CALL;
 use crate::calls::{Calls, last_segment};
+use crate::nodes::GcpNodes;
 use crate::plan::{self, GcpConfig, Names, PortNames};
 
 /// Service annotation GKE users read to find their NEGs.
@@ -60,7 +61,8 @@ enum Found {
 }
 
 pub struct GcpProvider {
-    calls: Calls,
+    /// Shared with [`GcpProvider::nodes`]: one set of buckets and metrics.
+    calls: Arc<Calls>,
     cfg: GcpConfig,
     /// Every zone of the region: where garbage collection looks for NEGs.
     region_zones: Vec<String>,
@@ -104,7 +106,7 @@ impl GcpProvider {
         }
         info!(region = %cfg.region, zones = ?cfg.zones, "zones of the cluster");
         Ok(GcpProvider {
-            calls,
+            calls: Arc::new(calls),
             cfg,
             region_zones,
             extra_zones: Mutex::default(),
@@ -114,6 +116,14 @@ impl GcpProvider {
 
     pub fn config(&self) -> &GcpConfig {
         &self.cfg
+    }
+
+    /// The node provider of the same project and region, calling through
+    /// this provider's wrapper (`instances.list` draws from the `read`
+    /// bucket); Nodes without provider ID are looked for in every zone of
+    /// the region, not only the cluster's zones.
+    pub fn nodes(&self) -> GcpNodes {
+        GcpNodes::new(Arc::clone(&self.calls), self.region_zones.clone())
     }
 
     fn project(&self) -> &str {

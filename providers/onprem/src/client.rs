@@ -1,5 +1,7 @@
 //! [`GrpcProvider`]: a `LoadBalancerProvider` that forwards every call to an
-//! out-of-process plugin over the protocol in `provider.proto`.
+//! out-of-process plugin over the protocol in `provider.proto`, and a
+//! `NodeProvider` when the plugin has a Node part
+//! ([`GrpcProvider::supports_nodes`]).
 //!
 //! The channel connects lazily and reconnects by itself, so a plugin that is
 //! down or restarting makes calls fail with a retryable error (tonic reports
@@ -9,11 +11,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cnlb_provider_core::{
-    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus,
-    OwnedLoadBalancer, ProviderError, ResourceIds, Result, TargetDelta, TargetHealth,
+    Instance, Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec,
+    LoadBalancerStatus, NodeProvider, NodeRef, OwnedLoadBalancer, ProviderError, ResourceIds,
+    Result, TargetDelta, TargetHealth,
 };
 use futures::stream::{BoxStream, StreamExt};
 use hyper_util::rt::TokioIo;
+use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::convert;
@@ -113,6 +117,18 @@ impl GrpcProvider {
                 .filter_map(|c| proto::Capability::try_from(c).ok())
                 .collect(),
         })
+    }
+
+    /// Whether the plugin has a Node part: it advertises `CAPABILITY_NODES`
+    /// in `GetInfo` (asked anew each time: a plugin may be upgraded).
+    /// Without it, [`NodeProvider::instances`] fails, never answers "not
+    /// found".
+    pub async fn supports_nodes(&self) -> Result<bool> {
+        Ok(self
+            .info()
+            .await?
+            .capabilities
+            .contains(&proto::Capability::Nodes))
     }
 
     /// `Probe`: `Ok(())` when the plugin is ready, else why not.
@@ -282,6 +298,61 @@ impl LoadBalancerProvider for GrpcProvider {
             .load_balancers
             .into_iter()
             .map(|o| convert::owned_from_proto(o).map_err(bad_reply("ListLoadBalancers")))
+            .collect()
+    }
+}
+
+/// The error of a `GetInstances` the plugin does not serve: not retryable,
+/// and saying so plainly.
+fn no_node_part(status: &tonic::Status) -> ProviderError {
+    ProviderError::cloud(
+        "GetInstances",
+        format!(
+            "the plugin has no Node part (it does not advertise CAPABILITY_NODES): {}",
+            status.message()
+        ),
+        false,
+    )
+}
+
+/// `GetInstances`: the plugin's Node part, if it has one (see
+/// [`GrpcProvider::supports_nodes`]).
+#[async_trait]
+impl NodeProvider for GrpcProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn instances(&self, nodes: &[NodeRef]) -> Result<Vec<Option<Instance>>> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self
+            .client
+            .clone()
+            .get_instances(self.request(proto::GetInstancesRequest {
+                nodes: nodes.iter().map(convert::node_to_proto).collect(),
+            }))
+            .await
+            .map_err(|s| match s.code() {
+                Code::Unimplemented => no_node_part(&s),
+                _ => from_status("GetInstances", &s),
+            })?
+            .into_inner();
+        if reply.results.len() != nodes.len() {
+            return Err(bad_reply("GetInstances")(ProviderError::invalid(
+                "results",
+                format!("{} results for {} Nodes", reply.results.len(), nodes.len()),
+            )));
+        }
+        reply
+            .results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                convert::instance_result_from_proto(&format!("results[{i}]"), r)
+                    .map_err(bad_reply("GetInstances"))
+            })
             .collect()
     }
 }

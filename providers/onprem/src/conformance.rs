@@ -7,19 +7,26 @@
 //! and deletes it. `backends` must be addresses the load balancer can
 //! reach; with `expect_healthy` they must accept TCP connections on them,
 //! and the suite waits for the plugin to report them healthy.
+//!
+//! A plugin that advertises `CAPABILITY_NODES` has its Node part checked
+//! too (answers in order, a Node it does not know is not found, `nodes` are
+//! found by name and again by the provider ID it gave them); one that does
+//! not must refuse `GetInstances` with an error, never answer "not found"
+//! (which would delete every Node).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use cnlb_provider_core::{
-    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, Protocol, ProviderError,
-    ResourceIds, RetryPolicy, Target, TargetDelta, TargetHealthState, TargetState,
-    registered_targets,
+    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, NodeProvider, NodeRef,
+    Protocol, ProviderError, ResourceIds, RetryPolicy, Target, TargetDelta, TargetHealthState,
+    TargetState, registered_targets,
 };
 use futures::StreamExt;
 
-use crate::client::GrpcProvider;
+use crate::client::{GrpcProvider, PluginInfo};
+use crate::proto::Capability;
 
 /// What the suite needs from the caller.
 #[derive(Debug, Clone)]
@@ -34,6 +41,9 @@ pub struct Config {
     pub expect_healthy: bool,
     /// How long health may take to settle.
     pub timeout: Duration,
+    /// Names of Nodes whose machines the plugin's Node part knows (may be
+    /// empty; unused without `CAPABILITY_NODES`).
+    pub nodes: Vec<String>,
 }
 
 /// A failed check: which one, and what was seen.
@@ -94,6 +104,7 @@ pub async fn run(plugin: &GrpcProvider, config: &Config) -> Result<Vec<&'static 
     }
     call("probe", plugin.probe().await)?;
     passed.push("info and probe");
+    passed.extend(check_nodes(plugin, config, &info).await?);
 
     // A spec no provider can build is a user error, and creates nothing.
     let mut bad = spec.clone();
@@ -290,4 +301,72 @@ async fn expect_registered(
         ));
     }
     Ok(())
+}
+
+/// The Node part: checked when advertised, refused when not.
+async fn check_nodes(
+    plugin: &GrpcProvider,
+    config: &Config,
+    info: &PluginInfo,
+) -> Result<Vec<&'static str>, Failure> {
+    let absent = NodeRef::named(format!("{}-no-such-node", config.cluster));
+    if !info.capabilities.contains(&Capability::Nodes) {
+        return match plugin.instances(std::slice::from_ref(&absent)).await {
+            Err(e) if e.retry_policy() == RetryPolicy::AwaitChange => {
+                Ok(vec!["no Node part: GetInstances is refused"])
+            }
+            other => Err(fail(
+                "no Node part",
+                format!("without CAPABILITY_NODES GetInstances must fail for good, got {other:?}"),
+            )),
+        };
+    }
+    let check = "nodes by name";
+    let mut asked: Vec<NodeRef> = config.nodes.iter().map(NodeRef::named).collect();
+    asked.insert(asked.len() / 2, absent.clone());
+    let found = call(check, plugin.instances(&asked).await)?;
+    if found.len() != asked.len() {
+        return Err(fail(
+            check,
+            format!("{} results for {} Nodes", found.len(), asked.len()),
+        ));
+    }
+    let mut by_id = Vec::new();
+    for (node, instance) in asked.iter().zip(&found) {
+        match instance {
+            None if *node == absent => {}
+            Some(i) if *node != absent && !i.metadata.provider_id.is_empty() => {
+                // Found again by the provider ID it gave, whatever the name.
+                by_id.push((
+                    NodeRef {
+                        name: format!("{}-renamed", node.name),
+                        provider_id: Some(i.metadata.provider_id.clone()),
+                        internal_ips: Vec::new(),
+                    },
+                    i.clone(),
+                ));
+            }
+            other => {
+                return Err(fail(check, format!("Node {}: got {other:?}", node.name)));
+            }
+        }
+    }
+    let check = "nodes by provider ID";
+    let asked: Vec<NodeRef> = by_id.iter().map(|(n, _)| n.clone()).collect();
+    let again = call(check, plugin.instances(&asked).await)?;
+    for ((node, want), got) in by_id.iter().zip(&again) {
+        if got.as_ref() != Some(want) {
+            return Err(fail(
+                check,
+                format!("{node:?}: expected {want:?}, got {got:?}"),
+            ));
+        }
+    }
+    if again.len() != by_id.len() {
+        return Err(fail(check, "a result per Node"));
+    }
+    Ok(vec![
+        "Node part: results in order, unknown Nodes not found",
+        "Node part: found by provider ID",
+    ])
 }

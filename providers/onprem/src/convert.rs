@@ -11,9 +11,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use cnlb_provider_core::{
-    HealthCheck, HealthCheckPort, HealthCheckProtocol, IpAddressType, IpMode, Listener,
-    LoadBalancerIngress, LoadBalancerKey, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
-    Protocol, ProviderError, ResourceIds, Result, Scheme, Target, TargetHealth, TargetHealthState,
+    HealthCheck, HealthCheckPort, HealthCheckProtocol, Instance, InstanceMetadata, InstanceState,
+    IpAddressType, IpMode, Listener, LoadBalancerIngress, LoadBalancerKey, LoadBalancerSpec,
+    LoadBalancerStatus, NodeAddress, NodeAddressKind, NodeRef, OwnedLoadBalancer, Protocol,
+    ProviderError, ResourceIds, Result, Scheme, Target, TargetHealth, TargetHealthState,
     TargetState,
 };
 
@@ -346,6 +347,142 @@ pub fn owned_from_proto(o: proto::OwnedLoadBalancer) -> Result<OwnedLoadBalancer
     })
 }
 
+pub fn node_to_proto(node: &NodeRef) -> proto::NodeRef {
+    proto::NodeRef {
+        name: node.name.clone(),
+        provider_id: node.provider_id.clone(),
+        internal_ips: node.internal_ips.iter().map(IpAddr::to_string).collect(),
+    }
+}
+
+/// An empty provider ID is no provider ID (as an empty `spec.providerID`).
+pub fn nodes_from_proto(nodes: Vec<proto::NodeRef>) -> Result<Vec<NodeRef>> {
+    nodes
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let internal_ips = n
+                .internal_ips
+                .iter()
+                .enumerate()
+                .map(|(j, v)| ip(&format!("nodes[{i}].internal_ips[{j}]"), v))
+                .collect::<Result<_>>()?;
+            Ok(NodeRef {
+                name: n.name,
+                provider_id: n.provider_id.filter(|id| !id.is_empty()),
+                internal_ips,
+            })
+        })
+        .collect()
+}
+
+fn address_kind_to_proto(kind: NodeAddressKind) -> proto::NodeAddressType {
+    match kind {
+        NodeAddressKind::InternalIP => proto::NodeAddressType::InternalIp,
+        NodeAddressKind::ExternalIP => proto::NodeAddressType::ExternalIp,
+        NodeAddressKind::Hostname => proto::NodeAddressType::Hostname,
+        NodeAddressKind::InternalDNS => proto::NodeAddressType::InternalDns,
+        NodeAddressKind::ExternalDNS => proto::NodeAddressType::ExternalDns,
+    }
+}
+
+/// `None` (a found instance with no result, or nothing set) reads as
+/// neither found nor not found: the reply is invalid.
+pub fn instance_result_to_proto(instance: Option<&Instance>) -> proto::InstanceResult {
+    use proto::instance_result::Result as R;
+    proto::InstanceResult {
+        result: Some(match instance {
+            Some(i) => R::Found(proto::Instance {
+                provider_id: i.metadata.provider_id.clone(),
+                instance_type: i.metadata.instance_type.clone(),
+                addresses: i
+                    .metadata
+                    .addresses
+                    .iter()
+                    .map(|a| proto::NodeAddress {
+                        r#type: address_kind_to_proto(a.kind).into(),
+                        address: a.address.clone(),
+                    })
+                    .collect(),
+                zone: i.metadata.zone.clone(),
+                region: i.metadata.region.clone(),
+                state: match i.state {
+                    InstanceState::Running => proto::InstanceState::Running,
+                    InstanceState::Shutdown => proto::InstanceState::Shutdown,
+                }
+                .into(),
+            }),
+            None => R::NotFound(proto::InstanceNotFound {}),
+        }),
+    }
+}
+
+/// A result is "not found" only when it says so: a result with nothing
+/// set, an instance without provider ID, or a state or address type this
+/// side does not know is an error naming the field, never `None` (which
+/// deletes the Node).
+pub fn instance_result_from_proto(
+    field: &str,
+    r: proto::InstanceResult,
+) -> Result<Option<Instance>> {
+    use proto::instance_result::Result as R;
+    let i = match r.result {
+        Some(R::Found(i)) => i,
+        Some(R::NotFound(_)) => return Ok(None),
+        None => return Err(ProviderError::invalid(field, "neither found nor not_found")),
+    };
+    if i.provider_id.is_empty() {
+        return Err(ProviderError::invalid(
+            format!("{field}.found.provider_id"),
+            "empty",
+        ));
+    }
+    let state = match proto::InstanceState::try_from(i.state) {
+        Ok(proto::InstanceState::Running) => InstanceState::Running,
+        Ok(proto::InstanceState::Shutdown) => InstanceState::Shutdown,
+        Ok(proto::InstanceState::Unspecified) | Err(_) => {
+            return Err(ProviderError::invalid(
+                format!("{field}.found.state"),
+                format!("unknown instance state {}", i.state),
+            ));
+        }
+    };
+    let addresses = i
+        .addresses
+        .into_iter()
+        .enumerate()
+        .map(|(j, a)| {
+            let kind = match proto::NodeAddressType::try_from(a.r#type) {
+                Ok(proto::NodeAddressType::InternalIp) => NodeAddressKind::InternalIP,
+                Ok(proto::NodeAddressType::ExternalIp) => NodeAddressKind::ExternalIP,
+                Ok(proto::NodeAddressType::Hostname) => NodeAddressKind::Hostname,
+                Ok(proto::NodeAddressType::InternalDns) => NodeAddressKind::InternalDNS,
+                Ok(proto::NodeAddressType::ExternalDns) => NodeAddressKind::ExternalDNS,
+                Ok(proto::NodeAddressType::Unspecified) | Err(_) => {
+                    return Err(ProviderError::invalid(
+                        format!("{field}.found.addresses[{j}].type"),
+                        format!("unknown address type {}", a.r#type),
+                    ));
+                }
+            };
+            Ok(NodeAddress {
+                kind,
+                address: a.address,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some(Instance {
+        metadata: InstanceMetadata {
+            provider_id: i.provider_id,
+            instance_type: i.instance_type,
+            addresses,
+            zone: i.zone,
+            region: i.region,
+        },
+        state,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,5 +604,91 @@ mod tests {
             ids: status.ids.clone(),
         };
         assert_eq!(owned_from_proto(owned_to_proto(&owned)).unwrap(), owned);
+    }
+
+    fn instance(state: InstanceState) -> Instance {
+        Instance {
+            metadata: InstanceMetadata {
+                provider_id: "onprem://n1".into(),
+                instance_type: "r640".into(),
+                addresses: vec![
+                    NodeAddress {
+                        kind: NodeAddressKind::InternalIP,
+                        address: "10.0.0.1".into(),
+                    },
+                    NodeAddress {
+                        kind: NodeAddressKind::ExternalDNS,
+                        address: "n1.example.com".into(),
+                    },
+                ],
+                zone: "rack-1".into(),
+                region: "dc-1".into(),
+            },
+            state,
+        }
+    }
+
+    #[test]
+    fn nodes_and_instances_round_trip() {
+        let nodes = vec![
+            NodeRef {
+                name: "n1".into(),
+                provider_id: Some("onprem://n1".into()),
+                internal_ips: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            },
+            NodeRef::named("n2"),
+        ];
+        let msgs: Vec<_> = nodes.iter().map(node_to_proto).collect();
+        assert_eq!(nodes_from_proto(msgs).unwrap(), nodes);
+        let mut empty_id = node_to_proto(&NodeRef::named("n3"));
+        empty_id.provider_id = Some(String::new());
+        assert_eq!(
+            nodes_from_proto(vec![empty_id]).unwrap(),
+            [NodeRef::named("n3")]
+        );
+        let mut bad = node_to_proto(&NodeRef::named("n4"));
+        bad.internal_ips.push("10.0.0.256".into());
+        assert!(matches!(
+            nodes_from_proto(vec![node_to_proto(&nodes[1]), bad]),
+            Err(ProviderError::InvalidSpec { field, .. }) if field == "nodes[1].internal_ips[0]"
+        ));
+
+        for i in [
+            Some(instance(InstanceState::Running)),
+            Some(instance(InstanceState::Shutdown)),
+            None,
+        ] {
+            let msg = instance_result_to_proto(i.as_ref());
+            assert_eq!(instance_result_from_proto("results[0]", msg).unwrap(), i);
+        }
+    }
+
+    #[test]
+    fn doubtful_results_are_errors_not_absent_instances() {
+        use proto::instance_result::Result as R;
+        let found = |f: fn(&mut proto::Instance)| {
+            let mut msg = instance_result_to_proto(Some(&instance(InstanceState::Running)));
+            if let Some(R::Found(i)) = &mut msg.result {
+                f(i);
+            }
+            instance_result_from_proto("results[3]", msg)
+        };
+        type Change = fn(&mut proto::Instance);
+        let cases: [(Change, &str); 4] = [
+            (|i| i.state = 0, "results[3].found.state"),
+            (|i| i.state = 42, "results[3].found.state"),
+            (|i| i.provider_id.clear(), "results[3].found.provider_id"),
+            (
+                |i| i.addresses[1].r#type = 0,
+                "results[3].found.addresses[1].type",
+            ),
+        ];
+        for (change, want) in cases {
+            assert!(
+                matches!(found(change), Err(ProviderError::InvalidSpec { field, .. }) if field == want),
+                "{want}"
+            );
+        }
+        assert!(instance_result_from_proto("r", proto::InstanceResult { result: None }).is_err());
     }
 }

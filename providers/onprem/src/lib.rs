@@ -7,21 +7,24 @@
 //! - out of process, through a language-neutral gRPC protocol
 //!   (`proto/cnlb/provider/v1/provider.proto`, CSI style: GetInfo with
 //!   capabilities, Probe, EnsureLoadBalancer, UpdateBackends as deltas,
-//!   DeleteLoadBalancer, ListLoadBalancers, WatchBackendHealth) over a unix
-//!   socket or TCP.
+//!   DeleteLoadBalancer, ListLoadBalancers, WatchBackendHealth, and, for
+//!   plugins with a Node part, GetInstances) over a unix socket or TCP.
 //!
 //! The two are one: [`GrpcProvider`] is a `LoadBalancerProvider` that calls
 //! a plugin, and [`server::serve`] serves any `LoadBalancerProvider` as a
 //! plugin. [`status`] maps gRPC codes to [`ProviderError`]s and back;
 //! [`conformance`] checks a plugin against the contract. The reference
 //! provider, [`haproxy::HaproxyProvider`], drives HAProxy (>= 2.6) through
-//! its runtime API and is served by the `cnlb-onprem-haproxy` binary.
+//! its runtime API and is served by the `cnlb-onprem-haproxy` binary, with
+//! an [`inventory::Inventory`] (machines listed in a file) as its Node part
+//! when given one.
 
 pub mod client;
 pub mod conformance;
 pub mod convert;
 pub mod endpoint;
 pub mod haproxy;
+pub mod inventory;
 pub mod server;
 pub mod status;
 

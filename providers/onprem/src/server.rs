@@ -2,9 +2,11 @@
 //! provider code runs in the controller's process or behind a socket.
 //!
 //! The core trait has no notion of plugin metadata, readiness or health
-//! streams; [`Plugin`] adds the first two (with defaults), and the server
-//! turns `target_health` into `WatchBackendHealth` by polling it and sending
-//! a snapshot whenever it changed.
+//! streams; [`Plugin`] adds the first two (with defaults) and an optional
+//! Node part (a [`NodeProvider`], served as `GetInstances` and advertised
+//! as `CAPABILITY_NODES`), and the server turns `target_health` into
+//! `WatchBackendHealth` by polling it and sending a snapshot whenever it
+//! changed.
 
 use std::fs::Permissions;
 use std::os::unix::fs::PermissionsExt;
@@ -15,7 +17,8 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use cnlb_provider_core::{
-    LoadBalancerKey, LoadBalancerProvider, ResourceIds, Result, TargetDelta, TargetHealth,
+    LoadBalancerKey, LoadBalancerProvider, NodeProvider, ProviderError, ResourceIds, Result,
+    TargetDelta, TargetHealth,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -49,6 +52,25 @@ pub trait Plugin: LoadBalancerProvider {
     async fn probe(&self) -> Result<()> {
         Ok(())
     }
+
+    /// The machines behind Nodes, if the plugin knows them: served as
+    /// `GetInstances` and advertised as `CAPABILITY_NODES` (whatever
+    /// [`info`](Plugin::info) says). `None`: `GetInstances` answers
+    /// UNIMPLEMENTED.
+    fn nodes(&self) -> Option<&dyn NodeProvider> {
+        None
+    }
+}
+
+/// What `GetInfo` advertises: the plugin's capabilities, with
+/// `CAPABILITY_NODES` exactly when it has a Node part.
+fn capabilities(plugin: &dyn Plugin) -> Vec<proto::Capability> {
+    let mut capabilities = plugin.info().capabilities;
+    capabilities.retain(|c| *c != proto::Capability::Nodes);
+    if plugin.nodes().is_some() {
+        capabilities.push(proto::Capability::Nodes);
+    }
+    capabilities
 }
 
 /// The gRPC service for `provider`.
@@ -126,7 +148,10 @@ impl ProviderService for PluginService {
         Ok(Response::new(proto::GetInfoResponse {
             name: info.name,
             vendor_version: info.vendor_version,
-            capabilities: info.capabilities.into_iter().map(i32::from).collect(),
+            capabilities: capabilities(self.provider.as_ref())
+                .into_iter()
+                .map(i32::from)
+                .collect(),
         }))
     }
 
@@ -205,6 +230,36 @@ impl ProviderService for PluginService {
         let owned = self.provider.list_owned(&cluster).await.map_err(status)?;
         Ok(Response::new(proto::ListLoadBalancersResponse {
             load_balancers: owned.iter().map(convert::owned_to_proto).collect(),
+        }))
+    }
+
+    async fn get_instances(
+        &self,
+        request: Request<proto::GetInstancesRequest>,
+    ) -> Result<Response<proto::GetInstancesResponse>, Status> {
+        let Some(provider) = self.provider.nodes() else {
+            return Err(Status::unimplemented(
+                "the plugin has no Node part: it does not advertise CAPABILITY_NODES",
+            ));
+        };
+        let nodes = convert::nodes_from_proto(request.into_inner().nodes).map_err(status)?;
+        let found = provider.instances(&nodes).await.map_err(status)?;
+        if found.len() != nodes.len() {
+            return Err(status(ProviderError::cloud(
+                "GetInstances",
+                format!(
+                    "the node provider answered {} results for {} Nodes",
+                    found.len(),
+                    nodes.len()
+                ),
+                false,
+            )));
+        }
+        Ok(Response::new(proto::GetInstancesResponse {
+            results: found
+                .iter()
+                .map(|i| convert::instance_result_to_proto(i.as_ref()))
+                .collect(),
         }))
     }
 

@@ -1,7 +1,9 @@
 //! The protocol end to end without HAProxy: an in-memory provider served on
 //! a unix socket by `server::serve`, called through `GrpcProvider`. Checks
 //! that the conformance suite works for any provider, that typed errors
-//! survive the wire, and that the health watch streams changes.
+//! survive the wire, that the health watch streams changes, and the Node
+//! part: served from an inventory file when the plugin has one, refused
+//! when it has none.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,19 +13,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cnlb_provider_core::{InstanceState, NodeAddress, NodeAddressKind, NodeProvider, NodeRef};
 use cnlb_provider_core::{
     Listener, LoadBalancerIngress, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec,
     LoadBalancerStatus, OwnedLoadBalancer, ProviderError, ResourceIds, Result, Target, TargetDelta,
     TargetHealth, TargetHealthState, TargetSet,
 };
+use cnlb_provider_onprem::inventory::Inventory;
 use cnlb_provider_onprem::server::{Plugin, serve};
 use cnlb_provider_onprem::{GrpcProvider, PluginEndpoint, conformance};
 use futures::StreamExt;
 
-/// Load balancers as data: every registered target is healthy.
+/// Load balancers as data: every registered target is healthy. With an
+/// inventory, it has a Node part.
 #[derive(Default)]
 struct Memory {
     lbs: Mutex<BTreeMap<LoadBalancerKey, BTreeMap<String, TargetSet>>>,
+    inventory: Option<Inventory>,
 }
 
 impl Memory {
@@ -128,13 +134,21 @@ impl LoadBalancerProvider for Memory {
     }
 }
 
-impl Plugin for Memory {}
+impl Plugin for Memory {
+    fn nodes(&self) -> Option<&dyn NodeProvider> {
+        self.inventory.as_ref().map(|i| i as &dyn NodeProvider)
+    }
+}
 
 async fn plugin(dir: &tempfile::TempDir) -> GrpcProvider {
+    serve_memory(dir, Memory::default()).await
+}
+
+async fn serve_memory(dir: &tempfile::TempDir, memory: Memory) -> GrpcProvider {
     let endpoint = PluginEndpoint::Unix(dir.path().join("plugin.sock"));
     let served = endpoint.clone();
     tokio::spawn(async move {
-        let provider: Arc<dyn Plugin> = Arc::new(Memory::default());
+        let provider: Arc<dyn Plugin> = Arc::new(memory);
         serve(
             provider,
             &served,
@@ -156,7 +170,7 @@ async fn plugin(dir: &tempfile::TempDir) -> GrpcProvider {
 async fn conformance_suite_passes_for_an_in_memory_plugin() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = plugin(&dir).await;
-    assert_eq!(plugin.name(), "memory");
+    assert_eq!(LoadBalancerProvider::name(&plugin), "memory");
     let passed = conformance::run(
         &plugin,
         &conformance::Config {
@@ -168,11 +182,13 @@ async fn conformance_suite_passes_for_an_in_memory_plugin() {
             ],
             expect_healthy: true,
             timeout: Duration::from_secs(10),
+            nodes: Vec::new(),
         },
     )
     .await
     .unwrap();
-    assert_eq!(passed.len(), 9, "{passed:?}");
+    // Its last check: without a Node part, GetInstances is refused.
+    assert_eq!(passed.len(), 10, "{passed:?}");
 }
 
 #[tokio::test]
@@ -185,6 +201,7 @@ async fn errors_cross_the_wire_typed_and_the_watch_streams_changes() {
         backends: Vec::new(),
         expect_healthy: false,
         timeout: Duration::from_secs(10),
+        nodes: Vec::new(),
     };
     let mut spec = conformance::spec(&config);
     spec.health_check.timeout = Duration::from_secs(30);
@@ -233,4 +250,128 @@ async fn errors_cross_the_wire_typed_and_the_watch_streams_changes() {
         "{end:?}"
     );
     assert!(watch.next().await.is_none());
+}
+
+const INVENTORY: &str = r#"{"nodes": [
+  {"name": "node-1", "addresses": {"InternalIP": "10.1.0.1", "Hostname": "node-1"},
+   "zone": "rack-1", "region": "dc-1", "instanceType": "r640"},
+  {"name": "node-2", "providerID": "metal://dc-1/node-2", "addresses": {"InternalIP": "10.1.0.2"},
+   "state": "shutdown"}
+]}"#;
+
+#[tokio::test]
+async fn the_node_part_is_served_from_an_inventory_and_refused_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inventory.json");
+    std::fs::write(&path, INVENTORY).unwrap();
+    let plugin = serve_memory(
+        &dir,
+        Memory {
+            inventory: Some(Inventory::new(&path)),
+            ..Memory::default()
+        },
+    )
+    .await;
+    assert!(plugin.supports_nodes().await.unwrap());
+
+    // The conformance suite checks the Node part too.
+    let passed = conformance::run(
+        &plugin,
+        &conformance::Config {
+            cluster: "c-nodes".into(),
+            port: 80,
+            backends: vec![
+                "10.0.0.1:8080".parse().unwrap(),
+                "10.0.0.2:8080".parse().unwrap(),
+            ],
+            expect_healthy: true,
+            timeout: Duration::from_secs(10),
+            nodes: vec!["node-1".into(), "node-2".into()],
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(passed.len(), 11, "{passed:?}");
+
+    // By provider ID, by name, by IP, absent: in order, typed.
+    let by_ip = NodeRef {
+        name: "renamed".into(),
+        provider_id: None,
+        internal_ips: vec!["10.1.0.1".parse().unwrap()],
+    };
+    let mut by_id = NodeRef::named("whatever");
+    by_id.provider_id = Some("metal://dc-1/node-2".into());
+    let mut gone = NodeRef::named("node-1");
+    gone.provider_id = Some("onprem://deleted".into());
+    let nodes = [
+        by_id,
+        NodeRef::named("node-1"),
+        by_ip,
+        gone,
+        NodeRef::named("node-9"),
+    ];
+    let found = plugin.instances(&nodes).await.unwrap();
+    let ids: Vec<Option<&str>> = found
+        .iter()
+        .map(|i| i.as_ref().map(|i| i.metadata.provider_id.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            Some("metal://dc-1/node-2"),
+            Some("onprem://node-1"),
+            Some("onprem://node-1"),
+            None,
+            None
+        ]
+    );
+    let node_1 = found[1].as_ref().unwrap();
+    assert_eq!(node_1.state, InstanceState::Running);
+    assert_eq!(
+        (
+            node_1.metadata.zone.as_str(),
+            node_1.metadata.region.as_str(),
+            node_1.metadata.instance_type.as_str()
+        ),
+        ("rack-1", "dc-1", "r640")
+    );
+    assert_eq!(
+        node_1.metadata.addresses,
+        [
+            NodeAddress {
+                kind: NodeAddressKind::InternalIP,
+                address: "10.1.0.1".into()
+            },
+            NodeAddress {
+                kind: NodeAddressKind::Hostname,
+                address: "node-1".into()
+            },
+        ]
+    );
+    assert_eq!(found[0].as_ref().unwrap().state, InstanceState::Shutdown);
+
+    // A broken file: an error naming the file and the field crosses the
+    // wire (retryable: fixing the file is enough), never "not found".
+    std::fs::write(&path, r#"{"nodes": [{"name": "node-1", "state": "off"}]}"#).unwrap();
+    let err = plugin.instances(&nodes[1..2]).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&path.display().to_string()) && text.contains("nodes[0].state"),
+        "{text}"
+    );
+    assert_eq!(err.retry_policy(), cnlb_provider_core::RetryPolicy::Backoff);
+    // Fixed: read again on the next call.
+    std::fs::write(&path, r#"{"nodes": []}"#).unwrap();
+    assert_eq!(plugin.instances(&nodes[1..2]).await.unwrap(), [None]);
+
+    // A plugin without a Node part says so, and GetInstances fails for good.
+    let other = tempfile::tempdir().unwrap();
+    let bare = serve_memory(&other, Memory::default()).await;
+    assert!(!bare.supports_nodes().await.unwrap());
+    let err = bare.instances(&nodes[1..2]).await.unwrap_err();
+    assert!(err.to_string().contains("no Node part"), "{err}");
+    assert_eq!(
+        err.retry_policy(),
+        cnlb_provider_core::RetryPolicy::AwaitChange
+    );
 }

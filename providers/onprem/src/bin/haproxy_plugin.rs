@@ -1,4 +1,5 @@
-//! `cnlb-onprem-haproxy`: the HAProxy provider served as a cnlb plugin.
+//! `cnlb-onprem-haproxy`: the HAProxy provider served as a cnlb plugin,
+//! with the machines of an inventory file as its Node part.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,6 +54,11 @@ struct Args {
     /// servers deleted, missing ones added), in seconds.
     #[arg(long, default_value_t = 5)]
     converge_interval_secs: u64,
+    /// The machines behind Nodes, a JSON file the operator writes (read on
+    /// every GetInstances; see the `inventory` module): with it the plugin
+    /// serves the Node part of the protocol, without it it has none.
+    #[arg(long)]
+    inventory: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -77,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         haproxy_bin: args.haproxy_bin.clone(),
         address_pool: args.address_pool.clone(),
         reload_timeout: Duration::from_secs(args.reload_timeout_secs),
+        inventory: args.inventory.clone(),
     })
     .await
     .context("opening the HAProxy provider")?;

@@ -34,8 +34,8 @@ use anyhow::Context;
 use async_trait::async_trait;
 use cnlb_provider_core::{
     IpMode, Listener, LoadBalancerIngress, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec,
-    LoadBalancerStatus, OwnedLoadBalancer, ProviderError, ResourceIds, Result, TargetDelta,
-    TargetHealth, TargetHealthState,
+    LoadBalancerStatus, NodeProvider, OwnedLoadBalancer, ProviderError, ResourceIds, Result,
+    TargetDelta, TargetHealth, TargetHealthState,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
@@ -48,6 +48,7 @@ pub use state::{
 };
 
 use crate::client::PluginInfo;
+use crate::inventory::Inventory;
 use crate::proto::Capability;
 use crate::server::Plugin;
 use runtime::{AdminState, Cli, Reply};
@@ -70,6 +71,9 @@ pub struct HaproxyConfig {
     pub address_pool: AddressPool,
     /// How long a reload may take before it counts as failed.
     pub reload_timeout: Duration,
+    /// The machines behind Nodes, listed by the operator (see
+    /// [`Inventory`]): the plugin's Node part. `None`: it has none.
+    pub inventory: Option<PathBuf>,
 }
 
 pub struct HaproxyProvider {
@@ -78,6 +82,7 @@ pub struct HaproxyProvider {
     master: Cli,
     /// Held for the whole of each call: one HAProxy, one writer.
     state: Mutex<State>,
+    inventory: Option<Inventory>,
 }
 
 fn io_error(operation: &str, path: &Path) -> impl Fn(std::io::Error) -> ProviderError {
@@ -99,11 +104,20 @@ impl HaproxyProvider {
                 return Err(e).with_context(|| format!("reading {}", config.state_file.display()));
             }
         };
+        let inventory = config.inventory.as_ref().map(Inventory::new);
+        if let Some(inventory) = &inventory
+            && let Err(e) = inventory.machines().await
+        {
+            // Load balancing does not need it: serve, and fail GetInstances
+            // with this error until the file is fixed.
+            tracing::warn!(error = %e, "the inventory cannot be used yet");
+        }
         let provider = HaproxyProvider {
             runtime: Cli::new(&config.runtime_socket),
             master: Cli::new(&config.master_socket),
             config,
             state: Mutex::new(state),
+            inventory,
         };
         let state = provider.state.lock().await.clone();
         let text = render(&state, &provider.config.runtime_socket);
@@ -520,6 +534,10 @@ impl Plugin for HaproxyProvider {
         self.runtime.worker_pid().await?;
         self.master.run("show proc").await?;
         Ok(())
+    }
+
+    fn nodes(&self) -> Option<&dyn NodeProvider> {
+        self.inventory.as_ref().map(|i| i as &dyn NodeProvider)
     }
 }
 
