@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/debug
 ENV := $(BIN)/cnlb-env
 
-.PHONY: demo demo-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam
+.PHONY: demo demo-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam bench-nodes
 
 ## demo: set up, build, then run the on-prem demo on real Nodes (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
 demo: trim-target demo-deps build
@@ -77,6 +77,10 @@ bench-aws: env-deps build
 ## bench-gcp: N Services x M real Pods through cnlb-ccm and the GCE emulator (BENCH_ARGS="--services 50 --endpoints 50")
 bench-gcp: env-deps build
 	$(BIN)/cnlb-bench-lb --provider gcp --services 50 $(BENCH_ARGS)
+
+## bench-nodes: N Nodes (default 1000, BENCH_ARGS="--nodes 1000") initialized by cnlb-ccm from EC2 instances in moto: time, DescribeInstances per period
+bench-nodes: env-deps build
+	$(BIN)/cnlb-bench-nodes $(BENCH_ARGS)
 
 ## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s
 # Release builds: the plugin is a process started per CNI command, so its

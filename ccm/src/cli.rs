@@ -439,8 +439,13 @@ mod tests {
             (but.service, but.cloud_node, but.cloud_node_lifecycle),
             (true, true, false)
         );
-        let err = parse(&["--controllers=service,nodes"]).unwrap_err().to_string();
-        assert!(err.contains("--controllers") && err.contains("\"nodes\""), "{err}");
+        let err = parse(&["--controllers=service,nodes"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--controllers") && err.contains("\"nodes\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,13 +14,14 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use cnlb_provider_aws::{AwsConfig, AwsProvider, RateLimits};
-use cnlb_provider_core::LoadBalancerProvider;
+use cnlb_provider_core::{LoadBalancerProvider, NodeProvider};
 
 use crate::cli::{Args, BindAddress, Provider};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
 use crate::shutdown::Signals;
 use crate::{gc, leader};
+use cnlb_ccm::nodes::{self, PluginNodes};
 use cnlb_ccm::service::{self, ControllerMetrics};
 
 /// How often the API server is probed after start-up, for the
@@ -93,7 +94,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     health.set_ready();
 
-    let provider = build_provider(&args, &metrics).await?;
+    let providers = build_provider(&args, &metrics).await?;
     let controller_metrics = ControllerMetrics::register(&mut metrics.registry());
     let settings = service::Settings {
         cluster: args.cluster_name.clone(),
@@ -123,12 +124,30 @@ pub async fn run(args: Args) -> Result<(), Error> {
             }
         }
     }
-    let collector = tokio::spawn(gc::run(
-        client.clone(),
-        provider.clone(),
-        args.cluster_name.clone(),
-    ));
-    let controllers = tokio::spawn(service::run(client, provider, settings, controller_metrics));
+    let enabled = args.controllers;
+    let collector = enabled.service.then(|| {
+        tokio::spawn(gc::run(
+            client.clone(),
+            providers.load_balancers.clone(),
+            args.cluster_name.clone(),
+        ))
+    });
+    let services = enabled.service.then(|| {
+        tokio::spawn(service::run(
+            client.clone(),
+            providers.load_balancers.clone(),
+            settings,
+            controller_metrics,
+        ))
+    });
+    let node_settings = nodes::Settings {
+        initialize: enabled.cloud_node,
+        lifecycle: enabled.cloud_node_lifecycle,
+        monitor_period: args.node_monitor_period,
+        status_update_frequency: args.node_status_update_frequency,
+    };
+    let node_controllers = (enabled.cloud_node || enabled.cloud_node_lifecycle)
+        .then(|| tokio::spawn(nodes::run(client, providers.nodes.clone(), node_settings)));
     let outcome = match elector.as_mut() {
         Some(elector) => tokio::select! {
             () = elector.hold() => Err(Error::LostLeadership),
@@ -143,8 +162,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
             Ok(())
         }
     };
-    controllers.abort();
-    collector.abort();
+    for task in [services, collector, node_controllers]
+        .into_iter()
+        .flatten()
+    {
+        task.abort();
+    }
     if let (Some(elector), Ok(())) = (elector.as_mut(), &outcome) {
         elector.release().await;
     }
@@ -228,12 +251,15 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     build_client(config)
 }
 
-/// The load balancer provider named by --provider; its cloud API metrics
-/// go to the registry /metrics serves.
-async fn build_provider(
-    args: &Args,
-    metrics: &Metrics,
-) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
+/// What --provider names: its load balancers and its Nodes' instances.
+struct Providers {
+    load_balancers: Arc<dyn LoadBalancerProvider>,
+    nodes: Arc<dyn NodeProvider>,
+}
+
+/// The providers named by --provider; their cloud API metrics go to the
+/// registry /metrics serves.
+async fn build_provider(args: &Args, metrics: &Metrics) -> Result<Providers, Error> {
     match args.provider {
         Provider::Aws => {
             let vpc_id = args
@@ -247,11 +273,11 @@ async fn build_provider(
                 targets: args.aws_targets_rate,
                 write: args.aws_write_rate,
             };
-            Ok(Arc::new(AwsProvider::new(
-                clients,
-                config,
-                &mut metrics.registry(),
-            )))
+            let provider = AwsProvider::new(clients, config, &mut metrics.registry());
+            Ok(Providers {
+                nodes: Arc::new(provider.nodes()),
+                load_balancers: Arc::new(provider),
+            })
         }
         Provider::Onprem => {
             let endpoint = args
@@ -262,7 +288,11 @@ async fn build_provider(
             // reconciles fail and retry with Events, not the controller exit.
             let provider = cnlb_provider_onprem::GrpcProvider::lazy(endpoint, "onprem")
                 .map_err(|e| Error::Provider(e.to_string()))?;
-            Ok(Arc::new(provider))
+            let provider = Arc::new(provider);
+            Ok(Providers {
+                nodes: Arc::new(PluginNodes::new(provider.clone())),
+                load_balancers: provider,
+            })
         }
         Provider::Gcp => {
             let flag = |value: &Option<String>, name| value.clone().ok_or(Error::MissingFlag(name));
@@ -295,7 +325,10 @@ async fn build_provider(
             let provider = cnlb_provider_gcp::GcpProvider::new(calls, config)
                 .await
                 .map_err(|e| Error::Provider(e.to_string()))?;
-            Ok(Arc::new(provider))
+            Ok(Providers {
+                nodes: Arc::new(provider.nodes()),
+                load_balancers: Arc::new(provider),
+            })
         }
     }
 }

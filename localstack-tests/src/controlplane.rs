@@ -30,6 +30,10 @@ pub struct ControlPlaneOptions {
     /// With a range, kube-controller-manager gives each Node a /24 of it as
     /// `spec.podCIDR` (`--allocate-node-cidrs`), as on-prem clusters do.
     pub cluster_cidr: Option<String>,
+    /// How long a Node may miss heartbeats before it is NotReady
+    /// (`--node-monitor-grace-period`; kube-controller-manager's default
+    /// otherwise), for tests of what follows.
+    pub node_monitor_grace_period: Option<Duration>,
 }
 
 pub struct ControlPlane {
@@ -162,6 +166,9 @@ impl ControlPlane {
                 pki.sa_key.display()
             ))
             .arg("--controllers=*");
+        if let Some(grace) = options.node_monitor_grace_period {
+            kcm.arg(format!("--node-monitor-grace-period={}s", grace.as_secs()));
+        }
         if let Some(cidr) = &options.cluster_cidr {
             kcm.arg("--allocate-node-cidrs=true")
                 .arg(format!("--cluster-cidr={cidr}"))

@@ -230,6 +230,10 @@ impl EnvBuilder {
                     .as_ref()
                     .filter(|_| static_pods)
                     .map(RangeLease::pod_cidr),
+                // The Node lifecycle tests stop kubelets and wait for NotReady.
+                node_monitor_grace_period: self
+                    .external_cloud_provider
+                    .then_some(Duration::from_secs(20)),
             };
             env.control_plane = Some(ControlPlane::spawn(&env.dir, &options).await?);
         }
@@ -454,10 +458,15 @@ async fn install_pod_network(
     };
     let values = crate::install::vpc_ipam_values(cp, &builder.name, backend, &args)?;
     crate::install::helm_install(cp, dir, "cnlb-vpc-ipam", "cnlb-vpc-ipam", &values).await?;
+    // Before a cloud controller manager initializes the Nodes, a cloud
+    // backend's agents cannot know their instance.
+    let agents_ready =
+        !builder.external_cloud_provider || matches!(builder.agent_backend, AgentBackend::Static);
     crate::install::wait_daemonset_and_nodes(
         cp,
         "vpc-ipam-agent",
         builder.nodes.len(),
+        agents_ready,
         builder.timeout,
     )
     .await

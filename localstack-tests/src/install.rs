@@ -136,13 +136,16 @@ pub async fn wait_deployment_ready(cp: &ControlPlane, name: &str, timeout: Durat
     .await
 }
 
-/// Waits until DaemonSet `kube-system/<name>` has a ready Pod on each of
-/// `nodes` Nodes and every Node is Ready (the network is, once the agent's
-/// init container wrote the CNI configuration).
+/// Waits until every one of `nodes` Nodes is Ready (their network is, once
+/// the agent's init container wrote the CNI configuration) and, with
+/// `agents_ready`, DaemonSet `kube-system/<name>` has a ready Pod on each.
+/// (An agent that needs its Node's provider ID waits for a cloud
+/// controller manager to set it.)
 pub async fn wait_daemonset_and_nodes(
     cp: &ControlPlane,
     name: &str,
     nodes: usize,
+    agents_ready: bool,
     timeout: Duration,
 ) -> Result<()> {
     let client = cp.admin_client()?;
@@ -160,7 +163,8 @@ pub async fn wait_daemonset_and_nodes(
                 .iter()
                 .filter(|n| crate::node::is_ready(n))
                 .count();
-            Ok(usize::try_from(ready).unwrap_or(0) >= nodes && ready_nodes >= nodes)
+            let agents = !agents_ready || usize::try_from(ready).unwrap_or(0) >= nodes;
+            Ok(agents && ready_nodes >= nodes)
         },
     )
     .await

@@ -129,7 +129,7 @@ fn load_balancer_service_becomes_a_proxy_nlb_with_zonal_negs_of_pod_ips() {
             .unwrap();
         ccm::scale(client, 4).await;
         endpoints_follow_pods(&cluster, 4).await;
-        let throttles = gcp::metric(
+        let throttles = common::metric(
             metrics,
             "cnlb_cloud_api_throttles_total",
             &[r#"provider="gcp""#, "attachNetworkEndpoints"],

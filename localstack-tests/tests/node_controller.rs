@@ -95,15 +95,18 @@ async fn register(client: &Client, i: usize, ready: bool) {
 async fn set_ready(client: &Client, i: usize, ready: bool) {
     let nodes: Api<Node> = Api::all(client.clone());
     let status = if ready { "True" } else { "False" };
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::now(),
-    );
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     let patch = json!({"status": {"conditions": [{
         "type": "Ready", "status": status, "reason": "Test",
         "lastHeartbeatTime": now, "lastTransitionTime": now,
     }]}});
     nodes
-        .patch_status(&format!("node-{i}"), &PatchParams::default(), &Patch::Strategic(patch))
+        .patch_status(
+            &format!("node-{i}"),
+            &PatchParams::default(),
+            &Patch::Strategic(patch),
+        )
         .await
         .unwrap();
 }
@@ -131,9 +134,18 @@ fn initialized(node: &Node, i: usize) -> bool {
         .and_then(|s| s.addresses.clone())
         .unwrap_or_default();
     spec.provider_id.as_deref() == Some(&format!("fake:///zone-a/i-{i}"))
-        && labels.get("topology.kubernetes.io/zone").map(String::as_str) == Some("zone-a")
-        && labels.get("topology.kubernetes.io/region").map(String::as_str) == Some("region")
-        && labels.get("node.kubernetes.io/instance-type").map(String::as_str) == Some("large")
+        && labels
+            .get("topology.kubernetes.io/zone")
+            .map(String::as_str)
+            == Some("zone-a")
+        && labels
+            .get("topology.kubernetes.io/region")
+            .map(String::as_str)
+            == Some("region")
+        && labels
+            .get("node.kubernetes.io/instance-type")
+            .map(String::as_str)
+            == Some("large")
         && addresses.iter().any(|a| a.type_ == "InternalIP")
         && !tainted(node, UNINITIALIZED)
 }
@@ -144,7 +156,8 @@ fn initialized(node: &Node, i: usize) -> bool {
 async fn nodes_registering_together_are_initialized_together() {
     let h = start("nodes-init", Duration::from_secs(3600)).await;
     for i in 0..200 {
-        h.fake.set(&format!("node-{i}"), instance(i, InstanceState::Running));
+        h.fake
+            .set(&format!("node-{i}"), instance(i, InstanceState::Running));
     }
     for i in 0..200 {
         register(&h.client, i, true).await;
@@ -173,12 +186,21 @@ async fn a_node_without_an_instance_keeps_its_taint_until_one_appears() {
     let h = start("nodes-missing", Duration::from_secs(3600)).await;
     register(&h.client, 1, true).await;
     let events: Api<Event> = Api::namespaced(h.client.clone(), "default");
-    eventually("a FailedToInitialize Event names the Node", WAIT, || async {
-        Ok(events.list(&ListParams::default()).await?.items.iter().any(|e| {
-            e.reason.as_deref() == Some("FailedToInitialize")
-                && e.note.as_deref().is_some_and(|n| n.contains("node-1"))
-        }))
-    })
+    eventually(
+        "a FailedToInitialize Event names the Node",
+        WAIT,
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("FailedToInitialize")
+                        && e.note.as_deref().is_some_and(|n| n.contains("node-1"))
+                }))
+        },
+    )
     .await
     .unwrap();
     assert!(tainted(&node(&h.client, 1).await.unwrap(), UNINITIALIZED));
@@ -198,7 +220,8 @@ async fn a_node_without_an_instance_keeps_its_taint_until_one_appears() {
 async fn lifecycle_follows_the_instances_of_not_ready_nodes() {
     let h = start("nodes-lifecycle", Duration::from_secs(3600)).await;
     for i in 1..=2 {
-        h.fake.set(&format!("node-{i}"), instance(i, InstanceState::Running));
+        h.fake
+            .set(&format!("node-{i}"), instance(i, InstanceState::Running));
         register(&h.client, i, true).await;
     }
     eventually("both initialized", WAIT, || async {
@@ -210,20 +233,28 @@ async fn lifecycle_follows_the_instances_of_not_ready_nodes() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = h.fake.lookups();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(h.fake.lookups(), before, "lookups at rest (monitor every 500 ms)");
+    assert_eq!(
+        h.fake.lookups(),
+        before,
+        "lookups at rest (monitor every 500 ms)"
+    );
 
     // Stopped: NotReady, its instance shut down.
     h.fake.set("node-1", instance(1, InstanceState::Shutdown));
     set_ready(&h.client, 1, false).await;
     eventually("node-1 is tainted shut down", WAIT, || async {
-        Ok(node(&h.client, 1).await.is_some_and(|n| tainted(&n, SHUTDOWN)))
+        Ok(node(&h.client, 1)
+            .await
+            .is_some_and(|n| tainted(&n, SHUTDOWN)))
     })
     .await
     .unwrap();
     h.fake.set("node-1", instance(1, InstanceState::Running));
     set_ready(&h.client, 1, true).await;
     eventually("the taint goes when it runs again", WAIT, || async {
-        Ok(node(&h.client, 1).await.is_some_and(|n| !tainted(&n, SHUTDOWN)))
+        Ok(node(&h.client, 1)
+            .await
+            .is_some_and(|n| !tainted(&n, SHUTDOWN)))
     })
     .await
     .unwrap();
@@ -245,7 +276,8 @@ async fn lifecycle_follows_the_instances_of_not_ready_nodes() {
 async fn addresses_follow_the_instances() {
     let h = start("nodes-addresses", Duration::from_secs(1)).await;
     for i in 1..=3 {
-        h.fake.set(&format!("node-{i}"), instance(i, InstanceState::Running));
+        h.fake
+            .set(&format!("node-{i}"), instance(i, InstanceState::Running));
         register(&h.client, i, true).await;
     }
     eventually("initialized", WAIT, || async {

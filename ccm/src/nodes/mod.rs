@@ -19,7 +19,7 @@
 pub mod plan;
 mod reported;
 
-pub use reported::ReportedAddresses;
+pub use reported::{PluginNodes, ReportedAddresses};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -43,6 +43,8 @@ use plan::{Lifecycle, UNINITIALIZED_TAINT};
 /// At most this many Nodes per cloud lookup: EC2 takes 200 instance IDs
 /// per filter.
 pub const BATCH: usize = 200;
+/// Nodes written at once after a lookup.
+const WRITERS: usize = 16;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
@@ -86,7 +88,11 @@ pub async fn run(client: Client, provider: Arc<dyn NodeProvider>, settings: Sett
         if nodes.wait_until_ready().await.is_err() {
             return;
         }
-        info!(nodes = nodes.len(), provider = ctx.provider.name(), "Node cache filled");
+        info!(
+            nodes = nodes.len(),
+            provider = ctx.provider.name(),
+            "Node cache filled"
+        );
         let initialize = async {
             if settings.initialize {
                 tokio::join!(
@@ -212,7 +218,12 @@ async fn initialize(ctx: &Context, mut wanted: UnboundedReceiver<String>) {
             .filter_map(|n| ctx.nodes.get(&ObjectRef::new(n)))
             .filter(|n| plan::has_taint(n, UNINITIALIZED_TAINT))
             .collect();
-        for (node, found) in look_up(ctx, &nodes).await {
+        // The Nodes are written a few at a time: the API server, not the
+        // cloud, is what many Nodes wait for here.
+        let outcomes: Vec<(Arc<Node>, Result<(), String>)> = futures::stream::iter(
+            look_up(ctx, &nodes).await,
+        )
+        .map(|(node, found)| async move {
             let result = match found {
                 Ok(Some(instance)) => initialize_node(ctx, &node, &instance)
                     .await
@@ -225,6 +236,12 @@ async fn initialize(ctx: &Context, mut wanted: UnboundedReceiver<String>) {
                 )),
                 Err(e) => Err(e),
             };
+            (node, result)
+        })
+        .buffer_unordered(WRITERS)
+        .collect()
+        .await;
+        for (node, result) in outcomes {
             let name = node.name_any();
             match result {
                 Ok(()) => {
@@ -322,7 +339,11 @@ async fn sync_addresses(ctx: &Context) {
         };
         let patch = json!({"status": {"addresses": addresses_json(&addresses)}});
         if let Err(e) = api
-            .patch_status(&node.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .patch_status(
+                &node.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
             .await
         {
             warn!(node = %node.name_any(), "updating addresses: {e}");

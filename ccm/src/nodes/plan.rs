@@ -248,8 +248,13 @@ mod tests {
         let keys: Vec<&str> = init.taints.iter().map(|t| t.key.as_str()).collect();
         assert_eq!(keys, ["dedicated"]);
 
-        let kept = node(json!({"metadata": {"name": "n"}, "spec": {"providerID": "aws:///us-east-1a/i-1"}}));
-        assert_eq!(initialization(&kept, &instance(InstanceState::Running)).provider_id, None);
+        let kept = node(
+            json!({"metadata": {"name": "n"}, "spec": {"providerID": "aws:///us-east-1a/i-1"}}),
+        );
+        assert_eq!(
+            initialization(&kept, &instance(InstanceState::Running)).provider_id,
+            None
+        );
     }
 
     #[test]
@@ -304,16 +309,23 @@ mod tests {
     #[test]
     fn only_not_ready_or_shut_down_nodes_are_checked() {
         let check = |v| needs_lifecycle_check(&node(v));
-        assert!(!check(json!({"metadata": {"name": "n"}, "status": {"conditions": ready("True")}})));
-        assert!(check(json!({"metadata": {"name": "n"}, "status": {"conditions": ready("False")}})));
+        assert!(!check(
+            json!({"metadata": {"name": "n"}, "status": {"conditions": ready("True")}})
+        ));
+        assert!(check(
+            json!({"metadata": {"name": "n"}, "status": {"conditions": ready("False")}})
+        ));
         assert!(check(json!({
             "metadata": {"name": "n"},
             "spec": {"taints": [{"key": SHUTDOWN_TAINT, "effect": "NoSchedule"}]},
             "status": {"conditions": ready("True")},
         })));
-        assert!(!check(json!({
-            "metadata": {"name": "n"},
-            "spec": {"taints": [{"key": UNINITIALIZED_TAINT, "effect": "NoSchedule"}]},
-        })), "initialization's, not the lifecycle's");
+        assert!(
+            !check(json!({
+                "metadata": {"name": "n"},
+                "spec": {"taints": [{"key": UNINITIALIZED_TAINT, "effect": "NoSchedule"}]},
+            })),
+            "initialization's, not the lifecycle's"
+        );
     }
 }

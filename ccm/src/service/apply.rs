@@ -11,10 +11,10 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::events::Kind;
 use super::{APPLIED_ANNOTATION, Context, Error, FINALIZER, IDS_ANNOTATION, gates, status, sync};
 use crate::annotations::parse_service;
 use crate::conditions::{LOAD_BALANCER_READY, Wanted};
+use crate::events::Kind;
 
 pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error> {
     let applied = applied_spec(svc);

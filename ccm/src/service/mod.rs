@@ -39,8 +39,8 @@ use tracing::{debug, info, warn};
 pub use metrics::ControllerMetrics;
 
 use crate::annotations::opted_in;
-use crate::targets::READINESS_GATES;
 use crate::events::{Events, Kind};
+use crate::targets::READINESS_GATES;
 use sync::Registered;
 
 /// Held while cnlb owns cloud resources for the Service.
@@ -413,7 +413,13 @@ fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
     let note = err.to_string();
     tokio::spawn(async move {
         ctx.events
-            .send(svc.as_ref(), Kind::Warning, "SyncLoadBalancerFailed", "", &note)
+            .send(
+                svc.as_ref(),
+                Kind::Warning,
+                "SyncLoadBalancerFailed",
+                "",
+                &note,
+            )
             .await;
     });
     action

@@ -293,7 +293,11 @@ impl RealNode {
         self.spawn_kubelet()?;
         let nodes: Api<Node> = Api::all(cp.admin_client()?);
         let name = self.config.name.clone();
-        let kubelet = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let kubelet = self
+            .kubelet
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let Some(kubelet) = kubelet else {
             bail!("the kubelet did not start")
         };
@@ -319,7 +323,12 @@ impl RealNode {
     /// goes NotReady once kube-controller-manager misses its heartbeats.
     /// Its containers keep running.
     pub fn stop_kubelet(&self) {
-        if let Some(kubelet) = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(kubelet) = self
+            .kubelet
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
             kubelet.kill();
         }
     }
@@ -351,7 +360,12 @@ impl RealNode {
         for p in &self.procs {
             p.check_running()?;
         }
-        if let Some(kubelet) = self.kubelet.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+        if let Some(kubelet) = self
+            .kubelet
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
             kubelet.check_running()?;
         }
         Ok(())

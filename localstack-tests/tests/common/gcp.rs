@@ -121,18 +121,3 @@ pub async fn ingress_ip(services: &Api<Service>, name: &str) -> Option<String> {
     let svc = services.get(name).await.ok()?;
     svc.status?.load_balancer?.ingress?.into_iter().next()?.ip
 }
-
-/// Sum of a counter family in the controller's /metrics whose lines
-/// contain every one of `filters`.
-pub async fn metric(addr: SocketAddr, name: &str, filters: &[&str]) -> f64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}

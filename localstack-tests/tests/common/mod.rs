@@ -50,6 +50,21 @@ pub async fn clients_for(endpoints: &AwsEndpoints) -> Clients {
     }
 }
 
+/// Sum of a counter family in the controller's /metrics whose lines
+/// contain every one of `filters`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str, filters: &[&str]) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub struct Network {
     pub vpc: String,
     /// Node subnets (primary CIDR), one per AZ: where the NLB lives.

@@ -218,6 +218,9 @@ impl NodeProvider for FakeNodes {
     async fn instances(&self, nodes: &[NodeRef]) -> Result<Vec<Option<Instance>>> {
         let mut state = self.state();
         state.1 += 1;
-        Ok(nodes.iter().map(|n| state.0.get(&n.name).cloned()).collect())
+        Ok(nodes
+            .iter()
+            .map(|n| state.0.get(&n.name).cloned())
+            .collect())
     }
 }
