@@ -33,7 +33,7 @@ demo-deps:
 	localstack-tests/scripts/build-containerd.sh
 	localstack-tests/scripts/build-helm.sh
 
-## images: cnlb's images (cnlb-ccm, vpc-ipam, cnlb-onprem-haproxy) as OCI archives in IMAGES_DIR (default target/images)
+## images: cnlb's images (cnlb-ccm, vpc-ipam, cnlb-onprem-haproxy) as OCI archives in IMAGES_DIR (default $(CNLB_CACHE)/target/images)
 IMAGES_DIR ?= $(CARGO_TARGET_DIR)/images
 images: build
 	$(ENV) images --out $(IMAGES_DIR)

@@ -11,23 +11,20 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
-use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::{Proc, free_port};
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use cnlb_provider_aws::Clients;
 use cnlb_provider_aws::ec2::types::InstanceType;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::events::v1::Event;
+use kube::Api;
 use kube::api::{ListParams, PostParams};
-use kube::{Api, Client};
 use serde_json::json;
 
+use common::nodes::{SHUTDOWN, UNINITIALIZED, addresses, label, tainted};
+
 const WAIT: Duration = Duration::from_secs(120);
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -75,50 +72,13 @@ async fn image(aws: &Clients) -> String {
 /// metrics on a free port.
 fn spawn_ccm(env: &Env, vpc: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
-    cmd.arg(format!(
-        "--kubeconfig={}",
-        env.kube().unwrap().kubeconfig.display()
-    ))
-    .args([
-        "--cluster-name=test",
-        "--provider=aws",
-        "--leader-elect=false",
-    ])
-    .arg(format!("--aws-vpc-id={vpc}"))
-    .arg(format!("--metrics-bind-address={metrics}"))
-    .args(["--node-monitor-period=1s", "--aws-read-rate=20/40"])
-    .args(extra)
-    .envs(env.aws().unwrap().env_vars());
+    let mut cmd = common::ccm::command(env, vpc);
+    cmd.arg("--leader-elect=false")
+        .arg(format!("--metrics-bind-address={metrics}"))
+        .args(["--node-monitor-period=1s", "--aws-read-rate=20/40"])
+        .args(extra)
+        .envs(env.aws().unwrap().env_vars());
     (Proc::spawn("cnlb-ccm", cmd, &env.dir).unwrap(), metrics)
-}
-
-async fn node(client: &Client, name: &str) -> Option<Node> {
-    Api::<Node>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()
-}
-
-fn tainted(node: &Node, key: &str) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(|t| t.key == key))
-}
-
-fn label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata.labels.as_ref()?.get(key).map(String::as_str)
-}
-
-fn addresses(node: &Node) -> Vec<(String, String)> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|a| (a.type_, a.address))
-        .collect()
 }
 
 #[test]
@@ -173,7 +133,7 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
             .unwrap();
 
         // Tainted, nothing schedules: a Deployment's Pods stay Pending.
-        assert!(tainted(&node(&client, "node-1").await.unwrap(), UNINITIALIZED));
+        assert!(tainted(&common::nodes::get(&client, "node-1").await.unwrap(), UNINITIALIZED));
         common::ccm::create_web(&client, 2).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(
@@ -189,7 +149,7 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
             let name = format!("node-{}", i + 1);
             let dns = format!("ip-{}.ec2.internal", ip.replace('.', "-"));
             eventually(&format!("{name} is initialized"), WAIT, || async {
-                let Some(n) = node(&client, &name).await else {
+                let Some(n) = common::nodes::get(&client, &name).await else {
                     return Ok(false);
                 };
                 let a = addresses(&n);
@@ -211,16 +171,8 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
         })
         .await
         .unwrap();
-        let events: Api<Event> = Api::namespaced(client.clone(), "default");
-        eventually("the orphan's Warning Event", WAIT, || async {
-            Ok(events.list(&ListParams::default()).await?.items.iter().any(|e| {
-                e.reason.as_deref() == Some("FailedToInitialize")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("orphan")
-            }))
-        })
-        .await
-        .unwrap();
-        assert!(tainted(&node(&client, "orphan").await.unwrap(), UNINITIALIZED));
+        common::nodes::wait_init_warning(&client, "orphan", WAIT).await;
+        assert!(tainted(&common::nodes::get(&client, "orphan").await.unwrap(), UNINITIALIZED));
 
         // Stopped: the machine stops (its kubelet with it), the Node goes
         // NotReady, and is tainted shut down; started again, the taint goes.
@@ -228,14 +180,14 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
         aws.ec2.stop_instances().instance_ids(&instances[1]).send().await.unwrap();
         node_2.stop_kubelet();
         eventually("node-2 is tainted shut down", WAIT, || async {
-            Ok(node(&client, "node-2").await.is_some_and(|n| tainted(&n, SHUTDOWN)))
+            Ok(common::nodes::get(&client, "node-2").await.is_some_and(|n| tainted(&n, SHUTDOWN)))
         })
         .await
         .unwrap();
         aws.ec2.start_instances().instance_ids(&instances[1]).send().await.unwrap();
         node_2.start_kubelet().unwrap();
         eventually("node-2 runs again, untainted", WAIT, || async {
-            Ok(node(&client, "node-2").await.is_some_and(|n| {
+            Ok(common::nodes::get(&client, "node-2").await.is_some_and(|n| {
                 !tainted(&n, SHUTDOWN) && cnlb_localstack_tests::node::is_ready(&n)
             }))
         })
@@ -246,11 +198,11 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
         aws.ec2.terminate_instances().instance_ids(&instances[1]).send().await.unwrap();
         node_2.stop_kubelet();
         eventually("node-2 is deleted", WAIT, || async {
-            Ok(node(&client, "node-2").await.is_none())
+            Ok(common::nodes::get(&client, "node-2").await.is_none())
         })
         .await
         .unwrap();
-        assert!(node(&client, "node-1").await.is_some());
+        assert!(common::nodes::get(&client, "node-1").await.is_some());
         let calls = common::metric(metrics, "cnlb_cloud_api_calls_total", &["DescribeInstances"]).await;
         println!("DescribeInstances calls in all: {calls}");
     });

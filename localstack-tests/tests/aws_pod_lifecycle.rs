@@ -199,7 +199,12 @@ fn a_crashed_container_is_deregistered_and_registered_again_after_its_restart() 
         let _ccm = ccm::spawn(env, &net.vpc, "cnlb-ccm");
         let client = cluster.client.clone();
         create_service(&client).await;
-        ccm::create_web(&client, 2).await;
+        // The kubelet restarts a first crash at once; the probe's delay
+        // keeps the new container unready for 3 s, long enough to see.
+        let mut web = ccm::web(2, None);
+        web["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["initialDelaySeconds"] =
+            json!(3);
+        ccm::create_deployment(&client, web).await;
         eventually("both Pods are targets", WAIT, || async {
             let pods = ccm::pod_targets(&client).await;
             Ok(pods.len() == 2 && ccm::all_targets(aws).await == pods)

@@ -13,26 +13,10 @@ mod common;
 use std::time::Duration;
 
 use cnlb_localstack_tests::{AgentBackend, Env, NodeConfig, eventually};
-use k8s_openapi::api::core::v1::Node;
-use kube::{Api, Client};
+
+use common::nodes::{SHUTDOWN, UNINITIALIZED, tainted};
 
 const WAIT: Duration = Duration::from_secs(120);
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
-
-async fn node(client: &Client, name: &str) -> Option<Node> {
-    Api::<Node>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()
-}
-
-fn tainted(node: &Node, key: &str) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(|t| t.key == key))
-}
 
 /// `POST .../instances/<name>/<verb>` (stop, start) or `DELETE`, as
 /// `gcloud compute instances` would, on the emulator's Compute API.
@@ -70,7 +54,7 @@ fn gke_style_nodes_are_initialized_and_follow_their_instances() {
         let client = env.kube().unwrap().admin_client().unwrap();
         let gce = env.gce().unwrap();
         assert!(tainted(
-            &node(&client, "node-1").await.unwrap(),
+            &common::nodes::get(&client, "node-1").await.unwrap(),
             UNINITIALIZED
         ));
         common::ccm::create_web(&client, 2).await;
@@ -83,7 +67,7 @@ fn gke_style_nodes_are_initialized_and_follow_their_instances() {
                 n.config.internal_ip.to_string(),
             );
             eventually(&format!("{name} is initialized"), WAIT, || async {
-                let Some(node) = node(&client, name).await else {
+                let Some(node) = common::nodes::get(&client, name).await else {
                     return Ok(false);
                 };
                 let labels = node.metadata.labels.clone().unwrap_or_default();
@@ -129,7 +113,7 @@ fn gke_style_nodes_are_initialized_and_follow_their_instances() {
         instance_call(&env, &zone, "node-2", Some("stop")).await;
         node_2.stop_kubelet();
         eventually("node-2 is tainted shut down", WAIT, || async {
-            Ok(node(&client, "node-2")
+            Ok(common::nodes::get(&client, "node-2")
                 .await
                 .is_some_and(|n| tainted(&n, SHUTDOWN)))
         })
@@ -138,19 +122,21 @@ fn gke_style_nodes_are_initialized_and_follow_their_instances() {
         instance_call(&env, &zone, "node-2", Some("start")).await;
         node_2.start_kubelet().unwrap();
         eventually("node-2 runs again, untainted", WAIT, || async {
-            Ok(node(&client, "node-2").await.is_some_and(|n| {
-                !tainted(&n, SHUTDOWN) && cnlb_localstack_tests::node::is_ready(&n)
-            }))
+            Ok(common::nodes::get(&client, "node-2")
+                .await
+                .is_some_and(|n| {
+                    !tainted(&n, SHUTDOWN) && cnlb_localstack_tests::node::is_ready(&n)
+                }))
         })
         .await
         .unwrap();
         instance_call(&env, &zone, "node-2", None).await;
         node_2.stop_kubelet();
         eventually("node-2 is deleted", WAIT, || async {
-            Ok(node(&client, "node-2").await.is_none())
+            Ok(common::nodes::get(&client, "node-2").await.is_none())
         })
         .await
         .unwrap();
-        assert!(node(&client, "node-1").await.is_some());
+        assert!(common::nodes::get(&client, "node-1").await.is_some());
     });
 }

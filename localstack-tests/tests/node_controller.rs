@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,14 +16,13 @@ use cnlb_localstack_tests::{Env, eventually};
 use cnlb_provider_core::fake::FakeNodes;
 use cnlb_provider_core::{Instance, InstanceMetadata, InstanceState, NodeAddress, NodeAddressKind};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use common::nodes::{SHUTDOWN, UNINITIALIZED, addresses, label, tainted};
+
 const WAIT: Duration = Duration::from_secs(30);
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
-const SHUTDOWN: &str = "node.cloudprovider.kubernetes.io/shutdown";
 
 struct Harness {
     client: Client,
@@ -112,41 +113,16 @@ async fn set_ready(client: &Client, i: usize, ready: bool) {
 }
 
 async fn node(client: &Client, i: usize) -> Option<Node> {
-    Api::<Node>::all(client.clone())
-        .get_opt(&format!("node-{i}"))
-        .await
-        .unwrap()
-}
-
-fn tainted(node: &Node, key: &str) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(|t| t.key == key))
+    common::nodes::get(client, &format!("node-{i}")).await
 }
 
 fn initialized(node: &Node, i: usize) -> bool {
-    let spec = node.spec.clone().unwrap_or_default();
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let addresses = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.clone())
-        .unwrap_or_default();
-    spec.provider_id.as_deref() == Some(&format!("fake:///zone-a/i-{i}"))
-        && labels
-            .get("topology.kubernetes.io/zone")
-            .map(String::as_str)
-            == Some("zone-a")
-        && labels
-            .get("topology.kubernetes.io/region")
-            .map(String::as_str)
-            == Some("region")
-        && labels
-            .get("node.kubernetes.io/instance-type")
-            .map(String::as_str)
-            == Some("large")
-        && addresses.iter().any(|a| a.type_ == "InternalIP")
+    let provider_id = node.spec.as_ref().and_then(|s| s.provider_id.as_deref());
+    provider_id == Some(&format!("fake:///zone-a/i-{i}"))
+        && label(node, "topology.kubernetes.io/zone") == Some("zone-a")
+        && label(node, "topology.kubernetes.io/region") == Some("region")
+        && label(node, "node.kubernetes.io/instance-type") == Some("large")
+        && addresses(node).iter().any(|(t, _)| t == "InternalIP")
         && !tainted(node, UNINITIALIZED)
 }
 
@@ -185,24 +161,7 @@ async fn nodes_registering_together_are_initialized_together() {
 async fn a_node_without_an_instance_keeps_its_taint_until_one_appears() {
     let h = start("nodes-missing", Duration::from_secs(3600)).await;
     register(&h.client, 1, true).await;
-    let events: Api<Event> = Api::namespaced(h.client.clone(), "default");
-    eventually(
-        "a FailedToInitialize Event names the Node",
-        WAIT,
-        || async {
-            Ok(events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("FailedToInitialize")
-                        && e.note.as_deref().is_some_and(|n| n.contains("node-1"))
-                }))
-        },
-    )
-    .await
-    .unwrap();
+    common::nodes::wait_init_warning(&h.client, "node-1", WAIT).await;
     assert!(tainted(&node(&h.client, 1).await.unwrap(), UNINITIALIZED));
 
     h.fake.set("node-1", instance(1, InstanceState::Running));

@@ -7,33 +7,27 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use cnlb_localstack_tests::onprem::LbHost;
-use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::Proc;
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use cnlb_provider_onprem::PluginEndpoint;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::ListParams;
-use kube::{Api, Client};
+use kube::Client;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
-const UNINITIALIZED: &str = "node.cloudprovider.kubernetes.io/uninitialized";
 
 async fn node(client: &Client, name: &str) -> Node {
-    Api::<Node>::all(client.clone()).get(name).await.unwrap()
+    common::nodes::get(client, name).await.unwrap()
 }
 
 fn tainted(node: &Node) -> bool {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|ts| ts.iter().any(|t| t.key == UNINITIALIZED))
+    common::nodes::tainted(node, common::nodes::UNINITIALIZED)
 }
 
 /// Two real Nodes with an external cloud provider, the HAProxy plugin
@@ -63,21 +57,13 @@ async fn start(name: &str, plugin_args: &[&str]) -> (Env, LbHost, Proc) {
     )
     .unwrap();
     lb.start_plugin().await.unwrap();
-    let mut cmd = Command::new(workspace_bin("cnlb-ccm").unwrap());
-    cmd.arg(format!(
-        "--kubeconfig={}",
-        env.kube().unwrap().kubeconfig.display()
-    ))
-    .args([
-        "--cluster-name=test",
-        "--provider=onprem",
-        "--leader-elect=false",
-    ])
-    .args([
-        "--metrics-bind-address=0",
-        "--load-balancer-class=cnlb.dev/onprem",
-    ])
-    .arg(format!("--onprem-plugin=unix://{}", socket.display()));
+    let mut cmd = common::ccm::provider_command(&env, "onprem");
+    cmd.arg("--leader-elect=false")
+        .args([
+            "--metrics-bind-address=0",
+            "--load-balancer-class=cnlb.dev/onprem",
+        ])
+        .arg(format!("--onprem-plugin=unix://{}", socket.display()));
     let ccm = Proc::spawn("cnlb-ccm", cmd, &env.dir).unwrap();
     (env, lb, ccm)
 }
@@ -126,24 +112,7 @@ async fn nodes_are_initialized_from_the_plugins_inventory() {
     })
     .await
     .unwrap();
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
-    eventually(
-        "node-2, not in the inventory, gets a Warning",
-        WAIT,
-        || async {
-            Ok(events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("FailedToInitialize")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("node-2")
-                }))
-        },
-    )
-    .await
-    .unwrap();
+    common::nodes::wait_init_warning(&client, "node-2", WAIT).await;
     assert!(tainted(&node(&client, "node-2").await));
 }
 

@@ -49,7 +49,8 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// `node-<i>` in zone `us-east-1<a|b|c>` with pod CIDR `100.64.<i>.0/24`.
+    /// `node-<i>` in zone `us-east-1<a|b|c>`; a real Node's address and
+    /// pod range are set by the environment.
     pub fn numbered(i: u8) -> NodeConfig {
         let zone = ["a", "b", "c"][usize::from(i) % 3];
         NodeConfig {

@@ -9,6 +9,7 @@
 
 pub mod ccm;
 pub mod gcp;
+pub mod nodes;
 
 use std::collections::BTreeSet;
 
