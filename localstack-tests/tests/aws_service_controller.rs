@@ -34,18 +34,6 @@ async fn create(client: &Client, svc: Service) {
         .unwrap();
 }
 
-async fn condition(client: &Client, name: &str, type_: &str) -> Option<(String, String, String)> {
-    let svc = Api::<Service>::namespaced(client.clone(), "default")
-        .get(name)
-        .await
-        .ok()?;
-    svc.status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status, c.reason, c.message))
-}
-
 /// A bad annotation on a working Service: the NLB stays, and its targets
 /// keep following the Pods through a scale up and a scale down.
 #[test]
@@ -81,7 +69,7 @@ fn targets_keep_following_the_pods_while_an_annotation_is_invalid() {
             .await
             .unwrap();
         eventually("the condition names the bad key", WAIT, || async {
-            Ok(condition(&client, "web", "cnlb.dev/LoadBalancerReady")
+            Ok(ccm::condition(&client, "web", "cnlb.dev/LoadBalancerReady")
                 .await
                 .is_some_and(|(s, _, m)| s == "False" && m.contains("scheme")))
         })
@@ -269,20 +257,20 @@ fn status_is_applied_beside_other_writers_and_says_traffic_flows() {
             .await
             .unwrap();
         eventually("TargetsHealthy says 2/2", WAIT, || async {
-            Ok(condition(&client, "web", "cnlb.dev/TargetsHealthy")
+            Ok(ccm::condition(&client, "web", "cnlb.dev/TargetsHealthy")
                 .await
                 .is_some_and(|(s, _, m)| s == "True" && m == "2/2 healthy on 80/TCP"))
         })
         .await
         .unwrap();
         assert!(
-            condition(&client, "web", "example.com/Audited")
+            ccm::condition(&client, "web", "example.com/Audited")
                 .await
                 .is_some(),
             "another writer's condition is kept"
         );
         assert!(
-            condition(&client, "web", "cnlb.dev/LoadBalancerReady")
+            ccm::condition(&client, "web", "cnlb.dev/LoadBalancerReady")
                 .await
                 .is_some_and(|(s, _, _)| s == "True")
         );

@@ -137,7 +137,15 @@ fn load_balancer_service_becomes_a_proxy_nlb_with_zonal_negs_of_pod_ips() {
         .await;
         assert!(throttles >= 3.0, "{throttles} throttled attach calls");
 
-        // At rest, no call at all.
+        // Health is polled until GCE's probes decide on every endpoint; from
+        // then on, at rest, no call at all.
+        eventually("TargetsHealthy says 4/4", WAIT, || async {
+            Ok(ccm::condition(client, "web", "cnlb.dev/TargetsHealthy")
+                .await
+                .is_some_and(|(s, _, m)| s == "True" && m.starts_with("4/4")))
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         gce.reset_calls().await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -291,6 +291,20 @@ pub fn pod_condition(pod: &Pod, kind: &str) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == kind && c.status == "True"))
 }
 
+/// Service `name`'s condition `type_` in namespace default:
+/// (status, reason, message).
+pub async fn condition(client: &Client, name: &str, type_: &str) -> Option<(String, String, String)> {
+    let svc = Api::<Service>::namespaced(client.clone(), "default")
+        .get(name)
+        .await
+        .ok()?;
+    svc.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason, c.message))
+}
+
 /// Every Pod of app=web, deleting ones included.
 pub async fn web_pods(client: &Client) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), "default");
