@@ -293,7 +293,11 @@ pub fn pod_condition(pod: &Pod, kind: &str) -> bool {
 
 /// Service `name`'s condition `type_` in namespace default:
 /// (status, reason, message).
-pub async fn condition(client: &Client, name: &str, type_: &str) -> Option<(String, String, String)> {
+pub async fn condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
     let svc = Api::<Service>::namespaced(client.clone(), "default")
         .get(name)
         .await
