@@ -100,6 +100,20 @@ pub struct Args {
     #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
     pub aws_write_rate: RateLimit,
 
+    /// Attach one shared backend security group to every NLB and open the
+    /// target ports (and health-check ports) from it on the security groups
+    /// of the targets' ENIs, as aws-load-balancer-controller does; false if
+    /// you manage those rules yourself (--provider=aws).
+    #[arg(
+        long,
+        action = ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub aws_backend_security_group: bool,
+
     /// GCP project of the cluster (--provider=gcp).
     #[arg(long, env = "GOOGLE_CLOUD_PROJECT", required_if_eq("provider", "gcp"))]
     pub gcp_project: Option<String>,

@@ -2,7 +2,9 @@
 //! this cluster that no longer exists (force-deleted with its finalizer
 //! removed, or deleted while another controller held it) are deleted. The
 //! finalizer makes this rare; this makes it certain. Runs at start and then
-//! every [`PERIOD`], only on the leader.
+//! every [`PERIOD`], only on the leader. At start and shortly after load
+//! balancers were deleted, the provider also prunes what load balancers
+//! share (AWS: backend security-group rules no NLB needs any more).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,23 +14,49 @@ use cnlb_provider_core::LoadBalancerProvider;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub const PERIOD: Duration = Duration::from_secs(600);
+/// After a deletion, wait this long for more: a burst of deletions costs
+/// one prune.
+const SETTLE: Duration = Duration::from_secs(5);
 
-/// Runs until aborted.
-pub async fn run(client: Client, provider: Arc<dyn LoadBalancerProvider>, cluster: String) {
+/// Runs until aborted; `deletions` is told after each load balancer
+/// deletion.
+pub async fn run(
+    client: Client,
+    provider: Arc<dyn LoadBalancerProvider>,
+    cluster: String,
+    deletions: Arc<Notify>,
+) {
     let mut ticks = tokio::time::interval(PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = true;
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = deletions.notified() => {
+                prune = true;
+                tokio::time::sleep(SETTLE).await;
+            }
+        }
         match collect(&client, provider.as_ref(), &cluster).await {
             Ok(0) => {}
-            Ok(deleted) => info!(
-                deleted,
-                "garbage collection deleted orphaned load balancers"
-            ),
+            Ok(deleted) => {
+                prune = true;
+                info!(
+                    deleted,
+                    "garbage collection deleted orphaned load balancers"
+                );
+            }
             Err(e) => warn!("garbage collection: {e}"),
+        }
+        if prune {
+            match provider.prune_shared(&cluster).await {
+                Ok(()) => prune = false,
+                Err(e) => warn!("pruning what load balancers share (next collection retries): {e}"),
+            }
         }
     }
 }

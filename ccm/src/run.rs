@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use kube::{Client, Config};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -125,11 +125,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
     }
     let enabled = args.controllers;
+    let deletions = Arc::new(Notify::new());
     let collector = enabled.service.then(|| {
         tokio::spawn(gc::run(
             client.clone(),
             providers.load_balancers.clone(),
             args.cluster_name.clone(),
+            deletions.clone(),
         ))
     });
     let services = enabled.service.then(|| {
@@ -138,6 +140,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             providers.load_balancers.clone(),
             settings,
             controller_metrics,
+            deletions,
         ))
     });
     let node_settings = nodes::Settings {
@@ -273,6 +276,7 @@ async fn build_provider(args: &Args, metrics: &Metrics) -> Result<Providers, Err
                 targets: args.aws_targets_rate,
                 write: args.aws_write_rate,
             };
+            config.backend_security_group = args.aws_backend_security_group;
             let provider = AwsProvider::new(clients, config, &mut metrics.registry());
             Ok(Providers {
                 nodes: Arc::new(provider.nodes()),

@@ -1,7 +1,8 @@
 //! `cnlb-ccm --provider=aws` end to end, against the real control plane and
 //! moto: a LoadBalancer Service becomes an NLB whose targets are the Pod IPs
 //! and follow scaling; a bad annotation is reported on the Service and
-//! builds nothing; deleting the Service deletes the NLB.
+//! builds nothing; deleting the Service deletes the NLB, and then garbage
+//! collection the cluster's backend security group.
 
 #![allow(clippy::unwrap_used)]
 
@@ -69,6 +70,9 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
         );
         let lbs = aws.elbv2.describe_load_balancers().send().await.unwrap();
         assert_eq!(lbs.load_balancers().len(), 1);
+        // Its frontend group and the cluster's backend group.
+        assert_eq!(lbs.load_balancers()[0].security_groups().len(), 2);
+        assert_eq!(ccm::cluster_security_groups(aws).await, 2);
         let host = ccm::hostname(&services, "web").await;
         assert_eq!(host.as_deref(), lbs.load_balancers()[0].dns_name());
 
@@ -127,6 +131,12 @@ fn load_balancer_service_becomes_an_nlb_targeting_pod_ips() {
             .unwrap();
         eventually("the NLB and the Service are gone", WAIT, || async {
             Ok(ccm::counts(aws).await == (0, 0) && services.get_opt("web").await?.is_none())
+        })
+        .await
+        .unwrap();
+        // With no NLB left, garbage collection deletes the backend group.
+        eventually("no security group of the cluster is left", WAIT, || async {
+            Ok(ccm::cluster_security_groups(aws).await == 0)
         })
         .await
         .unwrap();

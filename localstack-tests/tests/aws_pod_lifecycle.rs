@@ -70,10 +70,12 @@ fn the_gate_opens_after_the_readiness_probe_passes() {
         loop {
             let t = created.elapsed();
             assert!(t < WAIT, "not every Pod became Ready: {seen:#?}");
-            // Pods before targets: a gate seen open means its target was
-            // registered before this read of the targets.
-            let pods = ccm::web_pods(&client).await;
+            // Targets, Pods, targets: a target seen before the Pods were
+            // read was registered before what that read shows (containers
+            // ready); a gate seen open must have its target in the read after.
             let registered = ccm::all_targets(aws).await;
+            let pods = ccm::web_pods(&client).await;
+            let registered_after = ccm::all_targets(aws).await;
             for pod in pods {
                 let s = seen.entry(pod.name_any()).or_default();
                 let ip = pod_ip(&pod);
@@ -83,11 +85,17 @@ fn the_gate_opens_after_the_readiness_probe_passes() {
                 if ccm::pod_condition(&pod, "ContainersReady") {
                     s.containers_ready.get_or_insert(t);
                 }
-                if ip.is_some_and(|ip| registered.contains(&format!("{ip}:8080"))) {
+                let target = format!("{}:8080", ip.as_deref().unwrap_or_default());
+                if ip.is_some() && registered.contains(&target) {
                     s.registered.get_or_insert(t);
                 }
                 if ccm::pod_condition(&pod, GATE) {
                     s.gate.get_or_insert(t);
+                    assert!(
+                        registered_after.contains(&target),
+                        "{}: gate open before registration: {s:?}",
+                        pod.name_any()
+                    );
                 }
                 if ccm::pod_condition(&pod, "Ready") {
                     s.ready.get_or_insert(t);
@@ -118,12 +126,6 @@ fn the_gate_opens_after_the_readiness_probe_passes() {
             assert!(
                 registered >= containers,
                 "{name}: registered before its containers were ready: {s:?}"
-            );
-            // (Pods are read before targets: a gate seen open means its
-            // target was registered before that read of the targets.)
-            assert!(
-                gate >= registered,
-                "{name}: gate before registration: {s:?}"
             );
             assert!(ready >= gate, "{name}: Ready before its gate: {s:?}");
             to_ready.push(ready);

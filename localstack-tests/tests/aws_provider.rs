@@ -1,7 +1,8 @@
 //! The AWS provider against moto (or the user's LocalStack Pro): an NLB with
 //! TargetType=ip target groups is created once and adopted after a "crash"
 //! (lost IDs), targets follow deltas, a port change replaces the target
-//! group, garbage collection finds it, and delete leaves nothing behind.
+//! group, garbage collection finds it, and delete leaves nothing behind;
+//! the cluster's backend security group lets the NLBs reach their targets.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,9 +15,13 @@ use cnlb_provider_aws::elbv2::types::ProtocolEnum;
 use cnlb_provider_aws::plan::LOAD_BALANCER_ID;
 use cnlb_provider_aws::{AwsConfig, AwsProvider, Clients};
 use cnlb_provider_core::{
-    Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, Protocol, ProviderError,
-    ResourceIds, Target, TargetDelta,
+    HealthCheckPort, Listener, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, Protocol,
+    ProviderError, ResourceIds, Target, TargetDelta,
 };
+
+/// The AWS endpoints are process environment (`common::use_endpoints`): one
+/// test at a time.
+static ENDPOINTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn spec(target_port: u16) -> LoadBalancerSpec {
     let mut spec = LoadBalancerSpec::new(LoadBalancerKey::new("test", "default", "web", "uid-1"));
@@ -95,6 +100,9 @@ fn nlb_lifecycle_with_ip_targets() {
         .enable_all()
         .build()
         .unwrap();
+    let _endpoints = ENDPOINTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     rt.block_on(async {
         let env = Env::builder("aws-provider").moto().start().await.unwrap();
         common::use_endpoints(&env.aws().unwrap());
@@ -155,7 +163,7 @@ fn nlb_lifecycle_with_ip_targets() {
         let sg = ids["security-group"].clone();
         let from_ranges = BTreeSet::from([("tcp".to_string(), 80, "10.1.0.0/16".to_string())]);
         assert_eq!(sg_rules(&clients, &sg).await, from_ranges);
-        assert_eq!(lb.security_groups(), std::slice::from_ref(&sg));
+        assert!(lb.security_groups().contains(&sg));
 
         // Again, with the IDs and without them (a crash before they were
         // persisted): the same resources, no duplicates.
@@ -282,5 +290,249 @@ fn nlb_lifecycle_with_ip_targets() {
             .await
             .unwrap_err();
         assert!(matches!(err, ProviderError::Conflict { .. }), "{err}");
+    });
+}
+
+/// Rules (protocol, port) on security group `id` from group `from`.
+async fn rules_from(clients: &Clients, id: &str, from: &str) -> BTreeSet<(String, i32)> {
+    let out = clients
+        .ec2
+        .describe_security_groups()
+        .group_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let mut rules = BTreeSet::new();
+    for p in out.security_groups()[0].ip_permissions() {
+        if p.user_id_group_pairs()
+            .iter()
+            .any(|g| g.group_id() == Some(from))
+        {
+            rules.insert((p.ip_protocol().unwrap().to_string(), p.from_port().unwrap()));
+        }
+    }
+    rules
+}
+
+/// The security groups attached to load balancer `arn`.
+async fn nlb_groups(clients: &Clients, arn: &str) -> Vec<String> {
+    let out = clients
+        .elbv2
+        .describe_load_balancers()
+        .load_balancer_arns(arn)
+        .send()
+        .await
+        .unwrap();
+    out.load_balancers()[0].security_groups().to_vec()
+}
+
+/// IDs of the security groups named `name`.
+async fn group_ids_named(clients: &Clients, name: &str) -> Vec<String> {
+    let filter = cnlb_provider_aws::ec2::types::Filter::builder()
+        .name("group-name")
+        .values(name)
+        .build();
+    let out = clients
+        .ec2
+        .describe_security_groups()
+        .filters(filter)
+        .send()
+        .await
+        .unwrap();
+    out.security_groups()
+        .iter()
+        .filter_map(|g| g.group_id().map(str::to_string))
+        .collect()
+}
+
+/// A Pod ENI as vpc-ipam makes it (tagged for cluster `test`) in security
+/// group `sg`, with `n` secondary addresses; returns them.
+async fn pod_eni(clients: &Clients, subnet: &str, sg: &str, n: i32) -> Vec<String> {
+    use cnlb_provider_aws::ec2::types::{ResourceType, Tag, TagSpecification};
+    let eni = clients
+        .ec2
+        .create_network_interface()
+        .subnet_id(subnet)
+        .groups(sg)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::NetworkInterface)
+                .tags(Tag::builder().key("cnlb.dev/cluster").value("test").build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = eni.network_interface.unwrap().network_interface_id.unwrap();
+    let out = clients
+        .ec2
+        .assign_private_ip_addresses()
+        .network_interface_id(&id)
+        .secondary_private_ip_address_count(n)
+        .send()
+        .await
+        .unwrap();
+    out.assigned_private_ip_addresses()
+        .iter()
+        .filter_map(|a| a.private_ip_address().map(str::to_string))
+        .collect()
+}
+
+/// The cluster's backend security group is attached to every NLB and lets
+/// it reach the security groups of the ENIs that hold targets, on the
+/// target ports and fixed health-check ports; a rule goes once no NLB needs
+/// its port, the group once no NLB is left; the flag turns it all off.
+/// (moto has no /28 prefixes on ENIs: the prefix match is unit-tested.)
+#[test]
+fn backend_security_group_lets_the_nlbs_reach_their_targets() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _endpoints = ENDPOINTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    rt.block_on(async {
+        let env = Env::builder("aws-backend-sg").moto().start().await.unwrap();
+        common::use_endpoints(&env.aws().unwrap());
+        let clients = Clients::from_env().await;
+        let net = common::ec2_network(&clients).await;
+        let pods_sg = clients
+            .ec2
+            .create_security_group()
+            .group_name("pods")
+            .description("Pod ENIs")
+            .vpc_id(&net.vpc)
+            .send()
+            .await
+            .unwrap()
+            .group_id
+            .unwrap();
+        let pod_ips = pod_eni(&clients, &net.pod_subnets[0].0, &pods_sg, 3).await;
+        let p = AwsProvider::new(
+            clients.clone(),
+            AwsConfig::new(net.vpc.clone()),
+            &mut Default::default(),
+        );
+
+        // web: 80 -> 8080, health checks on the traffic port.
+        let web = spec(8080);
+        let web_ids = p
+            .ensure_load_balancer(&web, &ResourceIds::new())
+            .await
+            .unwrap()
+            .ids;
+        let backend = group_ids_named(&clients, "cnlb-test-backend").await;
+        assert_eq!(backend.len(), 1, "one backend group");
+        let backend = backend[0].clone();
+        let groups = nlb_groups(&clients, &web_ids[LOAD_BALANCER_ID]).await;
+        assert_eq!(
+            groups.iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([&web_ids["security-group"], &backend])
+        );
+        let register = |ips: &[String], port| TargetDelta {
+            register: targets(ips, port),
+            deregister: vec![],
+        };
+        p.sync_targets(
+            &web.key,
+            &web.listeners[0],
+            &register(&pod_ips[..2], 8080),
+            &web_ids,
+        )
+        .await
+        .unwrap();
+        let tcp = |port| ("tcp".to_string(), port);
+        assert_eq!(
+            rules_from(&clients, &pods_sg, &backend).await,
+            BTreeSet::from([tcp(8080)])
+        );
+
+        // admin: 81 -> 9090 with health checks on 10254, same Pods' ENI.
+        let mut admin = spec(9090);
+        admin.key = LoadBalancerKey::new("test", "default", "admin", "uid-2");
+        admin.listeners[0].port = 81;
+        admin.health_check.port = HealthCheckPort::Port(10254);
+        let admin_ids = p
+            .ensure_load_balancer(&admin, &ResourceIds::new())
+            .await
+            .unwrap()
+            .ids;
+        assert!(
+            nlb_groups(&clients, &admin_ids[LOAD_BALANCER_ID])
+                .await
+                .contains(&backend)
+        );
+        p.sync_targets(
+            &admin.key,
+            &admin.listeners[0],
+            &register(&pod_ips, 9090),
+            &admin_ids,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            rules_from(&clients, &pods_sg, &backend).await,
+            BTreeSet::from([tcp(8080), tcp(9090), tcp(10254)])
+        );
+        // Pruning with both load balancers there changes nothing.
+        p.prune_shared("test").await.unwrap();
+        assert_eq!(rules_from(&clients, &pods_sg, &backend).await.len(), 3);
+
+        // admin goes: its ports go, web's stays.
+        p.delete_load_balancer(&admin.key, &admin_ids)
+            .await
+            .unwrap();
+        p.prune_shared("test").await.unwrap();
+        assert_eq!(
+            rules_from(&clients, &pods_sg, &backend).await,
+            BTreeSet::from([tcp(8080)])
+        );
+
+        // web goes too: no rule, no backend group.
+        p.delete_load_balancer(&web.key, &web_ids).await.unwrap();
+        p.prune_shared("test").await.unwrap();
+        assert!(rules_from(&clients, &pods_sg, &backend).await.is_empty());
+        assert!(
+            group_ids_named(&clients, "cnlb-test-backend")
+                .await
+                .is_empty()
+        );
+
+        // Turned off: the NLB has its frontend group only and no rule is
+        // made. Turned on again, the existing NLB gets the backend group.
+        let mut config = AwsConfig::new(net.vpc.clone());
+        config.backend_security_group = false;
+        let off = AwsProvider::new(clients.clone(), config, &mut Default::default());
+        let ids = off
+            .ensure_load_balancer(&web, &ResourceIds::new())
+            .await
+            .unwrap()
+            .ids;
+        assert_eq!(
+            nlb_groups(&clients, &ids[LOAD_BALANCER_ID]).await,
+            [ids["security-group"].clone()]
+        );
+        off.sync_targets(&web.key, &web.listeners[0], &register(&pod_ips, 8080), &ids)
+            .await
+            .unwrap();
+        assert!(
+            group_ids_named(&clients, "cnlb-test-backend")
+                .await
+                .is_empty()
+        );
+        let on = AwsProvider::new(
+            clients.clone(),
+            AwsConfig::new(net.vpc.clone()),
+            &mut Default::default(),
+        );
+        on.ensure_load_balancer(&web, &ids).await.unwrap();
+        let backend = group_ids_named(&clients, "cnlb-test-backend").await;
+        assert_eq!(backend.len(), 1);
+        assert!(
+            nlb_groups(&clients, &ids[LOAD_BALANCER_ID])
+                .await
+                .contains(&backend[0])
+        );
     });
 }

@@ -410,6 +410,40 @@ fn assert_policy_allows_exactly(file: &str, policy: &Value, called: BTreeSet<Str
     );
 }
 
+/// Every change the controller may make needs `cnlb.dev/cluster` on the
+/// resource (or in the create request), except the backend rules: they go
+/// on the security groups of the targets' ENIs, which are not cnlb's (as in
+/// aws-load-balancer-controller's policy).
+#[test]
+fn iam_policy_conditions_every_change_on_the_ownership_tag() {
+    for s in policy()["Statement"].as_array().unwrap() {
+        let actions = statement_actions(s);
+        if actions.iter().all(|a| a.contains(":Describe")) {
+            continue;
+        }
+        let tagged = [
+            format!("aws:RequestTag/{OWNERSHIP_TAG}"),
+            format!("aws:ResourceTag/{OWNERSHIP_TAG}"),
+        ]
+        .iter()
+        .any(|k| s["Condition"]["Null"].get(k) == Some(&json!("false")));
+        if !tagged {
+            assert_eq!(
+                s["Sid"], "SecurityGroupRules",
+                "{actions:?} need no ownership tag"
+            );
+            assert_eq!(s["Resource"], "arn:aws:ec2:*:*:security-group/*");
+            assert_eq!(
+                actions,
+                [
+                    "ec2:AuthorizeSecurityGroupIngress",
+                    "ec2:RevokeSecurityGroupIngress"
+                ]
+            );
+        }
+    }
+}
+
 /// vpc-ipam's EC2 calls, in the provider crate; the rest is the ccm's.
 const VPC_IPAM_EC2: &str = "providers/aws/src/ipam.rs";
 

@@ -43,9 +43,10 @@ impl Drop for Harness {
 }
 
 async fn start(name: &str) -> Harness {
-    // The controller's warnings, in the test's output when it fails.
+    // The controller's warnings, in the test's output when it fails
+    // (TEST_LOG="info,cnlb_ccm=debug,kube_runtime=debug" for more).
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,kube_client=off")
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or("warn,kube_client=off".into()))
         .with_test_writer()
         .try_init();
     let env = Env::builder(name).kube().start().await.unwrap();
@@ -65,6 +66,7 @@ async fn start(name: &str) -> Harness {
         fake.clone(),
         settings,
         metrics,
+        Arc::default(),
     ));
     Harness {
         client,

@@ -17,8 +17,9 @@ use crate::conditions::{LOAD_BALANCER_READY, Wanted};
 use crate::events::Kind;
 
 pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error> {
-    let applied = applied_spec(svc);
-    let ids = resource_ids(svc);
+    let written = ctx.written(svc);
+    let applied = written.spec.or_else(|| applied_spec(svc));
+    let ids = written.ids.unwrap_or_else(|| resource_ids(svc));
     let spec = match parse_service(svc, &ctx.settings.cluster) {
         Ok(spec) => {
             ctx.events.forget(svc, "InvalidAnnotation");
@@ -56,11 +57,8 @@ pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error>
             };
         }
     };
-    let has_ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
+    let has_ingress = status::ingress(ctx, svc)
+        .as_array()
         .is_some_and(|i| !i.is_empty());
     let ready = Wanted::new(
         LOAD_BALANCER_READY,
@@ -128,10 +126,11 @@ pub(super) async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
             "Deleting load balancer",
         )
         .await;
-    ctx.provider
-        .delete_load_balancer(&key, &resource_ids(svc))
-        .await?;
+    let ids = ctx.written(svc).ids.unwrap_or_else(|| resource_ids(svc));
+    ctx.provider.delete_load_balancer(&key, &ids).await?;
+    ctx.deletions.notify_one();
     ctx.forget_registered(&key.uid);
+    ctx.forget_written(svc);
     ctx.events
         .send(
             svc,
@@ -169,6 +168,7 @@ pub(super) async fn release(svc: &Service, ctx: &Context) -> Result<(), Error> {
         &Patch::Merge(patch),
     )
     .await?;
+    ctx.forget_written(svc);
     Ok(())
 }
 
@@ -198,6 +198,10 @@ async fn persist(
         &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
     )
     .await?;
+    ctx.wrote(svc, |w| {
+        w.spec = Some(spec.clone());
+        w.ids = Some(status.ids.clone());
+    });
     Ok(())
 }
 

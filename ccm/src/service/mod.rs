@@ -34,6 +34,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 pub use metrics::ControllerMetrics;
@@ -83,6 +84,22 @@ pub(crate) struct Context {
     health_polls: Mutex<HashMap<String, u32>>,
     /// Services a change triggered whose reconcile has not started.
     queued: Mutex<HashSet<ObjectRef<Service>>>,
+    /// Told after each load balancer deletion (garbage collection then
+    /// prunes what load balancers share).
+    deletions: Arc<Notify>,
+    /// What this process last wrote on each Service (by UID). The store
+    /// lags behind our own writes: a reconcile from a stale copy must
+    /// neither ensure again nor drop a condition.
+    written: Mutex<HashMap<String, Written>>,
+}
+
+/// cnlb's own annotations and status, as last written.
+#[derive(Clone, Default)]
+pub(crate) struct Written {
+    pub spec: Option<cnlb_provider_core::LoadBalancerSpec>,
+    pub ids: Option<cnlb_provider_core::ResourceIds>,
+    pub ingress: Option<serde_json::Value>,
+    pub conditions: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,6 +119,23 @@ impl Context {
     fn forget_registered(&self, uid: &str) {
         lock(&self.registered).remove(uid);
         lock(&self.health_polls).remove(uid);
+    }
+
+    fn written(&self, svc: &Service) -> Written {
+        let uid = svc.uid().unwrap_or_default();
+        lock(&self.written).get(&uid).cloned().unwrap_or_default()
+    }
+
+    fn wrote(&self, svc: &Service, update: impl FnOnce(&mut Written)) {
+        update(
+            lock(&self.written)
+                .entry(svc.uid().unwrap_or_default())
+                .or_default(),
+        );
+    }
+
+    fn forget_written(&self, svc: &Service) {
+        lock(&self.written).remove(&svc.uid().unwrap_or_default());
     }
 
     fn health_pending(&self, uid: &str) -> bool {
@@ -237,6 +271,7 @@ pub async fn run(
     provider: Arc<dyn LoadBalancerProvider>,
     settings: Settings,
     metrics: ControllerMetrics,
+    deletions: Arc<Notify>,
 ) {
     let (services, services_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
@@ -253,6 +288,8 @@ pub async fn run(
         registered: Mutex::default(),
         health_polls: Mutex::default(),
         queued: Mutex::default(),
+        deletions,
+        written: Mutex::default(),
     });
     info!("watching Services, EndpointSlices and Pods");
 

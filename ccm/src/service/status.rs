@@ -16,21 +16,28 @@ use crate::conditions::{LOAD_BALANCER_READY, TARGETS_HEALTHY, Wanted, is_current
 /// The conditions cnlb writes.
 const OWNED: [&str; 2] = [LOAD_BALANCER_READY, TARGETS_HEALTHY];
 
-fn conditions(svc: &Service) -> Vec<Condition> {
-    svc.status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default()
+/// The conditions: as cnlb last wrote them, else as the object says.
+fn conditions(ctx: &Context, svc: &Service) -> Vec<Condition> {
+    ctx.written(svc).conditions.unwrap_or_else(|| {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default()
+    })
 }
 
-fn current_ingress(svc: &Service) -> Value {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.clone())
-        .unwrap_or_default();
-    serde_json::to_value(ingress).unwrap_or(Value::Array(Vec::new()))
+/// `status.loadBalancer.ingress`: as cnlb last wrote it, else as the
+/// object says.
+pub(super) fn ingress(ctx: &Context, svc: &Service) -> Value {
+    ctx.written(svc).ingress.unwrap_or_else(|| {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.clone())
+            .unwrap_or_default();
+        serde_json::to_value(ingress).unwrap_or(Value::Array(Vec::new()))
+    })
 }
 
 fn ingress_json(ingress: &[LoadBalancerIngress]) -> Value {
@@ -61,11 +68,12 @@ pub(super) async fn write(
     ingress: Option<&[LoadBalancerIngress]>,
     wanted: &[Wanted],
 ) -> Result<(), Error> {
-    let current = conditions(svc);
+    let current = conditions(ctx, svc);
+    let current_ingress = self::ingress(ctx, svc);
     let ingress = ingress
         .map(ingress_json)
-        .unwrap_or_else(|| current_ingress(svc));
-    if ingress == current_ingress(svc) && wanted.iter().all(|w| is_current(&current, w)) {
+        .unwrap_or_else(|| current_ingress.clone());
+    if ingress == current_ingress && wanted.iter().all(|w| is_current(&current, w)) {
         return Ok(());
     }
     let now = Time(Timestamp::now());
@@ -81,7 +89,14 @@ pub(super) async fn write(
         svc,
         json!({"loadBalancer": {"ingress": ingress}, "conditions": ours}),
     )
-    .await
+    .await?;
+    // Other writers' conditions are theirs: only ours are remembered, and
+    // compared (is_current looks each of ours up by type).
+    ctx.wrote(svc, |w| {
+        w.ingress = Some(ingress);
+        w.conditions = Some(ours);
+    });
+    Ok(())
 }
 
 /// Removes everything cnlb wrote in the status (for a Service it no longer

@@ -367,11 +367,21 @@ pub async fn counts(aws: &Clients) -> (usize, usize) {
     (lbs.load_balancers().len(), tgs.target_groups().len())
 }
 
-/// Security groups tagged for cluster `test` (the controller's own).
+/// Security groups tagged for cluster `test`: the NLBs' frontend groups
+/// and the backend group.
+pub async fn cluster_security_groups(aws: &Clients) -> usize {
+    security_groups_tagged(aws, "tag:cnlb.dev/cluster", "test").await
+}
+
+/// The NLBs' frontend security groups (tagged with their Service).
 pub async fn owned_security_groups(aws: &Clients) -> usize {
+    security_groups_tagged(aws, "tag-key", "cnlb.dev/service").await
+}
+
+async fn security_groups_tagged(aws: &Clients, filter: &str, value: &str) -> usize {
     let filter = cnlb_provider_aws::ec2::types::Filter::builder()
-        .name("tag:cnlb.dev/cluster")
-        .values("test")
+        .name(filter)
+        .values(value)
         .build();
     let out = aws
         .ec2

@@ -64,7 +64,8 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         | "ResourceInUse"
         | "DependencyViolation"
         | "InvalidNetworkInterface.InUse"
-        | "InvalidPermission.Duplicate" => ProviderError::Conflict {
+        | "InvalidPermission.Duplicate"
+        | "InvalidGroup.Duplicate" => ProviderError::Conflict {
             resource: operation,
             reason: message.to_string(),
         },

@@ -12,6 +12,7 @@
 //! same wrapper. [`ipam::Ec2Ipam`] is vpc-ipam's door to EC2 (ENIs,
 //! secondary IPs and prefixes), through a wrapper of its own.
 
+mod backend;
 mod calls;
 mod error;
 pub mod ipam;

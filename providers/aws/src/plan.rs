@@ -1,7 +1,7 @@
 //! Pure decisions of the AWS provider: resource names, the keys of persisted
 //! IDs, tag and attribute diffs. No SDK calls here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cnlb_provider_core::{
     IpAddressType, Listener, LoadBalancerKey, LoadBalancerSpec, Protocol, ProviderError, Result,
@@ -13,7 +13,7 @@ pub type IngressRule = (String, u16, String);
 /// The NLB's frontend security group rules: each listener's port and
 /// protocol(s), from `loadBalancerSourceRanges`, or from anywhere when the
 /// Service names none (as aws-load-balancer-controller does).
-pub fn ingress_rules(spec: &LoadBalancerSpec) -> std::collections::BTreeSet<IngressRule> {
+pub fn ingress_rules(spec: &LoadBalancerSpec) -> BTreeSet<IngressRule> {
     let mut anywhere = vec!["0.0.0.0/0".to_string()];
     if spec.ip_address_type == IpAddressType::DualStack {
         anywhere.push("::/0".to_string());
@@ -23,7 +23,7 @@ pub fn ingress_rules(spec: &LoadBalancerSpec) -> std::collections::BTreeSet<Ingr
     } else {
         &spec.source_ranges
     };
-    let mut rules = std::collections::BTreeSet::new();
+    let mut rules = BTreeSet::new();
     for l in &spec.listeners {
         let protocols: &[&str] = match l.protocol {
             Protocol::Tcp | Protocol::Tls => &["tcp"],
@@ -99,6 +99,51 @@ pub fn changed(
         .collect()
 }
 
+/// An ingress rule of a target's security group from the cluster's backend
+/// security group: (protocol, port).
+pub type BackendRule = (String, u16);
+
+/// The IP protocols (`tcp`, `udp`) of an ELBv2 target group protocol.
+pub fn ip_protocols(elb_protocol: &str) -> &'static [&'static str] {
+    match elb_protocol {
+        "UDP" => &["udp"],
+        "TCP_UDP" => &["tcp", "udp"],
+        _ => &["tcp"],
+    }
+}
+
+/// What the targets of one target group need from the backend group: its
+/// protocol(s) on each target port, and TCP on a fixed health-check port
+/// (`"traffic-port"` is covered by the target ports).
+pub fn backend_rules(
+    elb_protocol: &str,
+    target_ports: impl IntoIterator<Item = u16>,
+    health_check_port: &str,
+) -> BTreeSet<BackendRule> {
+    let mut rules = BTreeSet::new();
+    for port in target_ports {
+        for p in ip_protocols(elb_protocol) {
+            rules.insert((p.to_string(), port));
+        }
+    }
+    if let Ok(port) = health_check_port.parse::<u16>() {
+        rules.insert(("tcp".to_string(), port));
+    }
+    rules
+}
+
+/// The rules of `have` (per security group) that nothing `needed` asks for:
+/// a rule goes once no load balancer of the cluster needs its port.
+pub fn unneeded_rules(
+    have: &BTreeMap<String, BTreeSet<BackendRule>>,
+    needed: &BTreeSet<BackendRule>,
+) -> BTreeMap<String, BTreeSet<BackendRule>> {
+    have.iter()
+        .map(|(sg, rules)| (sg.clone(), rules - needed))
+        .filter(|(_, rules)| !rules.is_empty())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +210,40 @@ mod tests {
         let l = listener(80, Protocol::Tcp);
         assert_eq!(listener_of_id_key(&target_group_id_key(&l)), Some("http"));
         assert_eq!(listener_of_id_key(LOAD_BALANCER_ID), None);
+    }
+
+    #[test]
+    fn backend_rules_cover_target_ports_and_a_fixed_health_check_port() {
+        let rules = backend_rules("TCP", [8080, 8080, 9000], "traffic-port");
+        let want: BTreeSet<BackendRule> = [("tcp".into(), 8080), ("tcp".into(), 9000)].into();
+        assert_eq!(rules, want);
+        let rules = backend_rules("TCP_UDP", [53], "10254");
+        let want: BTreeSet<BackendRule> = [
+            ("tcp".into(), 53),
+            ("udp".into(), 53),
+            ("tcp".into(), 10254),
+        ]
+        .into();
+        assert_eq!(rules, want);
+        assert_eq!(backend_rules("UDP", [53], "traffic-port").len(), 1);
+    }
+
+    #[test]
+    fn a_rule_goes_once_no_load_balancer_needs_its_port() {
+        let rule = |p: &str, port: u16| (p.to_string(), port);
+        let have = BTreeMap::from([
+            (
+                "sg-a".to_string(),
+                BTreeSet::from([rule("tcp", 8080), rule("tcp", 9000)]),
+            ),
+            ("sg-b".to_string(), BTreeSet::from([rule("tcp", 8080)])),
+        ]);
+        let needed = BTreeSet::from([rule("tcp", 8080), rule("udp", 9000)]);
+        let gone = unneeded_rules(&have, &needed);
+        assert_eq!(
+            gone,
+            BTreeMap::from([("sg-a".to_string(), BTreeSet::from([rule("tcp", 9000)]))])
+        );
+        assert!(unneeded_rules(&have, &[rule("tcp", 8080), rule("tcp", 9000)].into()).is_empty());
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
@@ -34,11 +34,13 @@ use cnlb_provider_core::{
 use prometheus_client::registry::Registry;
 
 use crate::Clients;
+use crate::backend::BackendGroup;
 use crate::calls::{Calls, RateLimits};
 use crate::nodes::AwsNodes;
 use crate::plan::{
-    DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID, TARGET_BATCH, changed,
-    elb_protocol, ingress_rules, listener_of_id_key, target_group_id_key, target_group_name,
+    BackendRule, DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID,
+    TARGET_BATCH, backend_rules, changed, elb_protocol, ingress_rules, listener_of_id_key,
+    target_group_id_key, target_group_name,
 };
 
 /// Subnet tags through which load balancer subnets are discovered, as in
@@ -53,6 +55,10 @@ pub struct AwsConfig {
     /// Client-side rate limits of the AWS calls (see [`RateLimits`] for
     /// the defaults and why).
     pub rate_limits: RateLimits,
+    /// Attach the cluster's backend security group to every NLB and let it
+    /// reach the targets' ENIs (see `backend.rs`); off for users who manage
+    /// those rules themselves.
+    pub backend_security_group: bool,
 }
 
 impl AwsConfig {
@@ -61,6 +67,7 @@ impl AwsConfig {
         AwsConfig {
             vpc_id: vpc_id.into(),
             rate_limits: RateLimits::default(),
+            backend_security_group: true,
         }
     }
 }
@@ -70,6 +77,8 @@ pub struct AwsProvider {
     config: AwsConfig,
     /// Shared with [`AwsProvider::nodes`]: one set of buckets and metrics.
     calls: Arc<Calls>,
+    /// None when [`AwsConfig::backend_security_group`] is off.
+    backend: Option<BackendGroup>,
 }
 
 type Tags = BTreeMap<String, String>;
@@ -81,10 +90,16 @@ impl AwsProvider {
     /// of its calls are registered in `registry`, which must not hold them
     /// yet (one provider per registry).
     pub fn new(clients: Clients, config: AwsConfig, registry: &mut Registry) -> AwsProvider {
+        let clients = clients.without_sdk_retries();
+        let calls = Arc::new(Calls::new(&config.rate_limits, registry));
+        let backend = config
+            .backend_security_group
+            .then(|| BackendGroup::new(clients.clone(), Arc::clone(&calls), config.vpc_id.clone()));
         AwsProvider {
-            clients: clients.without_sdk_retries(),
-            calls: Arc::new(Calls::new(&config.rate_limits, registry)),
+            clients,
+            calls,
             config,
+            backend,
         }
     }
 
@@ -148,6 +163,25 @@ impl AwsProvider {
 
     /// The target group named `name`: by persisted ARN (if it still has
     /// that name), else by name with our tags.
+    /// A target group by ARN; None if it is gone.
+    async fn target_group_by_arn(&self, arn: &str) -> Result<Option<TargetGroup>> {
+        match self
+            .calls
+            .run("DescribeTargetGroups", || {
+                self.clients
+                    .elbv2
+                    .describe_target_groups()
+                    .target_group_arns(arn)
+                    .send()
+            })
+            .await
+        {
+            Ok(out) => Ok(out.target_groups().first().cloned()),
+            Err(ProviderError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn find_target_group(
         &self,
         key: &LoadBalancerKey,
@@ -430,6 +464,9 @@ impl AwsProvider {
             }
         };
 
+        if let Some(backend) = &self.backend {
+            backend.remember_health_check(&arn, &hc_port);
+        }
         if !spec.target_group_attributes.is_empty() {
             let out = self
                 .calls
@@ -467,7 +504,7 @@ impl AwsProvider {
         &self,
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
-        security_group: &str,
+        security_groups: &[String],
     ) -> Result<LoadBalancer> {
         let scheme = match spec.scheme {
             Scheme::Internal => LoadBalancerSchemeEnum::Internal,
@@ -486,11 +523,21 @@ impl AwsProvider {
                         ),
                     ));
                 }
-                self.add_missing_tags(
-                    lb.load_balancer_arn().unwrap_or_default(),
-                    &spec.resource_tags(),
-                )
-                .await?;
+                let arn = lb.load_balancer_arn().unwrap_or_default();
+                self.add_missing_tags(arn, &spec.resource_tags()).await?;
+                let have: BTreeSet<&String> = lb.security_groups().iter().collect();
+                if have != security_groups.iter().collect() {
+                    self.calls
+                        .run("SetSecurityGroups", || {
+                            self.clients
+                                .elbv2
+                                .set_security_groups()
+                                .load_balancer_arn(arn)
+                                .set_security_groups(Some(security_groups.to_vec()))
+                                .send()
+                        })
+                        .await?;
+                }
                 lb
             }
             None => {
@@ -508,8 +555,8 @@ impl AwsProvider {
                     .scheme(scheme)
                     .ip_address_type(ip_type)
                     .set_subnets(Some(subnets))
-                    // Only at creation can an NLB get security groups.
-                    .security_groups(security_group)
+                    // An NLB created without security groups can never get any.
+                    .set_security_groups(Some(security_groups.to_vec()))
                     .set_tags(Some(elb_tags(&spec.resource_tags())));
                 let out = self
                     .calls
@@ -946,7 +993,11 @@ impl LoadBalancerProvider for AwsProvider {
         }
         let security_group = self.ensure_security_group(spec, known).await?;
         ids.insert(SECURITY_GROUP_ID.to_string(), security_group.clone());
-        let lb = self.ensure_nlb(spec, known, &security_group).await?;
+        let mut security_groups = vec![security_group];
+        if let Some(backend) = &self.backend {
+            security_groups.push(backend.id(&spec.key.cluster).await?);
+        }
+        let lb = self.ensure_nlb(spec, known, &security_groups).await?;
         let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
         ids.insert(LOAD_BALANCER_ID.to_string(), lb_arn.clone());
         self.ensure_listeners(spec, &lb_arn, &by_port).await?;
@@ -1011,6 +1062,17 @@ impl LoadBalancerProvider for AwsProvider {
                     }
                 }
                 other => other?,
+            }
+        }
+        // The targets' ENIs let the NLB in before their registration, so
+        // the first health checks pass.
+        if let Some(backend) = &self.backend {
+            backend.forget(&delta.deregister);
+            if !delta.register.is_empty() {
+                let hc_port = backend.health_check_port(&arn).await?;
+                let ports = delta.register.iter().map(|t| t.port);
+                let rules = backend_rules(elb_protocol(listener.protocol)?, ports, &hc_port);
+                backend.allow(&key.cluster, &delta.register, &rules).await?;
             }
         }
         for chunk in delta.register.chunks(TARGET_BATCH) {
@@ -1215,6 +1277,65 @@ impl LoadBalancerProvider for AwsProvider {
             .into_iter()
             .map(|(key, ids)| OwnedLoadBalancer { key, ids })
             .collect())
+    }
+
+    async fn prune_shared(&self, cluster: &str) -> Result<()> {
+        let Some(backend) = &self.backend else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let owned = self.list_owned(cluster).await?;
+        // What the remaining target groups need: their protocol on each
+        // registered target's port, and a fixed health-check port.
+        let arns: Vec<String> = owned
+            .iter()
+            .flat_map(|lb| lb.ids.iter())
+            .filter(|(k, _)| listener_of_id_key(k).is_some())
+            .map(|(_, arn)| arn.clone())
+            .collect();
+        let mut needed: BTreeSet<BackendRule> = BTreeSet::new();
+        for chunk in arns.chunks(DESCRIBE_TAGS_BATCH) {
+            let groups = match self
+                .calls
+                .run("DescribeTargetGroups", || {
+                    self.clients
+                        .elbv2
+                        .describe_target_groups()
+                        .set_target_group_arns(Some(chunk.to_vec()))
+                        .send()
+                })
+                .await
+            {
+                Ok(out) => out.target_groups().to_vec(),
+                // One of them went meanwhile: ask one by one.
+                Err(ProviderError::NotFound { .. }) => {
+                    let mut found = Vec::new();
+                    for arn in chunk {
+                        if let Some(tg) = self.target_group_by_arn(arn).await? {
+                            found.push(tg);
+                        }
+                    }
+                    found
+                }
+                Err(e) => return Err(e),
+            };
+            for tg in groups {
+                let arn = tg.target_group_arn().unwrap_or_default();
+                let registered = match self.registered(arn).await {
+                    Ok(registered) => registered,
+                    Err(ProviderError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                let ports = registered
+                    .into_iter()
+                    .filter_map(|(_, port)| u16::try_from(port).ok());
+                let protocol = tg.protocol().map(|p| p.as_str()).unwrap_or("TCP");
+                let hc_port = tg.health_check_port().unwrap_or("traffic-port");
+                needed.extend(backend_rules(protocol, ports, hc_port));
+            }
+        }
+        backend.prune(cluster, &needed, started).await?;
+        Ok(())
     }
 }
 

@@ -217,6 +217,15 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// Used for garbage collection: the controller deletes those whose key
     /// (UID included) matches no live Service. Read-only.
     async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>>;
+
+    /// Removes what the load balancers of `cluster` share and none of them
+    /// needs any more (AWS: the backend security group's rules, and the
+    /// group once no load balancer is left), never what a call that started
+    /// meanwhile asked for. Garbage collection calls it at start and after
+    /// deletions. Default: nothing is shared.
+    async fn prune_shared(&self, _cluster: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
