@@ -21,14 +21,14 @@ demo: trim-target demo-deps build
 	$(BIN)/cnlb-demo $(DEMO_ARGS)
 
 build:
-	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this can take ~10 minutes"
+	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this takes about 7 minutes"
 	$(CARGO) build --workspace --bins
 
 ## demo-deps: what the demo needs: Debian packages, Kubernetes (control plane, kubelet), containerd and helm (go build)
 demo-deps:
 	@echo "==> Installing Debian packages (haproxy, containernetworking-plugins, iproute2, runc) if missing"
 	localstack-tests/scripts/install-deps.sh
-	@echo "==> Building Kubernetes, containerd and helm from source: the first time this can take ~10 minutes"
+	@echo "==> Building Kubernetes, containerd and helm from source: the first time this takes about 7 minutes"
 	localstack-tests/scripts/build-control-plane.sh
 	localstack-tests/scripts/build-containerd.sh
 	localstack-tests/scripts/build-helm.sh
@@ -54,7 +54,7 @@ trim-target:
 ## env-deps: Debian packages, Kubernetes, containerd and helm (go build), emulator venvs
 env-deps:
 	@echo "==> Installing Debian packages if missing; then building Kubernetes, containerd and helm"
-	@echo "    from source and the emulators' Python venvs: the first time this can take ~10 minutes"
+	@echo "    from source and the emulators' Python venvs: the first time this takes about 7 minutes"
 	localstack-tests/scripts/install-deps.sh
 	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
 	localstack-tests/scripts/build-control-plane.sh; \

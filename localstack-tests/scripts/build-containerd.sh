@@ -19,7 +19,7 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ]; then
 fi
 
 command -v go >/dev/null || { echo "go is not installed: it is needed to build containerd" >&2; exit 1; }
-echo "containerd $version: building ${bins[*]} (first time only, about 3 minutes; cached in $out)"
+echo "containerd $version: building ${bins[*]} (first time only, about 1 minute; cached in $out)"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 cd "$here"
 start=$SECONDS

@@ -26,7 +26,7 @@ fi
 
 command -v go >/dev/null || { echo "go is not installed: it is needed to build Kubernetes" >&2; exit 1; }
 echo "kubernetes $version: building ${bins[*]}"
-echo "  (first time only, about 20-30 minutes on 2 cores; cached in $out)"
+echo "  (first time only, about 5 minutes on 2 cores; cached in $out)"
 rm -rf "$out.tmp" && mkdir -p "$out.tmp"
 cd "$here"
 start=$SECONDS

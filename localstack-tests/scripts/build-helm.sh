@@ -9,7 +9,7 @@ cache=${CNLB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnlb}
 dir="$cache/helm/$version"
 if [ ! -x "$dir/helm" ]; then
   command -v go >/dev/null || { echo "go is not installed: it is needed to build helm" >&2; exit 1; }
-  echo "helm $version: building (first time only, a few minutes)"
+  echo "helm $version: building (first time only, about 1 minute)"
   start=$SECONDS
   GOFLAGS="-buildvcs=false" GOBIN="$dir.tmp" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@$version"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
