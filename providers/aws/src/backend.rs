@@ -264,12 +264,14 @@ impl BackendGroup {
     /// Revokes every backend rule whose (protocol, port) is not in `needed`,
     /// as EC2 has them (not the cache), unless asked for since `listed`
     /// (when the load balancers `needed` comes from were listed); returns
-    /// how many. With nothing needed or used since, the group goes too.
+    /// how many. With no load balancer `left` and the group not used since,
+    /// the group goes too.
     pub async fn prune(
         &self,
         cluster: &str,
         needed: &BTreeSet<BackendRule>,
         listed: Instant,
+        left: bool,
     ) -> Result<usize> {
         let Some(backend) = self.existing(cluster).await? else {
             return Ok(0);
@@ -305,9 +307,9 @@ impl BackendGroup {
         }
         let used_since = self.cache().used.is_some_and(|at| at >= listed);
         self.cache().rules = None;
-        if needed.is_empty() && !used_since {
-            // Still in use by a deleted NLB's interfaces for a while: the
-            // next collection tries again.
+        if !left && !used_since {
+            // A deleted NLB's interfaces hold it for a while: the error
+            // makes the next collection try again.
             match self
                 .calls
                 .run("DeleteSecurityGroup", || {
@@ -322,9 +324,6 @@ impl BackendGroup {
                 Ok(_) | Err(ProviderError::NotFound { .. }) => {
                     info!(group = %backend, "backend security group deleted: no load balancer left");
                     self.cache().id = None;
-                }
-                Err(ProviderError::Conflict { reason, .. }) => {
-                    info!(group = %backend, %reason, "backend security group still in use");
                 }
                 Err(e) => return Err(e),
             }

@@ -1334,7 +1334,9 @@ impl LoadBalancerProvider for AwsProvider {
                 needed.extend(backend_rules(protocol, ports, hc_port));
             }
         }
-        backend.prune(cluster, &needed, started).await?;
+        backend
+            .prune(cluster, &needed, started, !owned.is_empty())
+            .await?;
         Ok(())
     }
 }
