@@ -94,25 +94,37 @@ async fn registered(p: &AwsProvider, key: &LoadBalancerKey, ids: &ResourceIds) -
     v
 }
 
-#[test]
-fn nlb_lifecycle_with_ip_targets() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+/// Runs `test` on its own runtime, one test at a time.
+fn run(test: impl std::future::Future<Output = ()>) {
     let _endpoints = ENDPOINTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    rt.block_on(async {
-        let env = Env::builder("aws-provider").moto().start().await.unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let clients = Clients::from_env().await;
-        let net = common::ec2_network(&clients).await;
-        let p = AwsProvider::new(
-            clients.clone(),
-            AwsConfig::new(net.vpc.clone()),
-            &mut Default::default(),
-        );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test);
+}
+
+/// moto with the test VPC, its clients, and a provider of the default
+/// configuration in that VPC.
+async fn moto(name: &str) -> (Env, Clients, common::Network, AwsProvider) {
+    let env = Env::builder(name).moto().start().await.unwrap();
+    common::use_endpoints(&env.aws().unwrap());
+    let clients = Clients::from_env().await;
+    let net = common::ec2_network(&clients).await;
+    let p = AwsProvider::new(
+        clients.clone(),
+        AwsConfig::new(net.vpc.clone()),
+        &mut Default::default(),
+    );
+    (env, clients, net, p)
+}
+
+#[test]
+fn nlb_lifecycle_with_ip_targets() {
+    run(async {
+        let (_env, clients, net, p) = moto("aws-provider").await;
         let s = spec(8080);
         let key = s.key.clone();
 
@@ -385,18 +397,8 @@ async fn pod_eni(clients: &Clients, subnet: &str, sg: &str, n: i32) -> Vec<Strin
 /// (moto has no /28 prefixes on ENIs: the prefix match is unit-tested.)
 #[test]
 fn backend_security_group_lets_the_nlbs_reach_their_targets() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _endpoints = ENDPOINTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    rt.block_on(async {
-        let env = Env::builder("aws-backend-sg").moto().start().await.unwrap();
-        common::use_endpoints(&env.aws().unwrap());
-        let clients = Clients::from_env().await;
-        let net = common::ec2_network(&clients).await;
+    run(async {
+        let (_env, clients, net, p) = moto("aws-backend-sg").await;
         let pods_sg = clients
             .ec2
             .create_security_group()
@@ -409,11 +411,6 @@ fn backend_security_group_lets_the_nlbs_reach_their_targets() {
             .group_id
             .unwrap();
         let pod_ips = pod_eni(&clients, &net.pod_subnets[0].0, &pods_sg, 3).await;
-        let p = AwsProvider::new(
-            clients.clone(),
-            AwsConfig::new(net.vpc.clone()),
-            &mut Default::default(),
-        );
 
         // web: 80 -> 8080, health checks on the traffic port.
         let web = spec(8080);
