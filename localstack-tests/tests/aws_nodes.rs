@@ -165,12 +165,7 @@ fn real_nodes_are_initialized_from_their_instances_and_follow_them() {
             .await
             .unwrap();
         }
-        eventually("the Pods run on the initialized Nodes", WAIT, || async {
-            let pods = common::ccm::web_pods(&client).await;
-            Ok(pods.len() == 2 && pods.iter().all(|p| common::ccm::pod_condition(p, "Ready")))
-        })
-        .await
-        .unwrap();
+        common::ccm::wait_web_ready(&client, 2, WAIT).await;
         common::nodes::wait_init_warning(&client, "orphan", WAIT).await;
         assert!(tainted(&common::nodes::get(&client, "orphan").await.unwrap(), UNINITIALIZED));
 

@@ -60,21 +60,6 @@ async fn sg_rules(clients: &Clients, id: &str) -> BTreeSet<(String, i32, String)
     rules
 }
 
-async fn security_groups_named(clients: &Clients, name: &str) -> usize {
-    let filter = cnlb_provider_aws::ec2::types::Filter::builder()
-        .name("group-name")
-        .values(name)
-        .build();
-    let out = clients
-        .ec2
-        .describe_security_groups()
-        .filters(filter)
-        .send()
-        .await
-        .unwrap();
-    out.security_groups().len()
-}
-
 fn targets(ips: &[String], port: u16) -> Vec<Target> {
     ips.iter()
         .map(|ip| Target::new(ip.parse().unwrap(), port))
@@ -197,7 +182,9 @@ fn nlb_lifecycle_with_ip_targets() {
         let all = clients.elbv2.describe_target_groups().send().await.unwrap();
         assert_eq!(all.target_groups().len(), 1);
         assert_eq!(
-            security_groups_named(&clients, &key.resource_name("sg")).await,
+            group_ids_named(&clients, &key.resource_name("sg"))
+                .await
+                .len(),
             1
         );
 
@@ -277,7 +264,9 @@ fn nlb_lifecycle_with_ip_targets() {
         let all = clients.elbv2.describe_target_groups().send().await.unwrap();
         assert!(all.target_groups().is_empty());
         assert_eq!(
-            security_groups_named(&clients, &key.resource_name("sg")).await,
+            group_ids_named(&clients, &key.resource_name("sg"))
+                .await
+                .len(),
             0
         );
         assert!(matches!(

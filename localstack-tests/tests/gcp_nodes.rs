@@ -101,12 +101,7 @@ fn gke_style_nodes_are_initialized_and_follow_their_instances() {
         }
         // The GCP agents had waited for the provider IDs; now Pods get
         // addresses from their Nodes' alias ranges and run.
-        eventually("the Pods run", WAIT, || async {
-            let pods = common::ccm::web_pods(&client).await;
-            Ok(pods.len() == 2 && pods.iter().all(|p| common::ccm::pod_condition(p, "Ready")))
-        })
-        .await
-        .unwrap();
+        common::ccm::wait_web_ready(&client, 2, WAIT).await;
 
         let node_2 = &env.nodes()[1];
         let zone = node_2.config.zone.clone();

@@ -318,6 +318,16 @@ pub async fn web_pods(client: &Client) -> Vec<Pod> {
         .items
 }
 
+/// Waits until `n` Pods of app=web exist and all are Ready.
+pub async fn wait_web_ready(client: &Client, n: usize, wait: Duration) {
+    cnlb_localstack_tests::eventually(&format!("{n} Pods of web are Ready"), wait, || async {
+        let pods = web_pods(client).await;
+        Ok(pods.len() == n && pods.iter().all(|p| pod_condition(p, "Ready")))
+    })
+    .await
+    .unwrap();
+}
+
 /// `ip:8080` of every live Pod of app=web.
 pub async fn pod_targets(client: &Client) -> BTreeSet<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
