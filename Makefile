@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/debug
 ENV := $(BIN)/cnlb-env
 
-.PHONY: demo demo-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam bench-nodes
+.PHONY: demo demo-deps debian-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam bench-nodes
 
 ## demo: set up, build, then run the on-prem demo on real Nodes (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
 demo: trim-target demo-deps build
@@ -20,14 +20,17 @@ demo: trim-target demo-deps build
 	@echo "==> Running the demo (cnlb-demo)"
 	$(BIN)/cnlb-demo $(DEMO_ARGS)
 
-build:
+## debian-deps: Debian packages the build and the environment need (nftables headers, CNI plugins, HAProxy, runc)
+debian-deps:
+	@echo "==> Installing Debian packages (libnftnl-dev, containernetworking-plugins, haproxy, runc, ...) if missing"
+	localstack-tests/scripts/install-deps.sh
+
+build: debian-deps
 	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this takes about 7 minutes"
 	$(CARGO) build --workspace --bins
 
-## demo-deps: what the demo needs: Debian packages, Kubernetes (control plane, kubelet), containerd and helm (go build)
-demo-deps:
-	@echo "==> Installing Debian packages (haproxy, containernetworking-plugins, iproute2, runc) if missing"
-	localstack-tests/scripts/install-deps.sh
+## demo-deps: what the demo needs: Kubernetes (control plane, kubelet), containerd and helm (go build)
+demo-deps: debian-deps
 	@echo "==> Building Kubernetes, containerd and helm from source: the first time this takes about 7 minutes"
 	localstack-tests/scripts/build-control-plane.sh
 	localstack-tests/scripts/build-containerd.sh
@@ -51,11 +54,10 @@ test: trim-target lint env-deps build
 trim-target:
 	localstack-tests/scripts/trim-target.sh
 
-## env-deps: Debian packages, Kubernetes, containerd and helm (go build), emulator venvs
-env-deps:
-	@echo "==> Installing Debian packages if missing; then building Kubernetes, containerd and helm"
-	@echo "    from source and the emulators' Python venvs: the first time this takes about 7 minutes"
-	localstack-tests/scripts/install-deps.sh
+## env-deps: Kubernetes, containerd and helm (go build), emulator venvs
+env-deps: debian-deps
+	@echo "==> Building Kubernetes, containerd and helm from source and the emulators'"
+	@echo "    Python venvs: the first time this takes about 7 minutes"
 	localstack-tests/scripts/python-venvs.sh > >(sed 's/^/[venvs] /') & venvs=$$!; \
 	localstack-tests/scripts/build-control-plane.sh; \
 	localstack-tests/scripts/build-containerd.sh; \
@@ -90,7 +92,7 @@ bench-ipam: env-deps
 	$(CARGO) run --release -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
 
 ## lint: formatting and clippy, warnings as errors
-lint:
+lint: debian-deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the local environment needs (real CNI plugins,
-# HAProxy, iproute2, runc for the Nodes' containerd), as root, only when one is
-# missing.
+# Installs the Debian packages the build and the local environment need
+# (libnftnl and libmnl headers for vpc-ipam's SNAT table, real CNI plugins,
+# HAProxy, iproute2, iptables for the emulated VPC, runc for the Nodes'
+# containerd), as root, only when one is missing.
 set -euo pipefail
-pkgs=(haproxy containernetworking-plugins iproute2 procps runc)
+pkgs=(haproxy containernetworking-plugins iproute2 iptables procps runc pkg-config libnftnl-dev libmnl-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

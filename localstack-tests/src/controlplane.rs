@@ -124,6 +124,9 @@ impl ControlPlane {
             // Kubelets may touch only their own Node and its Pods.
             .arg("--authorization-mode=Node,RBAC")
             .arg("--enable-admission-plugins=NodeRestriction")
+            // As kubeadm and EKS run it: node agents that route (vpc-ipam
+            // on AWS) are privileged.
+            .arg("--allow-privileged=true")
             // For logs, exec and port-forward, as a kubelet's admin.
             .arg(format!(
                 "--kubelet-client-certificate={}",

@@ -26,8 +26,14 @@ pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
 /// The newest version Debian's plugins (1.1.1) speak.
 pub const PTP_CNI_VERSION: &str = "1.0.0";
 
+/// `--node-name --socket --state-dir --metrics-addr` and their values.
+const COMMON_ARGS: usize = 8;
+
 pub struct IpamAgent {
     proc: Option<Proc>,
+    /// The network namespace it runs in (the emulated VPC's node), with
+    /// its metrics port forwarded from the host.
+    netns: Option<(String, crate::vpc::Forward)>,
     args: Vec<OsString>,
     envs: Vec<(String, String)>,
     dir: PathBuf,
@@ -47,6 +53,18 @@ impl IpamAgent {
         extra: &[&str],
         envs: &[(String, String)],
     ) -> Result<IpamAgent> {
+        Self::start_in(None, dir, node, extra, envs).await
+    }
+
+    /// [`Self::start`] inside network namespace `netns` (`ip netns exec`),
+    /// as on a node of the emulated VPC.
+    pub async fn start_in(
+        netns: Option<&str>,
+        dir: &Path,
+        node: &str,
+        extra: &[&str],
+        envs: &[(String, String)],
+    ) -> Result<IpamAgent> {
         std::fs::create_dir_all(dir)?;
         let metrics_port = free_port()?;
         let socket = dir.join("vpc-ipam.sock");
@@ -61,9 +79,18 @@ impl IpamAgent {
             "--metrics-addr".into(),
             format!("127.0.0.1:{metrics_port}").into(),
         ];
+        debug_assert_eq!(args.len(), COMMON_ARGS);
         args.extend(extra.iter().map(OsString::from));
+        let netns = match netns {
+            Some(ns) => Some((
+                ns.to_string(),
+                crate::vpc::forward_from_host(ns, metrics_port).await?,
+            )),
+            None => None,
+        };
         let mut agent = IpamAgent {
             proc: None,
+            netns,
             args,
             envs: envs.to_vec(),
             dir: dir.to_path_buf(),
@@ -77,7 +104,15 @@ impl IpamAgent {
     }
 
     async fn launch(&mut self) -> Result<()> {
-        let mut cmd = std::process::Command::new(workspace_bin("vpc-ipam-agent")?);
+        let agent = workspace_bin("vpc-ipam-agent")?;
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => {
+                let mut cmd = std::process::Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(agent);
+                cmd
+            }
+            None => std::process::Command::new(agent),
+        };
         cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,cnlb_vpc_ipam=debug");
@@ -109,6 +144,15 @@ impl IpamAgent {
     /// Starts the agent again with the same flags (after [`Self::kill9`]).
     pub async fn restart(&mut self) -> Result<()> {
         self.kill9();
+        self.launch().await
+    }
+
+    /// Starts the agent again with `flags` instead of the extra flags it
+    /// had (the common ones stay).
+    pub async fn restart_with(&mut self, flags: &[&str]) -> Result<()> {
+        self.kill9();
+        self.args.truncate(COMMON_ARGS);
+        self.args.extend(flags.iter().map(OsString::from));
         self.launch().await
     }
 
@@ -218,6 +262,9 @@ pub struct CniCall<'a> {
     pub command: &'a str,
     pub container_id: &'a str,
     pub netns: Option<&'a str>,
+    /// The network namespace the plugin runs in (a node of the emulated
+    /// VPC); the host's by default.
+    pub within: Option<&'a str>,
     pub ifname: &'a str,
     pub args: String,
 }
@@ -229,6 +276,7 @@ impl<'a> CniCall<'a> {
             command,
             container_id,
             netns: None,
+            within: None,
             ifname: "eth0",
             args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container_id}"),
         }
@@ -236,6 +284,11 @@ impl<'a> CniCall<'a> {
 
     pub fn netns(mut self, path: &'a str) -> Self {
         self.netns = Some(path);
+        self
+    }
+
+    pub fn within(mut self, node_netns: &'a str) -> Self {
+        self.within = Some(node_netns);
         self
     }
 
@@ -247,7 +300,15 @@ impl<'a> CniCall<'a> {
         } else {
             Path::new(DEBIAN_CNI_DIR).join(self.plugin)
         };
-        let mut cmd = tokio::process::Command::new(path);
+        let mut cmd = match self.within {
+            Some(ns) => {
+                // By path: the plugin's environment is cleared.
+                let mut cmd = tokio::process::Command::new("/bin/ip");
+                cmd.args(["netns", "exec", ns]).arg(path);
+                cmd
+            }
+            None => tokio::process::Command::new(path),
+        };
         cmd.env_clear()
             .env("CNI_COMMAND", self.command)
             .env("CNI_CONTAINERID", self.container_id)
@@ -329,26 +390,37 @@ pub struct Churn {
 
 impl Churn {
     pub fn start(conf: &Value, prefix: &str, workers: usize) -> Churn {
+        Self::start_in(conf, prefix, workers, None)
+    }
+
+    /// [`Self::start`] with the plugin run inside network namespace `node`.
+    pub fn start_within(conf: &Value, prefix: &str, workers: usize, node: &str) -> Churn {
+        Self::start_in(conf, prefix, workers, Some(node.to_string()))
+    }
+
+    fn start_in(conf: &Value, prefix: &str, workers: usize, node: Option<String>) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..workers)
             .map(|w| {
                 let (conf, stop, prefix) = (conf.clone(), stop.clone(), prefix.to_string());
+                let node = node.clone();
                 tokio::spawn(async move {
+                    let node = node.as_deref();
                     let mut done = ChurnResult::default();
                     while !stop.load(Ordering::Relaxed) {
                         let id = format!("{prefix}-w{w}-{}", done.adds);
                         done.adds += 1;
-                        let add = ipam_add(&conf, &id).await?;
+                        let add = ipam_call("ADD", &conf, &id, node).await?;
                         if add.ok() {
                             done.live.insert(id, add.ip()?);
                         } else {
                             done.failed_adds += 1;
-                            del_ok(&conf, &id).await?;
+                            del_ok(&conf, &id, node).await?;
                         }
                         if done.adds % 2 == 0
                             && let Some(old) = done.live.keys().next().cloned()
                         {
-                            del_ok(&conf, &old).await?;
+                            del_ok(&conf, &old, node).await?;
                             done.live.remove(&old);
                         }
                         if done.live.len() > 20 {
@@ -376,8 +448,16 @@ impl Churn {
     }
 }
 
-async fn del_ok(conf: &Value, id: &str) -> Result<()> {
-    let del = ipam_del(conf, id).await?;
+/// The IPAM plugin alone (it never enters the container's namespace, so
+/// any path will do), in network namespace `node` or the host's.
+async fn ipam_call(command: &str, conf: &Value, id: &str, node: Option<&str>) -> Result<CniRun> {
+    let mut call = CniCall::new("vpc-ipam", command, id).netns("/var/run/netns/unused");
+    call.within = node;
+    call.run(conf).await
+}
+
+async fn del_ok(conf: &Value, id: &str, node: Option<&str>) -> Result<()> {
+    let del = ipam_call("DEL", conf, id, node).await?;
     if !del.ok() {
         bail!("DEL of {id} must succeed, agent up or not: {del:?}");
     }

@@ -19,6 +19,7 @@ pub mod process;
 pub mod range;
 pub mod sample_app;
 pub mod simulated_kubelet;
+pub mod vpc;
 
 pub use aws::AwsEndpoints;
 pub use controlplane::ControlPlane;

@@ -109,6 +109,8 @@ async fn scenario(
             "aws",
             "--aws-pod-subnet-tag",
             &tag,
+            // The host has no ENI links: the emulated VPC tests route.
+            "--aws-node-routing=false",
             // The emulators do not enforce instance limits; these are
             // m5.large's own would be 3 ENIs x 10: raised for 200 Pods.
             "--aws-max-enis",

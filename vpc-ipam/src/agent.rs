@@ -17,9 +17,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::backend::{Assigned, Backend, BackendError, gateway};
+use crate::backend::{Assigned, Backend, BackendError};
 use crate::cidr::Cidr;
 use crate::cni::ErrorCode;
+use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::metrics::Metrics;
 use crate::pool::{Plan, Pool, Targets};
 use crate::protocol::{AttachmentKey, Lease, PodRef, Request, Response};
@@ -43,10 +44,14 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Backend(#[from] BackendError),
+    #[error("cannot set up the node's routing: {0}")]
+    Datapath(#[from] DatapathError),
 }
 
 pub struct Agent {
     backend: Arc<dyn Backend>,
+    /// Policy routing of the Pods' addresses, where the backend needs it.
+    datapath: Option<Datapath>,
     store: Store,
     pool: Mutex<Pool>,
     config: AgentConfig,
@@ -77,10 +82,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn lease(allocation: &Allocation) -> Option<Lease> {
+fn lease(allocation: &Allocation, backend: &dyn Backend) -> Option<Lease> {
     Some(Lease {
         address: Cidr::new(allocation.ip, allocation.subnet.prefix_len()).ok()?,
-        gateway: gateway(&allocation.subnet)?,
+        gateway: backend.pod_gateway(&allocation.subnet)?,
     })
 }
 
@@ -102,11 +107,13 @@ impl Drop for Waiting<'_> {
 
 impl Agent {
     /// Loads the store, reconciles it with what the backend really has
-    /// assigned, and returns an agent ready to serve.
+    /// assigned, rebuilds the node's routing from the allocations (with
+    /// `routing`), and returns an agent ready to serve.
     pub async fn start(
         backend: Arc<dyn Backend>,
         store: Store,
         config: AgentConfig,
+        routing: Option<DatapathConfig>,
         metrics: Metrics,
     ) -> Result<Arc<Agent>, StartError> {
         let snapshot = store.load()?;
@@ -159,6 +166,17 @@ impl Agent {
             store.apply(&changes)?;
         }
 
+        let datapath = match routing {
+            Some(routing) => {
+                let pods: Vec<(IpAddr, Option<String>)> = pool
+                    .allocations()
+                    .map(|(_, a)| (a.ip, pool.holder(&a.ip).map(str::to_string)))
+                    .collect();
+                Some(Datapath::start(routing, backend.clone(), &pods).await?)
+            }
+            None => None,
+        };
+
         let counts = pool.counts(now_ms());
         metrics.set_counts(counts);
         info!(
@@ -171,6 +189,7 @@ impl Agent {
         );
         Ok(Arc::new(Agent {
             backend,
+            datapath,
             store,
             pool: Mutex::new(pool),
             config,
@@ -193,9 +212,9 @@ impl Agent {
                     .observe(started.elapsed().as_secs_f64());
                 ("ADD", response)
             }
-            Request::Del { key } => ("DEL", self.del(&[key])),
+            Request::Del { key } => ("DEL", self.del(&[key]).await),
             Request::Check { key, ips } => ("CHECK", self.check(&key, &ips)),
-            Request::Gc { valid } => ("GC", self.gc(&valid)),
+            Request::Gc { valid } => ("GC", self.gc(&valid).await),
             Request::Status => ("STATUS", self.status()),
         };
         self.metrics
@@ -212,7 +231,7 @@ impl Agent {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.try_allocate(key, &pod) {
-                Ok(Some(lease)) => return Response::Allocated(lease),
+                Ok(Some((lease, holder))) => return self.route(lease, holder).await,
                 Ok(None) => {}
                 Err(err) => return store_failed(err),
             }
@@ -234,11 +253,44 @@ impl Agent {
         }
     }
 
-    fn try_allocate(&self, key: &AttachmentKey, pod: &PodRef) -> Result<Option<Lease>, StoreError> {
+    /// Routes the leased address (with a datapath) before the ADD answers:
+    /// a Pod must not start with an address whose replies EC2 would drop.
+    /// On failure the allocation stays for the runtime's DEL.
+    async fn route(&self, lease: Lease, holder: String) -> Response {
+        let Some(datapath) = &self.datapath else {
+            return Response::Allocated(lease);
+        };
+        let started = Instant::now();
+        let routed = datapath.add_pod(lease.address.addr(), &holder).await;
+        self.metrics
+            .route_duration
+            .observe(started.elapsed().as_secs_f64());
+        match routed {
+            Ok(()) => Response::Allocated(lease),
+            Err(err) => {
+                error!(ip = %lease.address.addr(), eni = %holder, error = %err, "cannot route a Pod address");
+                Response::error(
+                    ErrorCode::IoFailure,
+                    "the vpc-ipam agent cannot route the Pod's address",
+                    err.to_string(),
+                )
+            }
+        }
+    }
+
+    /// A lease for `key` and the holder of its address.
+    fn try_allocate(
+        &self,
+        key: &AttachmentKey,
+        pod: &PodRef,
+    ) -> Result<Option<(Lease, String)>, StoreError> {
         let mut pool = lock(&self.pool);
+        let holder = |pool: &Pool, ip: &IpAddr| pool.holder(ip).unwrap_or_default().to_string();
         if let Some(existing) = pool.lookup(key) {
             // A retried ADD: the same address again.
-            return Ok(lease(existing));
+            return Ok(
+                lease(existing, self.backend.as_ref()).map(|l| (l, holder(&pool, &existing.ip)))
+            );
         }
         let now = now_ms();
         let Some(free) = pool.pick(now) else {
@@ -250,16 +302,17 @@ impl Agent {
             pod: pod.clone(),
             allocated_at: now,
         };
-        let Some(lease) = lease(&allocation) else {
+        let Some(lease) = lease(&allocation, self.backend.as_ref()) else {
             return Ok(None);
         };
         self.store
             .apply(&[Change::Allocate(key.clone(), allocation.clone())])?;
+        let held_by = holder(&pool, &allocation.ip);
         pool.allocate(key.clone(), allocation);
         self.metrics.set_counts(pool.counts(now));
         drop(pool);
         self.wake.notify_one();
-        Ok(Some(lease))
+        Ok(Some((lease, held_by)))
     }
 
     fn pool_empty_error(&self) -> Response {
@@ -279,8 +332,33 @@ impl Agent {
     }
 
     /// Frees the allocations of `keys` in one transaction; unknown keys are
-    /// already free.
-    fn del(&self, keys: &[AttachmentKey]) -> Response {
+    /// already free. Their routing goes first: an address must not be
+    /// handed out again while a rule of its former Pod is left.
+    async fn del(&self, keys: &[AttachmentKey]) -> Response {
+        if let Some(datapath) = &self.datapath {
+            let ips: Vec<IpAddr> = {
+                let pool = lock(&self.pool);
+                keys.iter()
+                    .filter_map(|k| pool.lookup(k))
+                    .map(|a| a.ip)
+                    .collect()
+            };
+            for ip in ips {
+                let started = Instant::now();
+                let removed = datapath.del_pod(ip).await;
+                self.metrics
+                    .route_duration
+                    .observe(started.elapsed().as_secs_f64());
+                if let Err(err) = removed {
+                    error!(%ip, error = %err, "cannot remove a Pod address's routing");
+                    return Response::error(
+                        ErrorCode::IoFailure,
+                        "the vpc-ipam agent cannot remove the Pod's routing",
+                        err.to_string(),
+                    );
+                }
+            }
+        }
         let mut pool = lock(&self.pool);
         let now = now_ms();
         let until = now.saturating_add(duration_ms(self.config.cooldown));
@@ -345,7 +423,7 @@ impl Agent {
         Response::Ok { released: 0 }
     }
 
-    fn gc(&self, valid: &[AttachmentKey]) -> Response {
+    async fn gc(&self, valid: &[AttachmentKey]) -> Response {
         let stale: Vec<AttachmentKey> = lock(&self.pool)
             .allocations()
             .map(|(k, _)| k)
@@ -355,7 +433,7 @@ impl Agent {
         for key in &stale {
             info!(%key, "GC: releasing the allocation of a container the runtime no longer has");
         }
-        self.del(&stale)
+        self.del(&stale).await
     }
 
     fn status(&self) -> Response {

@@ -6,6 +6,7 @@
 //! - [`protocol`]: the plugin ↔ agent messages on the unix socket;
 //! - [`agent`], [`pool`], [`store`]: allocation, watermarks, crash-safe state;
 //! - [`backend`]: where addresses come from (static ranges, AWS, GCP);
+//! - [`datapath`]: policy routing and SNAT for Pods on secondary ENIs (AWS);
 //! - [`server`], [`metrics`]: the agent's socket and HTTP endpoints;
 //! - [`install`]: the DaemonSet's init container (plugin and configuration).
 
@@ -14,6 +15,7 @@ pub mod agent_cli;
 pub mod backend;
 pub mod cidr;
 pub mod cni;
+pub mod datapath;
 pub mod install;
 pub mod metrics;
 pub mod plugin;

@@ -32,6 +32,8 @@ pub struct Metrics {
     addresses: Family<StateLabel, Gauge>,
     pub requests: Family<RequestLabels, Counter>,
     pub add_duration: Histogram,
+    /// Part of an ADD or DEL spent on the node's routing (AWS).
+    pub route_duration: Histogram,
     pub add_waits: Counter,
     pub backend_operations: Family<OperationLabels, Counter>,
 }
@@ -45,6 +47,9 @@ impl Metrics {
             // wait for the cloud seconds.
             add_duration: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0, 15.0, 60.0,
+            ]),
+            route_duration: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 30.0,
             ]),
             add_waits: Counter::default(),
             backend_operations: Family::default(),
@@ -64,6 +69,12 @@ impl Metrics {
             "Time the agent took to answer an ADD",
             Unit::Seconds,
             metrics.add_duration.clone(),
+        );
+        registry.register_with_unit(
+            "vpc_ipam_route_duration",
+            "Time an ADD or DEL spent on the node's routing (rules, a new ENI's link and table)",
+            Unit::Seconds,
+            metrics.route_duration.clone(),
         );
         registry.register(
             "vpc_ipam_add_waits",

@@ -72,6 +72,11 @@ impl Pool {
         self.allocations.iter()
     }
 
+    /// What holds `ip` in the cloud (its ENI), while the node has it.
+    pub fn holder(&self, ip: &IpAddr) -> Option<&str> {
+        self.assigned.get(ip).map(|a| a.holder.as_str())
+    }
+
     pub fn is_assigned(&self, ip: &IpAddr) -> bool {
         self.assigned.contains_key(ip)
     }

@@ -21,8 +21,9 @@ pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error>
     let applied = written.spec.or_else(|| applied_spec(svc));
     let ids = written.ids.unwrap_or_else(|| resource_ids(svc));
     let spec = match parse_service(svc, &ctx.settings.cluster) {
-        Ok(spec) => {
+        Ok(mut spec) => {
             ctx.events.forget(svc, "InvalidAnnotation");
+            spec.provider_settings = ctx.provider.settings();
             spec
         }
         Err(errors) => {

@@ -188,6 +188,8 @@ async fn aws_agent(
         "aws",
         "--aws-pod-subnet-tag",
         &tag,
+        // The host has no ENI links: the emulated VPC tests route.
+        "--aws-node-routing=false",
         "--min-target",
         min,
         "--warm-target",

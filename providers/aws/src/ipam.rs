@@ -81,6 +81,8 @@ pub struct Eni {
     /// Delegated IPv4 prefixes ("100.64.3.16/28").
     pub prefixes: Vec<String>,
     pub tags: BTreeMap<String, String>,
+    /// "02:1a:..": how the instance's OS tells its network links apart.
+    pub mac: Option<String>,
 }
 
 /// What to add to an ENI: secondary addresses or /28 prefixes.
@@ -238,6 +240,26 @@ impl Ec2Ipam {
             })
             .await?;
         Ok(out.subnets().iter().filter_map(subnet_info).collect())
+    }
+
+    /// The IPv4 CIDR blocks associated with `vpc_id` ("10.0.0.0/16", ...).
+    pub async fn vpc_cidrs(&self, vpc_id: &str) -> Result<Vec<String>> {
+        let out = self
+            .calls
+            .run("DescribeVpcs", || {
+                self.ec2.describe_vpcs().vpc_ids(vpc_id).send()
+            })
+            .await?;
+        Ok(out
+            .vpcs()
+            .iter()
+            .flat_map(|v| v.cidr_block_association_set())
+            .filter(|a| {
+                a.cidr_block_state().and_then(|s| s.state())
+                    == Some(&aws_sdk_ec2::types::VpcCidrBlockStateCode::Associated)
+            })
+            .filter_map(|a| a.cidr_block().map(str::to_string))
+            .collect())
     }
 
     /// Every ENI attached to `instance_id`, whoever created it.
@@ -534,6 +556,7 @@ fn eni(n: &NetworkInterface) -> Option<Eni> {
     });
     let primary_ip = n.private_ip_address().map(str::to_string);
     Some(Eni {
+        mac: n.mac_address().map(str::to_ascii_lowercase),
         id: n.network_interface_id()?.to_string(),
         subnet_id: n.subnet_id().unwrap_or_default().to_string(),
         status: n

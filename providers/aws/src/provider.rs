@@ -795,6 +795,43 @@ impl AwsProvider {
             .collect())
     }
 
+    /// The backend rules for targets registered before the backend group
+    /// was turned on (or by an older cnlb): `sync_targets` only sees new
+    /// ones. One DescribeTargetHealth per listener, on an ensure only.
+    async fn allow_registered(
+        &self,
+        spec: &LoadBalancerSpec,
+        by_port: &BTreeMap<u16, String>,
+    ) -> Result<()> {
+        let Some(backend) = &self.backend else {
+            return Ok(());
+        };
+        for l in &spec.listeners {
+            let Some(arn) = by_port.get(&l.port) else {
+                continue;
+            };
+            let targets: Vec<Target> = self
+                .registered(arn)
+                .await?
+                .into_iter()
+                .filter_map(|(ip, port)| {
+                    Some(Target::new(ip.parse().ok()?, u16::try_from(port).ok()?))
+                })
+                .collect();
+            if targets.is_empty() {
+                continue;
+            }
+            let hc_port = backend.health_check_port(arn).await?;
+            let rules = backend_rules(
+                elb_protocol(l.protocol)?,
+                targets.iter().map(|t| t.port),
+                &hc_port,
+            );
+            backend.allow(&spec.key.cluster, &targets, &rules).await?;
+        }
+        Ok(())
+    }
+
     /// The NLB's frontend security group, with ingress rules brought to
     /// [`ingress_rules`]: only the differences are authorized or revoked.
     async fn ensure_security_group(
@@ -968,6 +1005,15 @@ impl LoadBalancerProvider for AwsProvider {
         "aws"
     }
 
+    /// Turning the backend group on must attach it to the existing NLBs.
+    fn settings(&self) -> String {
+        if self.backend.is_some() {
+            "backend-security-group".into()
+        } else {
+            String::new()
+        }
+    }
+
     async fn ensure_load_balancer(
         &self,
         spec: &LoadBalancerSpec,
@@ -1001,6 +1047,9 @@ impl LoadBalancerProvider for AwsProvider {
         let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
         ids.insert(LOAD_BALANCER_ID.to_string(), lb_arn.clone());
         self.ensure_listeners(spec, &lb_arn, &by_port).await?;
+        if !known.is_empty() {
+            self.allow_registered(spec, &by_port).await?;
+        }
 
         // Target groups of listeners the spec dropped (or changed protocol
         // or port): no listener forwards to them any more.

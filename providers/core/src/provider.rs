@@ -153,6 +153,14 @@ pub trait LoadBalancerProvider: Send + Sync {
     /// Short provider name for logs, metrics and Events (`"aws"`, `"gcp"`, ...).
     fn name(&self) -> &str;
 
+    /// This provider's configuration that shapes every load balancer it
+    /// ensures (AWS: whether it manages the backend security group), as a
+    /// short string; the controller ensures every load balancer again once
+    /// when it changes. Empty by default.
+    fn settings(&self) -> String {
+        String::new()
+    }
+
     /// Makes the cloud load balancer match `spec`: creates what is missing,
     /// updates what drifted (listeners, health check, attributes, tags,
     /// allowed source ranges) and removes parts the spec no longer has.

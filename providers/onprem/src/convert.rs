@@ -212,6 +212,7 @@ pub fn spec_from_proto(spec: Option<proto::LoadBalancerSpec>) -> Result<LoadBala
         tags: spec.tags.into_iter().collect(),
         subnets: spec.subnets.map(|s| s.ids),
         target_group_names: Default::default(),
+        provider_settings: String::new(),
     };
     out.normalize();
     Ok(out)

@@ -32,7 +32,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use prometheus_client::registry::Registry;
 
 use super::{
-    Assigned, Backend, BackendError, BackendResult, backend_error, kube_client, node_provider_id,
+    Assigned, Backend, BackendError, BackendResult, NodeInterface, NodeNetwork, backend_error,
+    kube_client, node_provider_id,
 };
 use crate::cidr::Cidr;
 
@@ -95,6 +96,28 @@ pub struct AwsArgs {
     /// deleted ("300s", "5m", "1h").
     #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = crate::agent_cli::parse_duration)]
     pub aws_eni_gc_grace: Duration,
+
+    /// Route Pods on secondary ENIs through their own ENI (a route table per
+    /// ENI, rules per Pod, SNAT) so that EC2's source/destination check lets
+    /// their traffic pass; off only where something else does it.
+    #[arg(
+        long,
+        action = clap::ArgAction::Set,
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub aws_node_routing: bool,
+
+    /// Pod traffic leaving the VPC keeps the Pod's address (a NAT gateway
+    /// translates it) instead of the node's primary address.
+    #[arg(long)]
+    pub aws_external_snat: bool,
+
+    /// MTU of the secondary ENIs' links.
+    #[arg(long, default_value_t = 9001, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=9001))]
+    pub aws_eni_mtu: u32,
 
     /// EC2 Describe* calls: tokens per second / burst.
     #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
@@ -965,6 +988,54 @@ impl Backend for AwsBackend {
         Ok(failed.iter().flat_map(|u| u.ips.iter().copied()).collect())
     }
 
+    /// The subnet's fourth address, which AWS reserves "for future use" and
+    /// never assigns: the node must not hold the VPC router's (the first
+    /// host), which its ENI route tables go through, and ptp needs a
+    /// gateway inside the Pod's prefix.
+    fn pod_gateway(&self, subnet: &Cidr) -> Option<IpAddr> {
+        subnet.nth(3)
+    }
+
+    async fn node_network(&self) -> BackendResult<Option<NodeNetwork>> {
+        let node = self.node()?;
+        let instance = &node.instance.id;
+        let all = self
+            .cloud
+            .network_interfaces_of(instance)
+            .await
+            .map_err(backend_error)?;
+        // The primary ENI (the node's own traffic, SNAT) and ours.
+        let enis: Vec<&Eni> = all
+            .iter()
+            .filter(|e| {
+                e.attachment
+                    .as_ref()
+                    .is_some_and(|a| &a.instance_id == instance && a.device_index == 0)
+                    || is_ours(e, &self.cluster, instance)
+            })
+            .collect();
+        let cidrs = self
+            .cidrs_of(enis.iter().map(|e| e.subnet_id.clone()).collect())
+            .await?;
+        let interfaces = enis
+            .iter()
+            .filter_map(|e| node_interface(e, &cidrs))
+            .collect();
+        let network_cidrs = self
+            .cloud
+            .vpc_cidrs(&node.instance.vpc_id)
+            .await
+            .map_err(backend_error)?
+            .iter()
+            .filter_map(|c| c.parse::<Cidr>().ok())
+            .map(|c| c.network())
+            .collect();
+        Ok(Some(NodeNetwork {
+            interfaces,
+            network_cidrs,
+        }))
+    }
+
     async fn collect_garbage(&self) -> BackendResult<usize> {
         let detached = self
             .cloud
@@ -1047,6 +1118,24 @@ fn is_ours(eni: &Eni, cluster: &str, instance_id: &str) -> bool {
             .attachment
             .as_ref()
             .is_some_and(|a| a.instance_id == instance_id && a.device_index != 0)
+}
+
+/// An attached ENI as the node's routing sees it; `None` when EC2 left out
+/// what routing needs (MAC, address, device index).
+fn node_interface(eni: &Eni, cidrs: &HashMap<String, Cidr>) -> Option<NodeInterface> {
+    let mac = eni.mac.as_deref().and_then(crate::datapath::parse_mac);
+    let address = eni.primary_ip.as_deref().and_then(|a| a.parse().ok());
+    let (Some(mac), Some(address)) = (mac, address) else {
+        tracing::warn!(eni = %eni.id, mac = ?eni.mac, address = ?eni.primary_ip, "ENI without a MAC or IPv4 address: not routed");
+        return None;
+    };
+    Some(NodeInterface {
+        id: eni.id.clone(),
+        mac,
+        device_index: u32::try_from(eni.attachment.as_ref()?.device_index).ok()?,
+        address,
+        subnet: *cidrs.get(&eni.subnet_id)?,
+    })
 }
 
 /// Attached (or, for reading, still attaching): not on its way out.
@@ -1286,6 +1375,8 @@ mod tests {
         assert_eq!(args.aws_write_rate, RateLimit::new(2, 5));
         assert!(!args.aws_prefix_delegation);
         assert_eq!((args.aws_max_enis, args.aws_ips_per_eni), (None, None));
+        assert!(args.aws_node_routing && !args.aws_external_snat);
+        assert_eq!(args.aws_eni_mtu, 9001);
 
         let args = parse(&[
             "--aws-pod-subnet-tag=cnlb.dev/pods=true",
@@ -1296,6 +1387,9 @@ mod tests {
             "--aws-ips-per-eni=10",
             "--aws-eni-gc-grace=0s",
             "--aws-write-rate=4/8",
+            "--aws-node-routing=false",
+            "--aws-external-snat",
+            "--aws-eni-mtu=1500",
         ])
         .unwrap();
         assert_eq!(
@@ -1313,6 +1407,8 @@ mod tests {
         );
         assert_eq!(args.aws_eni_gc_grace, Duration::ZERO);
         assert_eq!(args.aws_write_rate, RateLimit::new(4, 8));
+        assert!(!args.aws_node_routing && args.aws_external_snat);
+        assert_eq!(args.aws_eni_mtu, 1500);
     }
 
     #[test]
@@ -1360,6 +1456,14 @@ mod tests {
             (
                 &["--aws-pod-subnet-tag=a=b", "--aws-read-rate=0/5"],
                 "--aws-read-rate",
+            ),
+            (
+                &["--aws-pod-subnet-tag=a=b", "--aws-eni-mtu=9500"],
+                "--aws-eni-mtu",
+            ),
+            (
+                &["--aws-pod-subnet-tag=a=b", "--aws-node-routing=maybe"],
+                "--aws-node-routing",
             ),
         ];
         for (args, needle) in cases {
@@ -1465,6 +1569,7 @@ mod tests {
                 (TAG_NODE.into(), "node-1".into()),
                 (TAG_INSTANCE.into(), "i-1".into()),
             ]),
+            mac: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! cooldowns and crash safety; a backend only tells what the cloud has
 //! assigned to this node and changes that.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
 use cnlb_provider_core::ProviderError;
@@ -26,10 +26,31 @@ pub struct Assigned {
     pub holder: String,
 }
 
-/// The Pods' gateway in `subnet`: its first host address, which pools never
-/// hand out (in AWS subnets it is the VPC router's, one of the four
-/// addresses AWS reserves). Debian's ptp plugin puts it on the host side
-/// of each Pod's veth and routes the Pod's traffic through it.
+/// A network interface of the node's instance (an ENI), as the node's
+/// routing needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInterface {
+    pub id: String,
+    pub mac: [u8; 6],
+    /// 0 is the primary interface.
+    pub device_index: u32,
+    /// The interface's own (primary) address.
+    pub address: Ipv4Addr,
+    /// Its subnet: the subnet's router is the interface's gateway.
+    pub subnet: Cidr,
+}
+
+/// What the node's routing needs from the cloud: its interfaces and the
+/// address ranges of its network (the VPC's CIDRs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeNetwork {
+    pub interfaces: Vec<NodeInterface>,
+    pub network_cidrs: Vec<Cidr>,
+}
+
+/// The first host address of `subnet`, which pools never hand out: the
+/// Pods' gateway by default (see [`Backend::pod_gateway`]), and in AWS
+/// subnets the VPC router's, one of the four addresses AWS reserves.
 pub fn gateway(subnet: &Cidr) -> Option<IpAddr> {
     subnet.nth(1)
 }
@@ -145,6 +166,21 @@ pub trait Backend: Send + Sync {
     /// those it could not get back (by default: all of them).
     async fn reassign(&self, ips: &[Assigned]) -> BackendResult<Vec<IpAddr>> {
         Ok(ips.iter().map(|a| a.ip).collect())
+    }
+
+    /// The gateway of Pods with addresses in `subnet`. Debian's ptp plugin
+    /// puts it on the host side of each Pod's veth and routes the Pod's
+    /// traffic through it, so the node holds it: the subnet's first host
+    /// by default.
+    fn pod_gateway(&self, subnet: &Cidr) -> Option<IpAddr> {
+        gateway(subnet)
+    }
+
+    /// The node's interfaces and network, for a backend whose addresses
+    /// sit on several interfaces and need policy routing (AWS); `None`
+    /// for the others.
+    async fn node_network(&self) -> BackendResult<Option<NodeNetwork>> {
+        Ok(None)
     }
 
     /// Deletes cloud resources this cluster's agents created and nobody

@@ -19,6 +19,7 @@ use cnlb_vpc_ipam::backend::aws::AwsBackend;
 use cnlb_vpc_ipam::backend::gcp::GcpBackend;
 use cnlb_vpc_ipam::backend::static_ranges::StaticRanges;
 use cnlb_vpc_ipam::backend::{Backend, kube_client};
+use cnlb_vpc_ipam::datapath::DatapathConfig;
 use cnlb_vpc_ipam::install::{InstallArgs, install};
 use cnlb_vpc_ipam::metrics::Metrics;
 use cnlb_vpc_ipam::pool::Targets;
@@ -150,6 +151,11 @@ async fn run(args: AgentArgs) -> Result<(), String> {
         add_timeout: args.add_timeout,
         batch_delay: Duration::from_millis(100),
     };
+    let routing = (matches!(args.backend, BackendKind::Aws) && args.aws.aws_node_routing)
+        .then_some(DatapathConfig {
+            mtu: args.aws.aws_eni_mtu,
+            external_snat: args.aws.aws_external_snat,
+        });
     let mut store = Some(store);
     let agent = loop {
         let Some(s) = store.take() else {
@@ -157,7 +163,15 @@ async fn run(args: AgentArgs) -> Result<(), String> {
         };
         // The store moves into the agent only on success; on a transient
         // failure it is reopened (redb releases its lock on drop).
-        match Agent::start(backend.clone(), s, config.clone(), metrics.clone()).await {
+        match Agent::start(
+            backend.clone(),
+            s,
+            config.clone(),
+            routing.clone(),
+            metrics.clone(),
+        )
+        .await
+        {
             Ok(agent) => break agent,
             Err(StartError::Backend(err)) if err.is_transient() => {
                 warn!(error = %err, "cannot reconcile with the backend yet; retrying");

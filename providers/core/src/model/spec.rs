@@ -215,6 +215,13 @@ pub struct LoadBalancerSpec {
     /// specs hashed before it existed hash the same.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub target_group_names: BTreeMap<String, String>,
+    /// The provider's own settings that shape every load balancer
+    /// ([`LoadBalancerProvider::settings`](crate::LoadBalancerProvider::settings)),
+    /// set by the controller: persisted with the spec, so a change of them
+    /// brings every load balancer to the new settings once. Left out when
+    /// empty, so specs persisted before it existed compare the same.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider_settings: String,
 }
 
 impl LoadBalancerSpec {
