@@ -594,21 +594,37 @@ pub async fn aws_node(
         .and_then(|i| i.image_id())
         .context("the emulator lists no image")?
         .to_string();
-    let run = ec2
-        .run_instances()
-        .image_id(image)
-        .instance_type(InstanceType::M5Large)
-        .subnet_id(&node_subnet)
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await?;
-    let instance = run
-        .instances()
-        .first()
-        .and_then(|i| i.instance_id())
-        .context("RunInstances returned no instance")?
-        .to_string();
+    // moto picks the primary address at random in the subnet, the ones
+    // EC2 reserves (network, router, DNS, future, broadcast) included.
+    let mut attempts = 0;
+    let instance = loop {
+        let run = ec2
+            .run_instances()
+            .image_id(&image)
+            .instance_type(InstanceType::M5Large)
+            .subnet_id(&node_subnet)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await?;
+        let instance = run
+            .instances()
+            .first()
+            .context("RunInstances returned no instance")?;
+        let id = instance.instance_id().unwrap_or_default().to_string();
+        let primary: std::net::Ipv4Addr = instance
+            .private_ip_address()
+            .context("instance without an address")?
+            .parse()?;
+        if ![0, 1, 2, 3, 255].contains(&primary.octets()[3]) {
+            break id;
+        }
+        attempts += 1;
+        if attempts == 5 {
+            bail!("moto keeps giving reserved addresses, last {primary}");
+        }
+        ec2.terminate_instances().instance_ids(id).send().await?;
+    };
     let object = serde_json::json!({
         "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
         "spec": {"providerID": format!("aws:///{AWS_ZONE}/{instance}")},
