@@ -19,7 +19,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
 use crate::paths::workspace_bin;
-use crate::process::{Proc, free_port};
+use crate::process::{Proc, free_port, stdout_of};
 
 /// Debian's containernetworking-plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
@@ -535,14 +535,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(program, args, &out)
 }
 
 /// The zone of [`aws_node`]'s instance and subnets.

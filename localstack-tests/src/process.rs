@@ -143,6 +143,18 @@ impl Drop for Proc {
 }
 
 /// Stops several processes at once: SIGTERM to all, then wait (and SIGKILL) each.
+/// The stdout of a finished `program args`, or an error with its stderr.
+pub fn stdout_of(program: &str, args: &[&str], out: &std::process::Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn stop_all(procs: Vec<Proc>) {
     for p in &procs {
         p.terminate();

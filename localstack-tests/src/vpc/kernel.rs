@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
+
+use crate::process::stdout_of;
 
 use super::model::{Cidr, Desired, Link, OnLink};
 use super::{Applied, AppliedLink, Drops, INTERNET_GATEWAY, Inner, MTU, in_netns_async};
@@ -407,14 +409,7 @@ pub(super) async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Re
             .await?;
     }
     let out = child.wait_with_output().await?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(program, args, &out)
 }
 
 /// For the synchronous paths ([`EmulatedVpc::drops`], the ruleset swap,
@@ -432,14 +427,7 @@ pub(super) fn run_blocking(program: &str, args: &[&str], stdin: Option<&str>) ->
         input.write_all(stdin.unwrap_or_default().as_bytes())?;
     }
     let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(program, args, &out)
 }
 
 pub(super) async fn ip(ns: &str, args: &[&str]) -> Result<String> {
