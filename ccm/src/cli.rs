@@ -8,7 +8,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use cnlb_provider_aws::RateLimit;
+use cnlb_cloud_calls::RateLimit;
+use cnlb_runtime::flags::positive_duration;
+pub use cnlb_runtime::telemetry::LogFormat;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -89,15 +91,15 @@ pub struct Args {
     pub onprem_plugin: Option<cnlb_provider_onprem::PluginEndpoint>,
 
     /// AWS Describe* calls: tokens per second / burst (--provider=aws).
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub aws_read_rate: RateLimit,
 
     /// AWS RegisterTargets / DeregisterTargets calls (200 targets each at most).
-    #[arg(long, default_value = "5/10", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "5/10", value_name = "RATE/BURST")]
     pub aws_targets_rate: RateLimit,
 
     /// AWS create / modify / delete calls.
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
     pub aws_write_rate: RateLimit,
 
     /// Attach one shared backend security group to every NLB and open the
@@ -149,15 +151,15 @@ pub struct Args {
     pub gcp_endpoint: Option<String>,
 
     /// GCP get / list calls: tokens per second / burst (--provider=gcp).
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
     /// GCP attach / detach network endpoint calls (500 endpoints each at most).
-    #[arg(long, default_value = "5/10", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "5/10", value_name = "RATE/BURST")]
     pub gcp_targets_rate: RateLimit,
 
     /// GCP insert / patch / delete calls.
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST", value_parser = parse_rate)]
+    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
 
     /// Maximum number of objects reconciled at the same time; bounded so
@@ -173,12 +175,12 @@ pub struct Args {
 
     /// How often the instances of NotReady Nodes are checked
     /// (cloud-node-lifecycle), e.g. 5s.
-    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
     pub node_monitor_period: Duration,
 
     /// How often the Nodes' addresses are synced from their instances
     /// (cloud-node), e.g. 5m.
-    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = positive_duration)]
     pub node_status_update_frequency: Duration,
 }
 
@@ -224,23 +226,6 @@ fn parse_controllers(s: &str) -> Result<Controllers, String> {
     })
 }
 
-/// A duration such as 5s, 5m or 1h30m.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: k8s_openapi::jiff::SignedDuration = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a duration like 5s, 5m or 1h30m: {e}"))?;
-    let d = Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))?;
-    if d.is_zero() {
-        return Err(format!("{s:?} must be longer than zero"));
-    }
-    Ok(d)
-}
-
-/// `RATE/BURST`, both positive integers, e.g. `10/20`.
-fn parse_rate(s: &str) -> Result<RateLimit, String> {
-    s.parse()
-}
-
 fn parse_vpc_id(s: &str) -> Result<String, String> {
     let ok = s
         .strip_prefix("vpc-")
@@ -269,12 +254,6 @@ impl fmt::Display for Provider {
             Self::Onprem => "onprem",
         })
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Where the HTTP server listens, or `Disabled` for "0".

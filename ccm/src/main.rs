@@ -6,16 +6,13 @@ mod gc;
 mod leader;
 mod metrics;
 mod run;
-mod server;
-mod shutdown;
-mod telemetry;
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
-    telemetry::init(args.log_format)?;
+    cnlb_runtime::telemetry::init(args.log_format)?;
     run::run(args).await?;
     Ok(())
 }

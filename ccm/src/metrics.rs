@@ -5,7 +5,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use prometheus_client::encoding::text::encode;
+use cnlb_runtime::probes::MetricsText;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -55,12 +55,12 @@ impl Metrics {
     pub fn set_kube_api_reachable(&self, reachable: bool) {
         self.kube_api_reachable.set(i64::from(reachable));
     }
+}
 
-    /// OpenMetrics text exposition of every registered metric.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        encode(&mut out, &self.registry())?;
-        Ok(out)
+/// What /metrics serves: every registered metric.
+impl MetricsText for Metrics {
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        self.registry().encode()
     }
 }
 

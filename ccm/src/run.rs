@@ -9,17 +9,17 @@ use k8s_openapi::apimachinery::pkg::version::Info;
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use kube::{Client, Config};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tokio::sync::Notify;
+use tracing::{info, warn};
 
-use cnlb_provider_aws::{AwsConfig, AwsProvider, RateLimits};
+use cnlb_cloud_calls::RateLimits;
+use cnlb_provider_aws::{AwsConfig, AwsProvider};
 use cnlb_provider_core::{LoadBalancerProvider, NodeProvider};
+use cnlb_runtime::probes::{Health, Server};
+use cnlb_runtime::signals::Signals;
 
 use crate::cli::{Args, BindAddress, Provider};
 use crate::metrics::Metrics;
-use crate::server::{self, Health};
-use crate::shutdown::Signals;
 use crate::{gc, leader};
 use cnlb_ccm::nodes::{self, PluginNodes};
 use cnlb_ccm::service::{self, ControllerMetrics};
@@ -28,8 +28,6 @@ use cnlb_ccm::service::{self, ControllerMetrics};
 /// `cnlb_kube_api_reachable` gauge.
 const API_CHECK_PERIOD: Duration = Duration::from_secs(30);
 const API_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-/// In-flight HTTP requests get this long to finish on shutdown.
-const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,7 +74,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
 
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new("the Kubernetes API has not answered yet"));
     let server = start_server(args.metrics_bind_address, &health, &metrics).await?;
 
     let client = kube_client(args.kubeconfig.as_deref()).await?;
@@ -189,14 +187,11 @@ fn identity() -> String {
     format!("{}_{}", host.trim(), std::process::id())
 }
 
-/// The HTTP server task and the sender that stops it.
-type ServerHandle = Option<(oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>;
-
 async fn start_server(
     bind: BindAddress,
     health: &Arc<Health>,
     metrics: &Arc<Metrics>,
-) -> Result<ServerHandle, Error> {
+) -> Result<Option<Server>, Error> {
     let BindAddress::Addr(addr) = bind else {
         info!("--metrics-bind-address=0: HTTP server (metrics and probes) disabled");
         return Ok(None);
@@ -205,34 +200,17 @@ async fn start_server(
         .await
         .map_err(|source| Error::Bind { addr, source })?;
     info!(%addr, "serving /metrics, /healthz and /readyz");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(
+    Ok(Some(Server::start(
         listener,
         health.clone(),
         metrics.clone(),
-        async {
-            // A dropped sender also stops the server.
-            let _ = stopped.await;
-        },
-    ));
-    Ok(Some((stop, task)))
+    )))
 }
 
-async fn stop_server(server: ServerHandle) -> Result<(), Error> {
-    let Some((stop, task)) = server else {
-        return Ok(());
-    };
-    let _ = stop.send(());
-    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, task).await {
-        Ok(Ok(result)) => result.map_err(Error::Serve),
-        Ok(Err(join_error)) => {
-            error!(error = %join_error, "HTTP server task failed");
-            Ok(())
-        }
-        Err(_) => {
-            warn!("HTTP server did not drain in time; exiting anyway");
-            Ok(())
-        }
+async fn stop_server(server: Option<Server>) -> Result<(), Error> {
+    match server {
+        Some(server) => server.stop().await.map_err(Error::Serve),
+        None => Ok(()),
     }
 }
 

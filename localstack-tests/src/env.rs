@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +13,9 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::aws::{AwsEndpoints, Emulator, external_url};
 use crate::controlplane::{ControlPlane, ControlPlaneOptions};
-use crate::gce::{GceEmulator, GceOptions, NamedRange};
+use crate::gce::{self, GceEmulator, GceOptions, NamedRange};
 use crate::node::{NodeConfig, NodeContext, RealNode};
-use crate::paths::run_root;
+use crate::paths::{run_root, workspace_bin};
 use crate::podnet::{AgentBackend, PodNet, PodNetContext, PodNetworkConfig, PodSandbox};
 use crate::process::{Proc, free_port};
 use crate::range::RangeLease;
@@ -98,7 +99,7 @@ impl EnvBuilder {
         self
     }
 
-    /// cnlb's GCE emulator (`cnlb-gce-emulator`, see GCE_EMULATOR.md) with
+    /// cnlb's GCE emulator (`cnlb-gce-emulator`, see gce-emulator/GCE_EMULATOR.md) with
     /// [`EnvBuilder::default_gce_options`]; reach it through [`Env::gce`].
     pub fn gce(mut self) -> Self {
         self.gce.get_or_insert_with(EnvBuilder::default_gce_options);
@@ -301,7 +302,7 @@ impl EnvBuilder {
                         .map_err(anyhow::Error::msg)?,
                 );
             }
-            let proc = crate::gce::spawn(&env.dir, port, &opts)?;
+            let proc = spawn_gce(&env.dir, port, &opts)?;
             env.gce = Some(GceProcess {
                 handle: GceEmulator::new(handle.endpoint(), opts),
                 proc,
@@ -741,6 +742,20 @@ impl Drop for Env {
 struct GceProcess {
     handle: GceEmulator,
     proc: Proc,
+}
+
+/// Starts `cnlb-gce-emulator` on `127.0.0.1:port` in `dir` (its log is
+/// `<dir>/cnlb-gce-emulator.log`).
+fn spawn_gce(dir: &Path, port: u16, opts: &GceOptions) -> Result<Proc> {
+    opts.validate().map_err(|e| anyhow!(e))?;
+    let mut cmd = Command::new(workspace_bin(gce::BIN)?);
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(opts.to_args());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    Proc::spawn(gce::BIN, cmd, dir)
 }
 
 const PIDS: &str = "pids";

@@ -7,7 +7,6 @@
 pub mod aws;
 pub mod controlplane;
 pub mod env;
-pub mod gce;
 pub mod images;
 pub mod install;
 pub mod ipam;
@@ -20,6 +19,10 @@ pub mod range;
 pub mod sample_app;
 pub mod simulated_kubelet;
 pub mod vpc;
+
+/// cnlb's GCE emulator (the `cnlb-gce-emulator` crate), as the harness and
+/// the tests have always named it.
+pub use cnlb_gce_emulator as gce;
 
 pub use aws::AwsEndpoints;
 pub use controlplane::ControlPlane;

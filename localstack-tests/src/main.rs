@@ -199,7 +199,7 @@ async fn print_summary(env: &Env, no_aws: bool, with_gce: bool) -> Result<()> {
     }
     if with_gce {
         let gce = env.gce()?;
-        println!("\nGCE (cnlb-gce-emulator, see localstack-tests/GCE_EMULATOR.md):");
+        println!("\nGCE (cnlb-gce-emulator, see localstack-tests/gce-emulator/GCE_EMULATOR.md):");
         println!("  endpoint: {}", gce.endpoint());
         println!(
             "  project {}, region {}, zones {}, network {}, subnetwork {}",

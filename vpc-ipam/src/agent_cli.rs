@@ -11,7 +11,8 @@ use clap::{CommandFactory, Parser, ValueEnum};
 
 use crate::DEFAULT_AGENT_SOCKET;
 use crate::cidr::Cidr;
-use crate::telemetry::LogFormat;
+use cnlb_runtime::flags::duration;
+use cnlb_runtime::telemetry::LogFormat;
 
 /// AWS NLB target groups keep sending to a deregistered target for 300 s by
 /// default; an address reused sooner could receive another Pod's traffic.
@@ -74,17 +75,17 @@ pub struct AgentArgs {
 
     /// How long a released address stays unused ("300s", "5m", "1h30m");
     /// must cover the load balancers' deregistration delay (NLB default 300s).
-    #[arg(long, default_value = "300s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "300s", value_parser = duration, value_name = "DURATION")]
     pub cooldown: Duration,
 
     /// How long an ADD waits for an address when the pool is empty, before
     /// it fails with "try again later" (kubelet's runtime requests time out
     /// after 2m by default).
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "60s", value_parser = duration, value_name = "DURATION")]
     pub add_timeout: Duration,
 
     /// How often leaked cloud resources (detached ENIs) are looked for.
-    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10m", value_parser = duration, value_name = "DURATION")]
     pub gc_interval: Duration,
 
     /// Address of /metrics, /healthz and /readyz.
@@ -198,38 +199,6 @@ fn overlaps(a: &Cidr, b: &Cidr) -> bool {
     let shorter = a.prefix_len().min(b.prefix_len());
     let truncate = |c: &Cidr| Cidr::new(c.addr(), shorter).map(|c| c.network());
     a.addr().is_ipv4() == b.addr().is_ipv4() && truncate(a).ok() == truncate(b).ok()
-}
-
-/// "300", "300s", "5m", "1h30m": whole seconds, minutes and hours.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration like 300s, 5m or 1h30m");
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse().map(Duration::from_secs).map_err(|_| bad());
-    }
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return Err(bad()),
-        };
-        let value: u64 = number.parse().map_err(|_| bad())?;
-        total = value
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-        number.clear();
-    }
-    if !number.is_empty() || text.is_empty() {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
 }
 
 #[cfg(test)]
@@ -416,17 +385,5 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidValue);
         assert!(err.to_string().contains("--node-name"), "{err}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "s", "5x", "1.5m", "m5", "5m3", "-5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
     }
 }

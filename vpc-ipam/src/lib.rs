@@ -23,7 +23,6 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod store;
-pub mod telemetry;
 
 /// Where the agent listens and the plugin connects, unless configured
 /// (`--socket` on the agent, `ipam.agentSocket` in the CNI configuration).

@@ -1,20 +1,12 @@
-//! The agent's unix socket (for the CNI plugin) and HTTP endpoints (for
-//! Prometheus and probes).
+//! The agent's unix socket, for the CNI plugin.
 
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::routing::get;
-use prometheus_client::registry::Registry;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
@@ -156,50 +148,4 @@ async fn reply(
     line.push(b'\n');
     write.write_all(&line).await?;
     write.shutdown().await
-}
-
-// ------------------------------------------------------------------ HTTP
-
-#[derive(Clone)]
-struct Http {
-    ready: Arc<AtomicBool>,
-    registry: Arc<Registry>,
-}
-
-/// Serves /metrics, /healthz and /readyz (ready once the state is
-/// reconciled and the socket accepts requests).
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    registry: Arc<Registry>,
-    ready: Arc<AtomicBool>,
-) -> io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(Http { ready, registry });
-    axum::serve(listener, app).await
-}
-
-async fn readyz(State(http): State<Http>) -> HttpResponse {
-    if http.ready.load(Ordering::Relaxed) {
-        "ok".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "reconciling").into_response()
-    }
-}
-
-async fn metrics(State(http): State<Http>) -> HttpResponse {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &http.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
-    }
 }

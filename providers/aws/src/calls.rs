@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use aws_sdk_elasticloadbalancingv2::error::SdkError;
+use aws_sdk_ec2::error::SdkError;
 use cnlb_cloud_calls::Group;
 pub(crate) use cnlb_cloud_calls::RateLimits;
 use cnlb_provider_core::{ProviderError, Result};
@@ -32,7 +32,7 @@ pub(crate) trait CallError {
 
 impl<E> CallError for SdkError<E>
 where
-    E: aws_sdk_elasticloadbalancingv2::error::ProvideErrorMetadata + std::error::Error + 'static,
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
     fn into_provider_error(self, operation: &str) -> ProviderError {
         crate::error::map(operation, self)

@@ -1,7 +1,7 @@
 //! AWS SDK errors as typed provider errors, by error code: the controller
 //! decides between waiting for the user, backing off and retrying from them.
 
-use aws_sdk_elasticloadbalancingv2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use cnlb_provider_core::ProviderError;
 
 /// Maps the error of `operation`. Codes are the same across EC2 and ELBv2.
@@ -10,9 +10,10 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let code = err.code().unwrap_or_default().to_string();
-    let message = err.message().map(str::to_string).unwrap_or_else(|| {
-        aws_sdk_elasticloadbalancingv2::error::DisplayErrorContext(&err).to_string()
-    });
+    let message = err
+        .message()
+        .map(str::to_string)
+        .unwrap_or_else(|| aws_sdk_ec2::error::DisplayErrorContext(&err).to_string());
     // The request may not have reached AWS, or AWS failed on its side (5xx):
     // the same request can succeed later.
     let transient = matches!(

@@ -1,5 +1,7 @@
 //! AWS provider for cnlb: Network Load Balancers in IP mode (ELBv2) whose
 //! targets are Pod IPs, and EC2 for the node provider and vpc-ipam.
+//! Feature `load-balancer` (cnlb-ccm) builds the load balancer and node
+//! providers, feature `ipam` (vpc-ipam-agent) the ENI IPAM.
 //!
 //! [`AwsProvider`] implements the load balancer provider; clients are
 //! configured from the standard AWS environment only ([`sdk_config`]).
@@ -12,19 +14,31 @@
 //! same wrapper. [`ipam::Ec2Ipam`] is vpc-ipam's door to EC2 (ENIs,
 //! secondary IPs and prefixes), through a wrapper of its own.
 
+#[cfg(feature = "load-balancer")]
 mod backend;
+#[cfg(any(feature = "load-balancer", feature = "ipam"))]
 mod calls;
+#[cfg(feature = "load-balancer")]
+mod convert;
+#[cfg(any(feature = "load-balancer", feature = "ipam"))]
 mod error;
+#[cfg(feature = "ipam")]
 pub mod ipam;
+#[cfg(feature = "load-balancer")]
 pub mod nodes;
+#[cfg(feature = "load-balancer")]
 pub mod plan;
+#[cfg(feature = "load-balancer")]
 mod provider;
 
 pub use cnlb_cloud_calls::{MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits};
+#[cfg(feature = "load-balancer")]
 pub use nodes::AwsNodes;
+#[cfg(feature = "load-balancer")]
 pub use provider::{AwsConfig, AwsProvider, ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
 
 pub use aws_sdk_ec2 as ec2;
+#[cfg(feature = "load-balancer")]
 pub use aws_sdk_elasticloadbalancingv2 as elbv2;
 
 /// SDK configuration from the standard AWS sources only: environment
@@ -42,6 +56,7 @@ pub async fn sdk_config() -> aws_config::SdkConfig {
 #[derive(Clone, Debug)]
 pub struct Clients {
     pub ec2: ec2::Client,
+    #[cfg(feature = "load-balancer")]
     pub elbv2: elbv2::Client,
 }
 
@@ -52,6 +67,7 @@ impl Clients {
         let config = sdk_config().await;
         Clients {
             ec2: ec2::Client::new(&config),
+            #[cfg(feature = "load-balancer")]
             elbv2: elbv2::Client::new(&config),
         }
     }
@@ -63,7 +79,7 @@ impl Clients {
     /// logical call could become 15 requests, and its retries would be
     /// invisible to the rate limiter and the metrics.
     pub fn without_sdk_retries(&self) -> Clients {
-        use aws_sdk_elasticloadbalancingv2::config::retry::RetryConfig;
+        use aws_config::retry::RetryConfig;
         Clients {
             ec2: ec2::Client::from_conf(
                 self.ec2
@@ -72,6 +88,7 @@ impl Clients {
                     .retry_config(RetryConfig::disabled())
                     .build(),
             ),
+            #[cfg(feature = "load-balancer")]
             elbv2: elbv2::Client::from_conf(
                 self.elbv2
                     .config()
@@ -83,7 +100,7 @@ impl Clients {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "load-balancer"))]
 mod tests {
     use super::*;
 

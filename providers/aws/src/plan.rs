@@ -1,43 +1,29 @@
-//! Pure decisions of the AWS provider: resource names, the keys of persisted
-//! IDs, tag and attribute diffs. No SDK calls here.
+//! Pure decisions of the AWS provider: what each resource should be and
+//! what to do about what exists (create, modify in place, replace,
+//! delete), as data. No SDK types and no calls here: `provider.rs`
+//! describes the resources, turns them into the plain `Actual*` structs of
+//! these modules, asks the plan and makes the calls it answers.
+//!
+//! This module: resource names, the keys of persisted IDs, what AWS cannot
+//! build ([`validate`]), attribute and tag diffs ([`changed`]) and the
+//! backend security group's rules. Per resource: [`target_group`],
+//! [`security_group`], [`load_balancer`], [`listeners`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use cnlb_provider_core::{
-    IpAddressType, Listener, LoadBalancerKey, LoadBalancerSpec, Protocol, ProviderError, Result,
+    Listener, LoadBalancerKey, LoadBalancerSpec, Protocol, ProviderError, Result,
 };
 
-/// One ingress rule of the frontend security group: (protocol, port, CIDR).
-pub type IngressRule = (String, u16, String);
+pub mod listeners;
+pub mod load_balancer;
+pub mod security_group;
+pub mod target_group;
 
-/// The NLB's frontend security group rules: each listener's port and
-/// protocol(s), from `loadBalancerSourceRanges`, or from anywhere when the
-/// Service names none (as aws-load-balancer-controller does).
-pub fn ingress_rules(spec: &LoadBalancerSpec) -> BTreeSet<IngressRule> {
-    let mut anywhere = vec!["0.0.0.0/0".to_string()];
-    if spec.ip_address_type == IpAddressType::DualStack {
-        anywhere.push("::/0".to_string());
-    }
-    let cidrs = if spec.source_ranges.is_empty() {
-        &anywhere
-    } else {
-        &spec.source_ranges
-    };
-    let mut rules = BTreeSet::new();
-    for l in &spec.listeners {
-        let protocols: &[&str] = match l.protocol {
-            Protocol::Tcp | Protocol::Tls => &["tcp"],
-            Protocol::Udp => &["udp"],
-            Protocol::TcpUdp => &["tcp", "udp"],
-        };
-        for p in protocols {
-            for cidr in cidrs {
-                rules.insert((p.to_string(), l.port, cidr.clone()));
-            }
-        }
-    }
-    rules
-}
+#[cfg(test)]
+mod fixtures;
+
+pub use security_group::{IngressRule, ingress_rules};
 
 /// Key of the load balancer ARN in the persisted [`ResourceIds`](cnlb_provider_core::ResourceIds).
 pub const LOAD_BALANCER_ID: &str = "load-balancer";
@@ -72,6 +58,21 @@ pub fn elb_protocol(protocol: Protocol) -> Result<&'static str> {
             "TLS listeners need a certificate, which cnlb does not support yet",
         )),
     }
+}
+
+/// What an NLB cannot be asked for, as user errors naming the field.
+pub fn validate(spec: &LoadBalancerSpec) -> Result<()> {
+    spec.validate()?;
+    for l in &spec.listeners {
+        elb_protocol(l.protocol)?;
+    }
+    if let Some(listener) = spec.target_group_names.keys().next() {
+        return Err(ProviderError::invalid(
+            format!("target_group_names[{listener}]"),
+            "target group names derive from the Service on AWS; they cannot be chosen",
+        ));
+    }
+    Ok(())
 }
 
 /// Target group name: everything a target group cannot change in place
@@ -146,20 +147,8 @@ pub fn unneeded_rules(
 
 #[cfg(test)]
 mod tests {
+    use super::fixtures::{key, listener};
     use super::*;
-
-    fn key() -> LoadBalancerKey {
-        LoadBalancerKey::new("c", "default", "web", "uid-1")
-    }
-
-    fn listener(port: u16, protocol: Protocol) -> Listener {
-        Listener {
-            name: "http".into(),
-            protocol,
-            port,
-            target_port: 8080,
-        }
-    }
 
     #[test]
     fn target_group_names_change_with_what_cannot_change_in_place() {
@@ -179,19 +168,6 @@ mod tests {
     }
 
     #[test]
-    fn ingress_rules_follow_listeners_and_source_ranges() {
-        let mut spec = LoadBalancerSpec::new(key());
-        spec.listeners = vec![listener(80, Protocol::Tcp), listener(53, Protocol::TcpUdp)];
-        let rules = ingress_rules(&spec);
-        assert_eq!(rules.len(), 3);
-        assert!(rules.contains(&("udp".into(), 53, "0.0.0.0/0".into())));
-        spec.source_ranges = vec!["10.1.0.0/16".into(), "192.168.0.0/24".into()];
-        let rules = ingress_rules(&spec);
-        assert_eq!(rules.len(), 6);
-        assert!(rules.iter().all(|(_, _, c)| c != "0.0.0.0/0"));
-    }
-
-    #[test]
     fn tls_is_refused_as_user_error() {
         assert!(elb_protocol(Protocol::Tls).unwrap_err().is_user_error());
     }
@@ -203,6 +179,105 @@ mod tests {
         let actual = BTreeMap::from([("a".to_string(), "1".to_string()), ("b".into(), "3".into())]);
         assert_eq!(changed(&desired, &actual), vec![("b".into(), "2".into())]);
         assert!(changed(&desired, &desired).is_empty());
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn attributes_and_tags_to_set() {
+        let owner = ("cnlb.dev/cluster", "c");
+        let cases = [
+            (
+                "attributes in sync, others AWS has are kept",
+                map(&[("a", "1")]),
+                map(&[("a", "1"), ("aws-default", "x")]),
+                vec![],
+            ),
+            (
+                "attribute changed",
+                map(&[("a", "1"), ("b", "2")]),
+                map(&[("a", "1"), ("b", "3")]),
+                vec![("b", "2")],
+            ),
+            (
+                "attribute AWS does not show",
+                map(&[("a", "1")]),
+                map(&[]),
+                vec![("a", "1")],
+            ),
+            (
+                "an attribute the user dropped keeps its value",
+                map(&[]),
+                map(&[("a", "1")]),
+                vec![],
+            ),
+            (
+                "tags missing (adopted after a crash, or a user tag added)",
+                map(&[owner, ("team", "web")]),
+                map(&[owner]),
+                vec![("team", "web")],
+            ),
+            (
+                "a tag with another value",
+                map(&[("team", "web")]),
+                map(&[("team", "api")]),
+                vec![("team", "web")],
+            ),
+        ];
+        for (name, desired, actual, want) in cases {
+            let want: Vec<(String, String)> = want
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(changed(&desired, &actual), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn what_an_nlb_cannot_be_asked_for() {
+        let valid = || {
+            let mut spec = LoadBalancerSpec::new(key());
+            spec.listeners = vec![listener(80, Protocol::Tcp)];
+            spec
+        };
+        type Edit = fn(&mut LoadBalancerSpec);
+        let cases: [(&str, Edit, Option<&str>); 4] = [
+            ("valid", |_| {}, None),
+            (
+                "not valid anywhere",
+                |s| s.key.uid.clear(),
+                Some("invalid key.uid"),
+            ),
+            (
+                "tls",
+                |s| s.listeners[0].protocol = Protocol::Tls,
+                Some("invalid listeners.protocol"),
+            ),
+            (
+                "target group names",
+                |s| {
+                    s.target_group_names.insert("http".into(), "mine".into());
+                },
+                Some("invalid target_group_names[http]"),
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let mut spec = valid();
+            edit(&mut spec);
+            match (validate(&spec), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.is_user_error(), "{name}");
+                    assert!(e.to_string().starts_with(want), "{name}: {e}");
+                }
+                (got, _) => panic!("{name}: {got:?}"),
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! Every SDK request goes through `self.calls.run("<API action>", || ...)`
 //! (`calls.rs`): rate limit, retries on throttling and 5xx, metrics. A call
 //! that failed here has used up its retries or cannot succeed as sent.
+//!
+//! This file is the I/O only: it finds and describes, turns what AWS shows
+//! into the plan's plain `Actual*` structs, and makes the calls the plan
+//! (`plan.rs` and `plan/`) decides on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,38 +19,42 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
-    Filter, IpPermission, IpRange, Ipv6Range, ResourceType, SecurityGroup, Tag as Ec2Tag,
-    TagSpecification,
+    Filter, IpPermission, ResourceType, SecurityGroup, Tag as Ec2Tag, TagSpecification,
 };
 use aws_sdk_elasticloadbalancingv2::types::{
-    Action, ActionTypeEnum, IpAddressType as ElbIpAddressType, Listener as ElbListener,
-    LoadBalancer, LoadBalancerAttribute, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher,
-    ProtocolEnum, Tag, TargetDescription, TargetGroup, TargetGroupAttribute, TargetHealthStateEnum,
-    TargetTypeEnum,
+    IpAddressType as ElbIpAddressType, LoadBalancerAttribute, LoadBalancerSchemeEnum,
+    LoadBalancerTypeEnum, ProtocolEnum, Tag, TargetDescription, TargetGroup, TargetGroupAttribute,
+    TargetHealthStateEnum, TargetTypeEnum,
 };
 use backon::{ExponentialBuilder, Retryable};
 use cnlb_provider_core::{
-    HealthCheckPort, HealthCheckProtocol, IpAddressType, Listener, LoadBalancerIngress,
-    LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec, LoadBalancerStatus, OwnedLoadBalancer,
-    ProviderError, ResourceIds, Result, Scheme, TAG_CLUSTER, Target, TargetDelta, TargetHealth,
-    TargetHealthState, is_owned_by, is_owned_by_cluster, key_from_owner_tags,
+    Listener, LoadBalancerIngress, LoadBalancerKey, LoadBalancerProvider, LoadBalancerSpec,
+    LoadBalancerStatus, OwnedLoadBalancer, ProviderError, ResourceIds, Result, TAG_CLUSTER, Target,
+    TargetDelta, TargetHealth, TargetHealthState, is_owned_by, is_owned_by_cluster,
+    key_from_owner_tags,
 };
 use prometheus_client::registry::Registry;
+use tracing::debug;
 
 use crate::Clients;
 use crate::backend::BackendGroup;
 use crate::calls::{Calls, RateLimits};
+use crate::convert::{
+    HealthCheckCall, Tags, actual_listener, actual_load_balancer, actual_target_group, elb_tag,
+    elb_tags, forward, permission, rules_of, target, to_map,
+};
 use crate::nodes::AwsNodes;
+use crate::plan::listeners::{self, ActualListener, ListenerAction};
+use crate::plan::load_balancer::{self, ActualLoadBalancer, LoadBalancerAction};
+use crate::plan::security_group::{ingress_changes, security_group_name};
+use crate::plan::target_group::{self, ActualTargetGroup, TargetGroupAction};
 use crate::plan::{
-    BackendRule, DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID,
-    TARGET_BATCH, backend_rules, changed, elb_protocol, ingress_rules, listener_of_id_key,
-    target_group_id_key, target_group_name,
+    BackendRule, DESCRIBE_TAGS_BATCH, LOAD_BALANCER_ID, SECURITY_GROUP_ID, TARGET_BATCH,
+    backend_rules, changed, elb_protocol, ingress_rules, listener_of_id_key, target_group_id_key,
+    target_group_name, validate,
 };
 
-/// Subnet tags through which load balancer subnets are discovered, as in
-/// aws-load-balancer-controller and the in-tree AWS cloud provider.
-pub const ELB_SUBNET_TAG: &str = "kubernetes.io/role/elb";
-pub const INTERNAL_ELB_SUBNET_TAG: &str = "kubernetes.io/role/internal-elb";
+pub use crate::plan::load_balancer::{ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
 
 #[derive(Clone, Debug, Default)]
 pub struct AwsConfig {
@@ -80,8 +88,6 @@ pub struct AwsProvider {
     /// None when [`AwsConfig::backend_security_group`] is off.
     backend: Option<BackendGroup>,
 }
-
-type Tags = BTreeMap<String, String>;
 
 impl AwsProvider {
     /// A provider calling AWS through `clients` (their SDK retries are
@@ -121,7 +127,7 @@ impl AwsProvider {
         &self,
         key: &LoadBalancerKey,
         known: &ResourceIds,
-    ) -> Result<Option<LoadBalancer>> {
+    ) -> Result<Option<ActualLoadBalancer>> {
         let elbv2 = &self.clients.elbv2;
         if let Some(arn) = known.get(LOAD_BALANCER_ID) {
             let found = self
@@ -136,7 +142,7 @@ impl AwsProvider {
             match found {
                 Ok(out) => {
                     if let Some(lb) = out.load_balancers().first() {
-                        return Ok(Some(lb.clone()));
+                        return Ok(Some(actual_load_balancer(lb)));
                     }
                 }
                 Err(ProviderError::NotFound { .. }) => {}
@@ -151,18 +157,15 @@ impl AwsProvider {
             })
             .await;
         let lb = match found {
-            Ok(out) => out.load_balancers().first().cloned(),
+            Ok(out) => out.load_balancers().first().map(actual_load_balancer),
             Err(ProviderError::NotFound { .. }) => None,
             Err(other) => return Err(other),
         };
         let Some(lb) = lb else { return Ok(None) };
-        let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        self.check_owner(key, &arn, &name).await?;
+        self.check_owner(key, &lb.arn, &name).await?;
         Ok(Some(lb))
     }
 
-    /// The target group named `name`: by persisted ARN (if it still has
-    /// that name), else by name with our tags.
     /// A target group by ARN; None if it is gone.
     async fn target_group_by_arn(&self, arn: &str) -> Result<Option<TargetGroup>> {
         match self
@@ -182,12 +185,14 @@ impl AwsProvider {
         }
     }
 
+    /// The target group named `name`: by persisted ARN (if it still has
+    /// that name, else it is being replaced), else by name with our tags.
     async fn find_target_group(
         &self,
         key: &LoadBalancerKey,
         name: &str,
         known_arn: Option<&String>,
-    ) -> Result<Option<TargetGroup>> {
+    ) -> Result<Option<ActualTargetGroup>> {
         let elbv2 = &self.clients.elbv2;
         if let Some(arn) = known_arn {
             match self
@@ -198,10 +203,10 @@ impl AwsProvider {
                 .await
             {
                 Ok(out) => {
-                    if let Some(tg) = out.target_groups().first()
-                        && tg.target_group_name() == Some(name)
+                    if let Some(tg) = out.target_groups().first().map(actual_target_group)
+                        && target_group::is_named(&tg, name)
                     {
-                        return Ok(Some(tg.clone()));
+                        return Ok(Some(tg));
                     }
                 }
                 Err(ProviderError::NotFound { .. }) => {}
@@ -215,13 +220,12 @@ impl AwsProvider {
             })
             .await
         {
-            Ok(out) => out.target_groups().first().cloned(),
+            Ok(out) => out.target_groups().first().map(actual_target_group),
             Err(ProviderError::NotFound { .. }) => None,
             Err(other) => return Err(other),
         };
         let Some(tg) = tg else { return Ok(None) };
-        self.check_owner(key, tg.target_group_arn().unwrap_or_default(), name)
-            .await?;
+        self.check_owner(key, &tg.arn, name).await?;
         Ok(Some(tg))
     }
 
@@ -329,10 +333,7 @@ impl AwsProvider {
             found.sort();
             return Ok(found);
         }
-        let role = match spec.scheme {
-            Scheme::Internal => INTERNAL_ELB_SUBNET_TAG,
-            Scheme::InternetFacing => ELB_SUBNET_TAG,
-        };
+        let role = load_balancer::subnet_role(spec.scheme);
         let tagged = Filter::builder().name("tag-key").values(role).build();
         let out = self
             .calls
@@ -345,19 +346,11 @@ impl AwsProvider {
                     .send()
             })
             .await?;
-        // One subnet per AZ (the lowest ID, so the choice is stable).
-        let mut per_az: BTreeMap<String, String> = BTreeMap::new();
-        for s in out.subnets() {
-            let (Some(az), Some(id)) = (s.availability_zone(), s.subnet_id()) else {
-                continue;
-            };
-            let entry = per_az
-                .entry(az.to_string())
-                .or_insert_with(|| id.to_string());
-            if id < entry.as_str() {
-                *entry = id.to_string();
-            }
-        }
+        let per_az = load_balancer::one_subnet_per_zone(
+            out.subnets()
+                .iter()
+                .filter_map(|s| Some((s.availability_zone()?, s.subnet_id()?))),
+        );
         if per_az.is_empty() {
             return Err(ProviderError::invalid(
                 "subnets",
@@ -367,7 +360,7 @@ impl AwsProvider {
                 ),
             ));
         }
-        Ok(per_az.into_values().collect())
+        Ok(per_az)
     }
 
     async fn ensure_target_group(
@@ -376,56 +369,29 @@ impl AwsProvider {
         listener: &Listener,
         known: &ResourceIds,
     ) -> Result<String> {
-        let name = target_group_name(&spec.key, listener)?;
-        let protocol = ProtocolEnum::from(elb_protocol(listener.protocol)?);
-        let hc = &spec.health_check;
-        let hc_protocol = match hc.protocol {
-            HealthCheckProtocol::Tcp => ProtocolEnum::Tcp,
-            HealthCheckProtocol::Http => ProtocolEnum::Http,
-            HealthCheckProtocol::Https => ProtocolEnum::Https,
-        };
-        let hc_port = match hc.port {
-            HealthCheckPort::TrafficPort => "traffic-port".to_string(),
-            HealthCheckPort::Port(p) => p.to_string(),
-        };
-        let http = hc.protocol != HealthCheckProtocol::Tcp;
-        let path = if http {
-            Some(hc.path.clone().unwrap_or_else(|| "/".to_string()))
-        } else {
-            None
-        };
-        let matcher = http.then(|| Matcher::builder().http_code(&hc.success_codes).build());
-        let interval = secs(hc.interval);
-        let timeout = secs(hc.timeout);
-
+        let desired = target_group::desired(spec, listener)?;
         let known_arn = known.get(&target_group_id_key(listener));
-        let arn = match self.find_target_group(&spec.key, &name, known_arn).await? {
-            Some(tg) => {
-                let arn = tg.target_group_arn().unwrap_or_default().to_string();
-                let drifted = tg.health_check_protocol() != Some(&hc_protocol)
-                    || tg.health_check_port() != Some(hc_port.as_str())
-                    || tg.health_check_interval_seconds() != Some(interval)
-                    || tg.health_check_timeout_seconds() != Some(timeout)
-                    || tg.healthy_threshold_count() != Some(hc.healthy_threshold as i32)
-                    || tg.unhealthy_threshold_count() != Some(hc.unhealthy_threshold as i32)
-                    || (http && tg.health_check_path() != path.as_deref())
-                    || (http
-                        && tg.matcher().and_then(|m| m.http_code())
-                            != Some(hc.success_codes.as_str()));
-                if drifted {
+        let found = self
+            .find_target_group(&spec.key, &desired.name, known_arn)
+            .await?;
+        let arn = match target_group::plan(&desired, found.as_ref()) {
+            TargetGroupAction::Update { arn, drifted } => {
+                if !drifted.is_empty() {
+                    debug!(target_group = %arn, ?drifted, "health check drifted");
+                    let hc = HealthCheckCall::of(&desired);
                     let modify = self
                         .clients
                         .elbv2
                         .modify_target_group()
                         .target_group_arn(&arn)
-                        .health_check_protocol(hc_protocol.clone())
-                        .health_check_port(&hc_port)
-                        .set_health_check_path(path.clone())
-                        .health_check_interval_seconds(interval)
-                        .health_check_timeout_seconds(timeout)
-                        .healthy_threshold_count(hc.healthy_threshold as i32)
-                        .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
-                        .set_matcher(matcher.clone());
+                        .health_check_protocol(hc.protocol)
+                        .health_check_port(hc.port)
+                        .set_health_check_path(hc.path)
+                        .health_check_interval_seconds(hc.interval)
+                        .health_check_timeout_seconds(hc.timeout)
+                        .healthy_threshold_count(hc.healthy_threshold)
+                        .unhealthy_threshold_count(hc.unhealthy_threshold)
+                        .set_matcher(hc.matcher);
                     self.calls
                         .run("ModifyTargetGroup", || modify.clone().send())
                         .await?;
@@ -433,24 +399,25 @@ impl AwsProvider {
                 self.add_missing_tags(&arn, &spec.resource_tags()).await?;
                 arn
             }
-            None => {
+            TargetGroupAction::Create => {
+                let hc = HealthCheckCall::of(&desired);
                 let create = self
                     .clients
                     .elbv2
                     .create_target_group()
-                    .name(&name)
-                    .protocol(protocol)
-                    .port(i32::from(listener.target_port))
+                    .name(&desired.name)
+                    .protocol(ProtocolEnum::from(desired.protocol))
+                    .port(i32::from(desired.port))
                     .vpc_id(&self.config.vpc_id)
                     .target_type(TargetTypeEnum::Ip)
-                    .health_check_protocol(hc_protocol)
-                    .health_check_port(&hc_port)
-                    .set_health_check_path(path)
-                    .health_check_interval_seconds(interval)
-                    .health_check_timeout_seconds(timeout)
-                    .healthy_threshold_count(hc.healthy_threshold as i32)
-                    .unhealthy_threshold_count(hc.unhealthy_threshold as i32)
-                    .set_matcher(matcher)
+                    .health_check_protocol(hc.protocol)
+                    .health_check_port(hc.port)
+                    .set_health_check_path(hc.path)
+                    .health_check_interval_seconds(hc.interval)
+                    .health_check_timeout_seconds(hc.timeout)
+                    .healthy_threshold_count(hc.healthy_threshold)
+                    .unhealthy_threshold_count(hc.unhealthy_threshold)
+                    .set_matcher(hc.matcher)
                     .set_tags(Some(elb_tags(&spec.resource_tags())));
                 let out = self
                     .calls
@@ -465,7 +432,7 @@ impl AwsProvider {
         };
 
         if let Some(backend) = &self.backend {
-            backend.remember_health_check(&arn, &hc_port);
+            backend.remember_health_check(&arn, &desired.health_check.port);
         }
         if !spec.target_group_attributes.is_empty() {
             let out = self
@@ -505,55 +472,43 @@ impl AwsProvider {
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
         security_groups: &[String],
-    ) -> Result<LoadBalancer> {
-        let scheme = match spec.scheme {
-            Scheme::Internal => LoadBalancerSchemeEnum::Internal,
-            Scheme::InternetFacing => LoadBalancerSchemeEnum::InternetFacing,
-        };
-        let lb = match self.find_load_balancer(&spec.key, known).await? {
-            Some(lb) => {
-                // Changing the scheme means a new NLB (and a new address):
-                // never done behind the user's back.
-                if lb.scheme() != Some(&scheme) {
-                    return Err(ProviderError::invalid(
-                        "scheme",
-                        format!(
-                            "the load balancer exists as {}; the scheme cannot change in place (recreate the Service)",
-                            lb.scheme().map(|s| s.as_str()).unwrap_or("unknown")
-                        ),
-                    ));
-                }
-                let arn = lb.load_balancer_arn().unwrap_or_default();
-                self.add_missing_tags(arn, &spec.resource_tags()).await?;
-                let have: BTreeSet<&String> = lb.security_groups().iter().collect();
-                if have != security_groups.iter().collect() {
+    ) -> Result<ActualLoadBalancer> {
+        let found = self.find_load_balancer(&spec.key, known).await?;
+        let lb = match load_balancer::plan(spec, security_groups, found)? {
+            LoadBalancerAction::Update {
+                lb,
+                security_groups,
+            } => {
+                self.add_missing_tags(&lb.arn, &spec.resource_tags())
+                    .await?;
+                if let Some(groups) = security_groups {
                     self.calls
                         .run("SetSecurityGroups", || {
                             self.clients
                                 .elbv2
                                 .set_security_groups()
-                                .load_balancer_arn(arn)
-                                .set_security_groups(Some(security_groups.to_vec()))
+                                .load_balancer_arn(&lb.arn)
+                                .set_security_groups(Some(groups.clone()))
                                 .send()
                         })
                         .await?;
                 }
                 lb
             }
-            None => {
+            LoadBalancerAction::Create => {
                 let subnets = self.subnets(spec).await?;
-                let ip_type = match spec.ip_address_type {
-                    IpAddressType::Ipv4 => ElbIpAddressType::Ipv4,
-                    IpAddressType::DualStack => ElbIpAddressType::Dualstack,
-                };
                 let create = self
                     .clients
                     .elbv2
                     .create_load_balancer()
                     .name(spec.key.short_name())
                     .r#type(LoadBalancerTypeEnum::Network)
-                    .scheme(scheme)
-                    .ip_address_type(ip_type)
+                    .scheme(LoadBalancerSchemeEnum::from(load_balancer::scheme(
+                        spec.scheme,
+                    )))
+                    .ip_address_type(ElbIpAddressType::from(load_balancer::ip_address_type(
+                        spec.ip_address_type,
+                    )))
                     .set_subnets(Some(subnets))
                     // An NLB created without security groups can never get any.
                     .set_security_groups(Some(security_groups.to_vec()))
@@ -564,11 +519,11 @@ impl AwsProvider {
                     .await?;
                 out.load_balancers()
                     .first()
-                    .cloned()
+                    .map(actual_load_balancer)
                     .ok_or_else(|| cloud("CreateLoadBalancer", "no load balancer in the answer"))?
             }
         };
-        let arn = lb.load_balancer_arn().unwrap_or_default();
+        let arn = &lb.arn;
         if !spec.attributes.is_empty() {
             let out = self
                 .calls
@@ -602,7 +557,7 @@ impl AwsProvider {
         Ok(lb)
     }
 
-    async fn listeners_of(&self, lb_arn: &str) -> Result<Vec<ElbListener>> {
+    async fn listeners_of(&self, lb_arn: &str) -> Result<Vec<ActualListener>> {
         let out = self
             .calls
             .run("DescribeListeners", || {
@@ -613,7 +568,7 @@ impl AwsProvider {
                     .send()
             })
             .await?;
-        Ok(out.listeners().to_vec())
+        Ok(out.listeners().iter().map(actual_listener).collect())
     }
 
     /// One listener per spec listener, forwarding to its target group;
@@ -625,67 +580,58 @@ impl AwsProvider {
         target_groups: &BTreeMap<u16, String>,
     ) -> Result<()> {
         let existing = self.listeners_of(lb_arn).await?;
-        for l in &spec.listeners {
-            let Some(tg) = target_groups.get(&l.port) else {
-                continue;
-            };
-            let protocol = ProtocolEnum::from(elb_protocol(l.protocol)?);
-            let forward = Action::builder()
-                .r#type(ActionTypeEnum::Forward)
-                .target_group_arn(tg)
-                .build();
-            match existing
-                .iter()
-                .find(|x| x.port() == Some(i32::from(l.port)))
-            {
-                Some(x)
-                    if x.protocol() == Some(&protocol) && forwards_to(x) == Some(tg.as_str()) => {}
-                Some(x) => {
-                    let modify = self
-                        .clients
-                        .elbv2
-                        .modify_listener()
-                        .listener_arn(x.listener_arn().unwrap_or_default())
-                        .protocol(protocol)
-                        .default_actions(forward);
-                    self.calls
-                        .run("ModifyListener", || modify.clone().send())
-                        .await?;
-                }
-                None => {
+        for action in listeners::plan(spec, target_groups, &existing)? {
+            match action {
+                ListenerAction::Create {
+                    port,
+                    protocol,
+                    target_group,
+                } => {
                     let create = self
                         .clients
                         .elbv2
                         .create_listener()
                         .load_balancer_arn(lb_arn)
-                        .protocol(protocol)
-                        .port(i32::from(l.port))
-                        .default_actions(forward)
+                        .protocol(ProtocolEnum::from(protocol))
+                        .port(i32::from(port))
+                        .default_actions(forward(&target_group))
                         .set_tags(Some(elb_tags(&spec.resource_tags())));
                     self.calls
                         .run("CreateListener", || create.clone().send())
                         .await?;
                 }
-            }
-        }
-        let wanted: BTreeSet<i32> = spec.listeners.iter().map(|l| i32::from(l.port)).collect();
-        for x in existing
-            .iter()
-            .filter(|x| x.port().is_some_and(|p| !wanted.contains(&p)))
-        {
-            let deleted = self
-                .calls
-                .run("DeleteListener", || {
-                    self.clients
+                ListenerAction::Modify {
+                    arn,
+                    protocol,
+                    target_group,
+                } => {
+                    let modify = self
+                        .clients
                         .elbv2
-                        .delete_listener()
-                        .listener_arn(x.listener_arn().unwrap_or_default())
-                        .send()
-                })
-                .await;
-            match deleted {
-                Ok(_) | Err(ProviderError::NotFound { .. }) => {}
-                Err(other) => return Err(other),
+                        .modify_listener()
+                        .listener_arn(arn)
+                        .protocol(ProtocolEnum::from(protocol))
+                        .default_actions(forward(&target_group));
+                    self.calls
+                        .run("ModifyListener", || modify.clone().send())
+                        .await?;
+                }
+                ListenerAction::Delete { arn } => {
+                    let deleted = self
+                        .calls
+                        .run("DeleteListener", || {
+                            self.clients
+                                .elbv2
+                                .delete_listener()
+                                .listener_arn(&arn)
+                                .send()
+                        })
+                        .await;
+                    match deleted {
+                        Ok(_) | Err(ProviderError::NotFound { .. }) => {}
+                        Err(other) => return Err(other),
+                    }
+                }
             }
         }
         Ok(())
@@ -755,7 +701,8 @@ impl AwsProvider {
         let name = target_group_name(key, listener)?;
         self.find_target_group(key, &name, None)
             .await?
-            .and_then(|tg| tg.target_group_arn().map(str::to_string))
+            .map(|tg| tg.arn)
+            .filter(|arn| !arn.is_empty())
             .ok_or(ProviderError::NotFound {
                 resource: format!("target group {name}"),
             })
@@ -839,7 +786,7 @@ impl AwsProvider {
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
     ) -> Result<String> {
-        let name = spec.key.resource_name("sg");
+        let name = security_group_name(&spec.key);
         let found = self
             .find_security_group(&spec.key, &name, known.get(SECURITY_GROUP_ID))
             .await?;
@@ -874,9 +821,9 @@ impl AwsProvider {
                 )
             }
         };
-        let desired = ingress_rules(spec);
-        let add: Vec<IpPermission> = desired.difference(&existing).map(permission).collect();
-        let remove: Vec<IpPermission> = existing.difference(&desired).map(permission).collect();
+        let changes = ingress_changes(&ingress_rules(spec), &existing);
+        let add: Vec<IpPermission> = changes.authorize.iter().map(permission).collect();
+        let remove: Vec<IpPermission> = changes.revoke.iter().map(permission).collect();
         if !add.is_empty() {
             self.calls
                 .run("AuthorizeSecurityGroupIngress", || {
@@ -968,7 +915,7 @@ impl AwsProvider {
         key: &LoadBalancerKey,
         known: &ResourceIds,
     ) -> Result<()> {
-        let name = key.resource_name("sg");
+        let name = security_group_name(key);
         let Some(sg) = self
             .find_security_group(key, &name, known.get(SECURITY_GROUP_ID))
             .await?
@@ -1019,16 +966,7 @@ impl LoadBalancerProvider for AwsProvider {
         spec: &LoadBalancerSpec,
         known: &ResourceIds,
     ) -> Result<LoadBalancerStatus> {
-        spec.validate()?;
-        for l in &spec.listeners {
-            elb_protocol(l.protocol)?;
-        }
-        if let Some(listener) = spec.target_group_names.keys().next() {
-            return Err(ProviderError::invalid(
-                format!("target_group_names[{listener}]"),
-                "target group names derive from the Service on AWS; they cannot be chosen",
-            ));
-        }
+        validate(spec)?;
         // Target groups first: a listener needs one to forward to.
         let mut ids = ResourceIds::new();
         let mut by_port = BTreeMap::new();
@@ -1044,29 +982,23 @@ impl LoadBalancerProvider for AwsProvider {
             security_groups.push(backend.id(&spec.key.cluster).await?);
         }
         let lb = self.ensure_nlb(spec, known, &security_groups).await?;
-        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
-        ids.insert(LOAD_BALANCER_ID.to_string(), lb_arn.clone());
-        self.ensure_listeners(spec, &lb_arn, &by_port).await?;
+        ids.insert(LOAD_BALANCER_ID.to_string(), lb.arn.clone());
+        self.ensure_listeners(spec, &lb.arn, &by_port).await?;
         if !known.is_empty() {
             self.allow_registered(spec, &by_port).await?;
         }
 
         // Target groups of listeners the spec dropped (or changed protocol
         // or port): no listener forwards to them any more.
-        let current: BTreeSet<&String> = ids.values().collect();
-        let stale: BTreeSet<String> = known
-            .iter()
-            .filter(|(k, arn)| listener_of_id_key(k).is_some() && !current.contains(arn))
-            .map(|(_, arn)| arn.clone())
-            .collect();
+        let stale = target_group::stale(known, &ids);
         if !stale.is_empty() {
             self.delete_target_groups(&spec.key, &stale).await?;
         }
 
         let ingress = lb
-            .dns_name()
+            .dns_name
             .map(|h| LoadBalancerIngress {
-                hostname: Some(h.to_string()),
+                hostname: Some(h),
                 ip: None,
                 ip_mode: None,
             })
@@ -1194,24 +1126,16 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     async fn delete_load_balancer(&self, key: &LoadBalancerKey, known: &ResourceIds) -> Result<()> {
-        let mut target_groups: BTreeSet<String> = known
-            .iter()
-            .filter(|(k, _)| listener_of_id_key(k).is_some())
-            .map(|(_, arn)| arn.clone())
-            .collect();
+        let mut existing = Vec::new();
         if let Some(lb) = self.find_load_balancer(key, known).await? {
-            let arn = lb.load_balancer_arn().unwrap_or_default();
-            // Target groups its listeners use, even if their IDs were never persisted.
-            for l in self.listeners_of(arn).await? {
-                target_groups.extend(forwards_to(&l).map(str::to_string));
-            }
+            existing = self.listeners_of(&lb.arn).await?;
             let deleted = self
                 .calls
                 .run("DeleteLoadBalancer", || {
                     self.clients
                         .elbv2
                         .delete_load_balancer()
-                        .load_balancer_arn(arn)
+                        .load_balancer_arn(&lb.arn)
                         .send()
                 })
                 .await;
@@ -1220,6 +1144,7 @@ impl LoadBalancerProvider for AwsProvider {
                 Err(other) => return Err(other),
             }
         }
+        let target_groups = listeners::target_groups_to_delete(known, &existing);
         self.delete_target_groups(key, &target_groups).await?;
         self.delete_security_group(key, known).await
     }
@@ -1388,81 +1313,6 @@ impl LoadBalancerProvider for AwsProvider {
             .await?;
         Ok(())
     }
-}
-
-fn forwards_to(listener: &ElbListener) -> Option<&str> {
-    listener
-        .default_actions()
-        .iter()
-        .find(|a| a.r#type() == Some(&ActionTypeEnum::Forward))
-        .and_then(|a| a.target_group_arn())
-}
-
-fn target(t: &Target) -> TargetDescription {
-    TargetDescription::builder()
-        .id(t.ip.to_string())
-        .port(i32::from(t.port))
-        .build()
-}
-
-/// The ingress rules a security group has, in [`ingress_rules`]' shape.
-fn rules_of(sg: &SecurityGroup) -> BTreeSet<IngressRule> {
-    let mut rules = BTreeSet::new();
-    for p in sg.ip_permissions() {
-        let (Some(proto), Some(port)) = (
-            p.ip_protocol(),
-            p.from_port().and_then(|f| u16::try_from(f).ok()),
-        ) else {
-            continue;
-        };
-        let cidrs = p
-            .ip_ranges()
-            .iter()
-            .filter_map(|r| r.cidr_ip())
-            .chain(p.ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6()));
-        for cidr in cidrs {
-            rules.insert((proto.to_string(), port, cidr.to_string()));
-        }
-    }
-    rules
-}
-
-fn permission((proto, port, cidr): &IngressRule) -> IpPermission {
-    let b = IpPermission::builder()
-        .ip_protocol(proto)
-        .from_port(i32::from(*port))
-        .to_port(i32::from(*port));
-    if cidr.contains(':') {
-        b.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(cidr).build())
-            .build()
-    } else {
-        b.ip_ranges(IpRange::builder().cidr_ip(cidr).build())
-            .build()
-    }
-}
-
-/// Key/value pairs (tags, attributes) of an SDK answer as a map.
-fn to_map<'a>(pairs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)>) -> Tags {
-    pairs
-        .map(|(k, v)| {
-            (
-                k.unwrap_or_default().to_string(),
-                v.unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn elb_tag(k: &str, v: &str) -> Tag {
-    Tag::builder().key(k).value(v).build()
-}
-
-fn elb_tags(tags: &Tags) -> Vec<Tag> {
-    tags.iter().map(|(k, v)| elb_tag(k, v)).collect()
-}
-
-fn secs(d: Duration) -> i32 {
-    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
 
 fn cloud(operation: &str, message: &str) -> ProviderError {

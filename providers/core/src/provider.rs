@@ -184,8 +184,8 @@ pub trait LoadBalancerProvider: Send + Sync {
     ) -> Result<LoadBalancerStatus>;
 
     /// Applies `delta` to the targets of `listener`: deregistrations first,
-    /// then registrations, split into batches the cloud API accepts (see
-    /// [`TargetDelta::batches`]). Only the delta is sent, never the whole set.
+    /// then registrations, each split into the batches the cloud API
+    /// accepts. Only the delta is sent, never the whole set.
     ///
     /// Idempotent: registering a target that is already registered and
     /// deregistering one that is absent both succeed. An empty delta returns

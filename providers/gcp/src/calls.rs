@@ -11,10 +11,15 @@ use std::future::Future;
 
 use cnlb_cloud_calls::{Group, RateLimits};
 use cnlb_provider_core::{ProviderError, Result};
+#[cfg(feature = "ipam")]
+use google_cloud_compute_v1::client::Subnetworks;
+#[cfg(feature = "load-balancer")]
 use google_cloud_compute_v1::client::{
-    Addresses, Firewalls, ForwardingRules, GlobalOperations, Instances, NetworkEndpointGroups,
-    RegionBackendServices, RegionHealthChecks, RegionOperations, RegionTargetTcpProxies, Regions,
-    Subnetworks, ZoneOperations,
+    Addresses, Firewalls, ForwardingRules, NetworkEndpointGroups, RegionBackendServices,
+    RegionHealthChecks, RegionTargetTcpProxies, Regions,
+};
+use google_cloud_compute_v1::client::{
+    GlobalOperations, Instances, RegionOperations, ZoneOperations,
 };
 use google_cloud_compute_v1::model::Operation;
 use google_cloud_compute_v1::model::operation::Status;
@@ -44,18 +49,27 @@ pub struct Connection {
     pub endpoint: Option<String>,
 }
 
-/// The Compute clients cnlb uses.
+/// The Compute clients cnlb uses (those of the enabled features).
 #[derive(Clone, Debug)]
 pub struct Compute {
+    #[cfg(feature = "load-balancer")]
     pub negs: NetworkEndpointGroups,
+    #[cfg(feature = "load-balancer")]
     pub health_checks: RegionHealthChecks,
+    #[cfg(feature = "load-balancer")]
     pub backend_services: RegionBackendServices,
+    #[cfg(feature = "load-balancer")]
     pub proxies: RegionTargetTcpProxies,
+    #[cfg(feature = "load-balancer")]
     pub forwarding_rules: ForwardingRules,
+    #[cfg(feature = "load-balancer")]
     pub addresses: Addresses,
+    #[cfg(feature = "load-balancer")]
     pub firewalls: Firewalls,
     pub instances: Instances,
+    #[cfg(feature = "ipam")]
     pub subnetworks: Subnetworks,
+    #[cfg(feature = "load-balancer")]
     pub regions: Regions,
     pub zone_operations: ZoneOperations,
     pub region_operations: RegionOperations,
@@ -86,15 +100,24 @@ macro_rules! client {
 impl Compute {
     pub async fn connect(connection: &Connection) -> Result<Compute> {
         Ok(Compute {
+            #[cfg(feature = "load-balancer")]
             negs: client!(NetworkEndpointGroups, connection),
+            #[cfg(feature = "load-balancer")]
             health_checks: client!(RegionHealthChecks, connection),
+            #[cfg(feature = "load-balancer")]
             backend_services: client!(RegionBackendServices, connection),
+            #[cfg(feature = "load-balancer")]
             proxies: client!(RegionTargetTcpProxies, connection),
+            #[cfg(feature = "load-balancer")]
             forwarding_rules: client!(ForwardingRules, connection),
+            #[cfg(feature = "load-balancer")]
             addresses: client!(Addresses, connection),
+            #[cfg(feature = "load-balancer")]
             firewalls: client!(Firewalls, connection),
             instances: client!(Instances, connection),
+            #[cfg(feature = "ipam")]
             subnetworks: client!(Subnetworks, connection),
+            #[cfg(feature = "load-balancer")]
             regions: client!(Regions, connection),
             zone_operations: client!(ZoneOperations, connection),
             region_operations: client!(RegionOperations, connection),

@@ -18,18 +18,31 @@
 //!   Nodes, one `instances.list` per zone.
 //! - [`ipam`]: the calls of vpc-ipam's GCP backend (the node's alias IP
 //!   range on `nic0`, from a subnetwork secondary range).
+//! - [`instance`]: the instance behind a Node (provider ID, zone).
+//!
+//! Feature `load-balancer` (cnlb-ccm) builds the load balancer and node
+//! providers, feature `ipam` (vpc-ipam-agent) the alias-range calls; each
+//! enables only the Compute clients it calls.
 
 pub mod calls;
 pub mod error;
+pub mod instance;
+#[cfg(feature = "ipam")]
 pub mod ipam;
+#[cfg(feature = "load-balancer")]
 pub mod nodes;
+#[cfg(feature = "load-balancer")]
 pub mod plan;
+#[cfg(feature = "load-balancer")]
 pub mod provider;
 
 pub use calls::{Calls, Compute, Connection};
 pub use cnlb_cloud_calls::{RateLimit, RateLimits};
+#[cfg(feature = "load-balancer")]
 pub use nodes::GcpNodes;
+#[cfg(feature = "load-balancer")]
 pub use plan::GcpConfig;
+#[cfg(feature = "load-balancer")]
 pub use provider::{GcpProvider, NEG_STATUS_ANNOTATION};
 
 /// `attachNetworkEndpoints` / `detachNetworkEndpoints` take at most this many

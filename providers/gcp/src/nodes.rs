@@ -27,7 +27,7 @@ use cnlb_provider_core::{
 use google_cloud_compute_v1::model::instance::Status;
 
 use crate::calls::{Calls, last_segment};
-use crate::ipam::{InstanceRef, NIC0, region_of};
+use crate::instance::{InstanceRef, NIC0, region_of};
 
 /// `instances.list` page size (the API's maximum).
 const PAGE_SIZE: u32 = 500;

@@ -23,7 +23,9 @@ pub mod client;
 pub mod conformance;
 pub mod convert;
 pub mod endpoint;
+#[cfg(feature = "haproxy")]
 pub mod haproxy;
+#[cfg(feature = "haproxy")]
 pub mod inventory;
 pub mod server;
 pub mod status;

@@ -46,9 +46,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Args;
+use cnlb_cloud_calls::{RateLimit, RateLimits};
 use cnlb_provider_core::ProviderError;
+use cnlb_provider_gcp::Connection;
 use cnlb_provider_gcp::ipam::{AliasRange, GcpIpam, InstanceRef, NIC0, Nic, SubnetInfo};
-use cnlb_provider_gcp::{Connection, RateLimit, RateLimits};
 use prometheus_client::registry::Registry;
 
 use super::static_ranges::usable_addresses;

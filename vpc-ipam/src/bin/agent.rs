@@ -7,10 +7,12 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use cnlb_runtime::probes::{self, Health};
+use cnlb_runtime::signals::Signals;
+use cnlb_runtime::telemetry;
 use cnlb_vpc_ipam::agent::{Agent, AgentConfig, StartError};
 use cnlb_vpc_ipam::agent_cli::{
     AgentArgs, Backend as BackendKind, NLB_DEFAULT_DEREGISTRATION_DELAY,
@@ -23,8 +25,8 @@ use cnlb_vpc_ipam::datapath::DatapathConfig;
 use cnlb_vpc_ipam::install::{InstallArgs, install};
 use cnlb_vpc_ipam::metrics::Metrics;
 use cnlb_vpc_ipam::pool::Targets;
+use cnlb_vpc_ipam::server;
 use cnlb_vpc_ipam::store::Store;
-use cnlb_vpc_ipam::{server, telemetry};
 use prometheus_client::registry::Registry;
 use tracing::{error, info, warn};
 
@@ -130,13 +132,14 @@ async fn run(args: AgentArgs) -> Result<(), String> {
     };
     let registry = Arc::new(registry);
 
-    let ready = Arc::new(AtomicBool::new(false));
+    // Ready once the state is reconciled and the socket accepts requests.
+    let health = Arc::new(Health::new("reconciling"));
     let http = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
     info!(addr = %http_addr, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(server::serve_http(http, registry.clone(), ready.clone()));
+    let http = probes::Server::start(http, health.clone(), registry);
 
     let listener = server::bind(&args.socket)
         .map_err(|e| format!("cannot listen on --socket {}: {e}", args.socket.display()))?;
@@ -190,27 +193,20 @@ async fn run(args: AgentArgs) -> Result<(), String> {
         tokio::spawn(agent.clone().run_pool());
         tokio::spawn(agent.clone().run_garbage_collection(args.gc_interval));
     }
-    ready.store(true, Ordering::Relaxed);
+    // Until here a signal ends the process at once (nothing to drain).
+    let mut signals =
+        Signals::install().map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+    health.set_ready();
     info!(socket = %args.socket.display(), "serving the CNI plugin");
-    server::serve(listener, agent, shutdown_signal())
-        .await
-        .map_err(|e| format!("socket {}: {e}", args.socket.display()))?;
+    server::serve(listener, agent, async move {
+        let signal = signals.recv().await;
+        info!(signal, "shutting down");
+    })
+    .await
+    .map_err(|e| format!("socket {}: {e}", args.socket.display()))?;
+    if let Err(e) = http.stop().await {
+        warn!(error = %e, "HTTP server failed");
+    }
     info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }

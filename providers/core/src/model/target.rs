@@ -205,27 +205,6 @@ impl TargetDelta {
         self.register.len() + self.deregister.len()
     }
 
-    /// Splits into deltas holding at most `max` registrations and at most
-    /// `max` deregistrations each (so each cloud call of a batch stays within
-    /// an API limit such as 500 endpoints per NEG attach). `max` of 0 is
-    /// treated as 1. Empty delta: no batches.
-    pub fn batches(&self, max: usize) -> Vec<TargetDelta> {
-        let max = max.max(1);
-        let mut register = self.register.chunks(max);
-        let mut deregister = self.deregister.chunks(max);
-        let mut batches = Vec::new();
-        loop {
-            let (reg, dereg) = (register.next(), deregister.next());
-            if reg.is_none() && dereg.is_none() {
-                return batches;
-            }
-            batches.push(TargetDelta {
-                register: reg.unwrap_or_default().to_vec(),
-                deregister: dereg.unwrap_or_default().to_vec(),
-            });
-        }
-    }
-
     /// Applies the delta to a set of registered targets (e.g. the
     /// controller's cache after a successful `sync_targets`).
     pub fn apply_to(&self, registered: &mut TargetSet) {
@@ -414,7 +393,6 @@ mod tests {
         let delta = diff_targets(&set, &set.clone());
         assert!(delta.is_empty());
         assert_eq!(delta.len(), 0);
-        assert!(delta.batches(200).is_empty());
         assert!(diff_targets(&TargetSet::new(), &TargetSet::new()).is_empty());
     }
 
@@ -491,42 +469,6 @@ mod tests {
         delta.apply_to(&mut current);
         assert_eq!(current, desired.wanted());
         assert!(diff_targets(&current, &desired).is_empty());
-    }
-
-    #[test]
-    fn batches_respect_the_limit() {
-        let register: Vec<Target> = (0..=250)
-            .map(|i| target(i, 80, TargetState::READY))
-            .collect();
-        let deregister: Vec<Target> = (0..3).map(|i| target(i, 81, TargetState::READY)).collect();
-        let delta = TargetDelta {
-            register: register.clone(),
-            deregister: deregister.clone(),
-        };
-
-        let batches = delta.batches(200);
-        assert_eq!(batches.len(), 2);
-        assert_eq!(batches[0].register.len(), 200);
-        assert_eq!(batches[0].deregister.len(), 3);
-        assert_eq!(batches[1].register.len(), 51);
-        assert!(batches[1].deregister.is_empty());
-        let rejoined: Vec<Target> = batches.iter().flat_map(|b| b.register.clone()).collect();
-        assert_eq!(rejoined, register);
-
-        let batches = delta.batches(500);
-        assert_eq!(batches, vec![delta.clone()]);
-
-        let batches = delta.batches(0);
-        assert_eq!(batches.len(), 251);
-        assert!(
-            batches
-                .iter()
-                .all(|b| b.register.len() <= 1 && b.deregister.len() <= 1)
-        );
-        let rejoined: Vec<Target> = batches.iter().flat_map(|b| b.deregister.clone()).collect();
-        assert_eq!(rejoined, deregister);
-
-        assert!(TargetDelta::default().batches(10).is_empty());
     }
 
     #[test]

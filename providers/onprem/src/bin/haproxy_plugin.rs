@@ -10,7 +10,8 @@ use clap::Parser;
 use cnlb_provider_onprem::PluginEndpoint;
 use cnlb_provider_onprem::haproxy::{AddressPool, HaproxyConfig, HaproxyProvider};
 use cnlb_provider_onprem::server::{Plugin, serve};
-use tokio::signal::unix::{SignalKind, signal};
+use cnlb_runtime::signals::Signals;
+use cnlb_runtime::telemetry::{self, LogFormat};
 
 /// Serves the cnlb provider protocol for an HAProxy (>= 2.6) run in
 /// master-worker mode: `haproxy -W -S <master socket> -f <config file>`.
@@ -59,17 +60,15 @@ struct Args {
     /// serves the Node part of the protocol, without it it has none.
     #[arg(long)]
     inventory: Option<PathBuf>,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
+    telemetry::init(args.log_format)?;
     let state_file = args.state_file.clone().unwrap_or_else(|| {
         let mut name = args.config_file.clone().into_os_string();
         name.push(".state.json");
@@ -105,12 +104,10 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut signals = Signals::install().context("installing the SIGTERM/SIGINT handlers")?;
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        let signal = signals.recv().await;
+        tracing::info!(signal, "shutting down");
     };
     tracing::info!(listen = %args.listen, "serving the cnlb provider protocol");
     let plugin: Arc<dyn Plugin> = provider;
