@@ -26,7 +26,7 @@ debian-deps:
 	localstack-tests/scripts/install-deps.sh
 
 build: debian-deps
-	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this takes about 7 minutes"
+	@echo "==> Building cnlb (cargo build --workspace --bins): the first time this takes about 8 minutes"
 	$(CARGO) build --workspace --bins
 
 ## demo-deps: what the demo needs: Kubernetes (control plane, kubelet), containerd and helm (go build)
