@@ -12,7 +12,7 @@ CARGO ?= cargo
 BIN := $(CARGO_TARGET_DIR)/debug
 ENV := $(BIN)/cnlb-env
 
-.PHONY: demo demo-deps debian-deps build test trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam bench-nodes
+.PHONY: chaos demo demo-deps debian-deps build test fuzz trim-target env-deps env-up env-check env-down images lint fmt bench-aws bench-gcp bench-ipam bench-nodes
 
 ## demo: set up, build, then run the on-prem demo on real Nodes (HAProxy load balancer straight to Pod IPs; Ctrl-C stops it)
 demo: trim-target demo-deps build
@@ -49,6 +49,15 @@ env-up: env-deps build
 test: trim-target lint env-deps build
 	$(ENV) down
 	$(CARGO) test --workspace --no-fail-fast
+
+## fuzz: only the property tests of the parsers of outside input, FUZZ_CASES cases each (default 20000), then the cases each ran
+fuzz: debian-deps
+	@status=0; log=$$(mktemp); \
+	PROPTEST_CASES=$${FUZZ_CASES:-20000} $(CARGO) test --workspace --lib --test properties \
+		-- properties --nocapture 2>&1 | tee $$log || status=$$?; \
+	echo "==> Cases run per property test ($$SECONDS s):"; \
+	grep -o 'properties: [a-z_]*: [0-9]* cases' $$log | sort || true; \
+	rm -f $$log; exit $$status
 
 ## trim-target: drop the shared cargo target dir's debug build once it passes CNLB_TARGET_LIMIT_GIB (default 30)
 trim-target:
@@ -90,6 +99,14 @@ bench-nodes: env-deps build
 bench-ipam: env-deps
 	$(CARGO) build --release -p cnlb-vpc-ipam -p cnlb-localstack-tests --bins
 	$(CARGO) run --release -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
+
+## chaos: the long fault trials: 50 Services converging with 30 % of cloud calls failing, 100 SIGKILLs of cnlb-ccm (AWS, GCP) and of vpc-ipam-agent under churn
+# `make test` runs the same tests small; these variables scale them.
+CNLB_CHAOS_TRIALS ?= 100
+CNLB_CHAOS_SERVICES ?= 50
+chaos: env-deps build
+	CNLB_CHAOS_TRIALS=$(CNLB_CHAOS_TRIALS) CNLB_CHAOS_SERVICES=$(CNLB_CHAOS_SERVICES) \
+	$(CARGO) test --workspace --tests -- chaos --nocapture --test-threads=1
 
 ## lint: formatting and clippy, warnings as errors
 lint: debian-deps

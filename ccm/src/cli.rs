@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use cnlb_cloud_calls::RateLimit;
+use cnlb_provider_onprem::{ClientTls, PemFile, PluginEndpoint};
 use cnlb_runtime::flags::positive_duration;
 pub use cnlb_runtime::telemetry::LogFormat;
 
@@ -86,9 +87,42 @@ pub struct Args {
     pub aws_vpc_id: Option<String>,
 
     /// The on-prem provider plugin's gRPC endpoint (--provider=onprem):
-    /// unix:///path.sock or tcp://ip:port.
+    /// unix:///path.sock or tcp://ip:port (see --onprem-plugin-tls-ca).
     #[arg(long, value_name = "ENDPOINT", required_if_eq("provider", "onprem"))]
-    pub onprem_plugin: Option<cnlb_provider_onprem::PluginEndpoint>,
+    pub onprem_plugin: Option<PluginEndpoint>,
+
+    /// CA certificate(s) (PEM) the plugin's certificate must chain to:
+    /// mutual TLS to a tcp:// --onprem-plugin, with
+    /// --onprem-plugin-tls-cert and --onprem-plugin-tls-key. Files are read
+    /// at start: restart to rotate them.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "onprem_plugin",
+        requires = "onprem_plugin_tls_cert",
+        requires = "onprem_plugin_tls_key"
+    )]
+    pub onprem_plugin_tls_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) cnlb-ccm presents to the plugin; the
+    /// plugin's --tls-client-ca must have issued it.
+    #[arg(long, value_name = "PATH", requires = "onprem_plugin_tls_ca")]
+    pub onprem_plugin_tls_cert: Option<PathBuf>,
+
+    /// The private key of --onprem-plugin-tls-cert (PEM, unencrypted).
+    #[arg(long, value_name = "PATH", requires = "onprem_plugin_tls_ca")]
+    pub onprem_plugin_tls_key: Option<PathBuf>,
+
+    /// The name the plugin's certificate must carry as a subject
+    /// alternative name (DNS). Default: the IP address of --onprem-plugin,
+    /// which must then be an IP SAN of the plugin's certificate.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "onprem_plugin_tls_ca",
+        value_parser = parse_tls_server_name
+    )]
+    pub onprem_plugin_tls_server_name: Option<String>,
 
     /// AWS Describe* calls: tokens per second / burst (--provider=aws).
     #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
@@ -182,6 +216,42 @@ pub struct Args {
     /// (cloud-node), e.g. 5m.
     #[arg(long, default_value = "5m", value_name = "DURATION", value_parser = positive_duration)]
     pub node_status_update_frequency: Duration,
+}
+
+impl Args {
+    /// Mutual TLS to a tcp:// --onprem-plugin, from the
+    /// --onprem-plugin-tls-* files (read and checked now, so a bad file
+    /// stops the start naming its flag); `None` without them.
+    pub fn onprem_plugin_tls(&self) -> Result<Option<ClientTls>, String> {
+        let (Some(ca), Some(cert), Some(key)) = (
+            &self.onprem_plugin_tls_ca,
+            &self.onprem_plugin_tls_cert,
+            &self.onprem_plugin_tls_key,
+        ) else {
+            // clap requires the three together.
+            return Ok(None);
+        };
+        if let Some(endpoint @ PluginEndpoint::Unix(_)) = &self.onprem_plugin {
+            return Err(format!(
+                "--onprem-plugin-tls-ca, --onprem-plugin-tls-cert and --onprem-plugin-tls-key \
+                 are for a tcp:// --onprem-plugin; {endpoint} is a unix socket, guarded by its \
+                 file mode"
+            ));
+        }
+        ClientTls::load(
+            &PemFile::new("--onprem-plugin-tls-ca", ca),
+            &PemFile::new("--onprem-plugin-tls-cert", cert),
+            &PemFile::new("--onprem-plugin-tls-key", key),
+            self.onprem_plugin_tls_server_name.as_deref(),
+        )
+        .map(Some)
+        .map_err(|e| e.to_string())
+    }
+}
+
+fn parse_tls_server_name(s: &str) -> Result<String, String> {
+    cnlb_provider_onprem::tls::check_server_name(s)?;
+    Ok(s.to_string())
 }
 
 /// The controllers `--controllers` enables.
@@ -551,6 +621,72 @@ mod tests {
         let err =
             Args::try_parse_from(base.iter().chain(&["--onprem-plugin", "http://x"])).unwrap_err();
         assert!(err.to_string().contains("--onprem-plugin"), "{err}");
+    }
+
+    #[test]
+    fn onprem_plugin_tls_errors_name_their_flag() {
+        let onprem = |extra: &[&str]| {
+            let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "onprem"];
+            Args::try_parse_from(base.iter().chain(extra))
+        };
+        let tls = |plugin: &str, ca: &str| {
+            onprem(&[
+                "--onprem-plugin",
+                plugin,
+                "--onprem-plugin-tls-ca",
+                ca,
+                "--onprem-plugin-tls-cert",
+                "/nonexistent/tls.crt",
+                "--onprem-plugin-tls-key",
+                "/nonexistent/tls.key",
+            ])
+            .unwrap()
+            .onprem_plugin_tls()
+            .map(|tls| tls.is_some())
+        };
+        // The three files go together, and with a plugin endpoint.
+        let tcp = ["--onprem-plugin", "tcp://192.0.2.10:50051"];
+        let err = onprem(&[&tcp[..], &["--onprem-plugin-tls-ca", "/ca.pem"]].concat()).unwrap_err();
+        assert!(
+            err.to_string().contains("--onprem-plugin-tls-cert"),
+            "{err}"
+        );
+        let err = onprem(&[&tcp[..], &["--onprem-plugin-tls-key", "/k.pem"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("--onprem-plugin-tls-ca"), "{err}");
+        let err = parse(&["--onprem-plugin-tls-ca=/ca.pem"]).unwrap_err();
+        assert!(err.to_string().contains("--onprem-plugin"), "{err}");
+        let err = onprem(&[&tcp[..], &["--onprem-plugin-tls-server-name", "a b"]].concat());
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("--onprem-plugin-tls-server-name"), "{err}");
+        // Without them: plaintext, no files read.
+        assert_eq!(
+            onprem(&tcp)
+                .unwrap()
+                .onprem_plugin_tls()
+                .map(|t| t.is_some()),
+            Ok(false)
+        );
+
+        // TLS is for tcp:// endpoints.
+        let err = tls("unix:///run/p.sock", "/ca.pem").unwrap_err();
+        assert!(
+            err.contains("--onprem-plugin-tls-ca") && err.contains("unix"),
+            "{err}"
+        );
+        // Files are read at start; an unreadable or non-PEM one is named.
+        let err = tls(tcp[1], "/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            err.starts_with("--onprem-plugin-tls-ca /nonexistent/ca.pem: cannot read it"),
+            "{err}"
+        );
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let err = tls(tcp[1], manifest).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "--onprem-plugin-tls-ca {manifest}: no PEM CERTIFICATE block (no PEM block at all)"
+            )
+        );
     }
 
     #[test]

@@ -60,13 +60,20 @@ impl Elector {
     /// Returns once this process holds the lease.
     pub async fn acquire(&mut self) {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            // Bounded like a renewal: a request that never answers must not
+            // keep a standby from taking over.
+            let deadline = self.config.renew_deadline;
+            match tokio::time::timeout(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
                     info!(lease = %self.config.name, identity = %self.config.identity, "became leader");
                     return;
                 }
-                Ok(false) => {}
-                Err(e) => warn!("leader election: {e}"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!("leader election: {e}"),
+                Err(_) => warn!(
+                    "leader election: no answer within {:?}",
+                    self.config.renew_deadline
+                ),
             }
             tokio::time::sleep(self.config.retry_period).await;
         }
@@ -78,15 +85,24 @@ impl Elector {
         let mut last_renewal = Instant::now();
         loop {
             tokio::time::sleep(self.config.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            // A request that never answers (the API server cut off: the
+            // client has no read timeout) counts against the deadline too,
+            // as in client-go; otherwise this replica would act on long
+            // after another one took the lease.
+            let left = self
+                .config
+                .renew_deadline
+                .saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(false)) => {
                     warn!("leader election: the lease was taken over");
                     return;
                 }
-                Err(e) => warn!("leader election: renewing: {e}"),
+                Ok(Err(e)) => warn!("leader election: renewing: {e}"),
+                Err(_) => warn!("leader election: renewing: no answer within the renew deadline"),
             }
-            if last_renewal.elapsed() > self.config.renew_deadline {
+            if last_renewal.elapsed() >= self.config.renew_deadline {
                 warn!(
                     "leader election: could not renew within {:?}",
                     self.config.renew_deadline
@@ -110,13 +126,14 @@ impl Elector {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
         }
-        match self
-            .api
-            .replace(&self.config.name, &PostParams::default(), &released)
-            .await
-        {
-            Ok(_) => info!("released the leader lease"),
-            Err(e) => warn!("releasing the leader lease: {e}"),
+        // Bounded: a shutdown must not hang on an API server that does not
+        // answer; the lease then simply expires.
+        let params = PostParams::default();
+        let replace = self.api.replace(&self.config.name, &params, &released);
+        match tokio::time::timeout(self.config.retry_period, replace).await {
+            Ok(Ok(_)) => info!("released the leader lease"),
+            Ok(Err(e)) => warn!("releasing the leader lease: {e}"),
+            Err(_) => warn!("releasing the leader lease: no answer; it will expire"),
         }
     }
 

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use cnlb_cloud_calls::RateLimits;
 use cnlb_provider_aws::{AwsConfig, AwsProvider};
 use cnlb_provider_core::{LoadBalancerProvider, NodeProvider};
+use cnlb_provider_onprem::{ClientTls, GrpcProvider, PluginEndpoint};
 use cnlb_runtime::probes::{Health, Server};
 use cnlb_runtime::signals::Signals;
 
@@ -62,6 +63,9 @@ pub enum Error {
 }
 
 pub async fn run(args: Args) -> Result<(), Error> {
+    // Read first: a bad TLS file stops the start, naming its flag, before
+    // anything else is tried.
+    let plugin_tls = args.onprem_plugin_tls().map_err(Error::Provider)?;
     let mut signals = Signals::install().map_err(Error::Signals)?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -92,7 +96,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     health.set_ready();
 
-    let providers = build_provider(&args, &metrics).await?;
+    let providers = build_provider(&args, plugin_tls.as_ref(), &metrics).await?;
     let controller_metrics = ControllerMetrics::register(&mut metrics.registry());
     let settings = service::Settings {
         cluster: args.cluster_name.clone(),
@@ -239,8 +243,12 @@ struct Providers {
 }
 
 /// The providers named by --provider; their cloud API metrics go to the
-/// registry /metrics serves.
-async fn build_provider(args: &Args, metrics: &Metrics) -> Result<Providers, Error> {
+/// registry /metrics serves. `plugin_tls`: mutual TLS to the on-prem plugin.
+async fn build_provider(
+    args: &Args,
+    plugin_tls: Option<&ClientTls>,
+    metrics: &Metrics,
+) -> Result<Providers, Error> {
     match args.provider {
         Provider::Aws => {
             let vpc_id = args
@@ -266,9 +274,18 @@ async fn build_provider(args: &Args, metrics: &Metrics) -> Result<Providers, Err
                 .onprem_plugin
                 .as_ref()
                 .ok_or(Error::MissingFlag("--onprem-plugin"))?;
+            if let (PluginEndpoint::Tcp(addr), None) = (endpoint, plugin_tls)
+                && !addr.ip().to_canonical().is_loopback()
+            {
+                warn!(
+                    plugin = %endpoint,
+                    "the plugin connection is plaintext: neither end is authenticated \
+                     (see --onprem-plugin-tls-ca)"
+                );
+            }
             // Lazy: a plugin that is not up yet (or restarts) makes
             // reconciles fail and retry with Events, not the controller exit.
-            let provider = cnlb_provider_onprem::GrpcProvider::lazy(endpoint, "onprem")
+            let provider = GrpcProvider::lazy_with_tls(endpoint, plugin_tls, "onprem")
                 .map_err(|e| Error::Provider(e.to_string()))?;
             let provider = Arc::new(provider);
             Ok(Providers {

@@ -4,6 +4,7 @@
 //! (every default controller, each with its own ServiceAccount credentials,
 //! as kubeadm runs it) and kube-scheduler.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -46,6 +47,13 @@ pub struct ControlPlane {
     admin: Config,
     /// Signs the kubelets' client and serving certificates.
     ca: CertifiedIssuer<'static, KeyPair>,
+    /// Where the parts run, and how etcd and kube-apiserver were started:
+    /// [`ControlPlane::start_etcd`] and [`ControlPlane::start_apiserver`]
+    /// start them again the same way (same data directory, ports, certificates).
+    dir: PathBuf,
+    etcd_launch: Launch,
+    apiserver_launch: Launch,
+    restarts: u32,
     // Field order is drop order: controllers first, etcd last.
     scheduler: Proc,
     kcm: Proc,
@@ -104,6 +112,7 @@ impl ControlPlane {
             .arg("--log-level=warn")
             // Test data is thrown away; fsync would only slow every write.
             .arg("--unsafe-no-fsync");
+        let etcd_launch = Launch::of(&etcd);
         let etcd = Proc::spawn("etcd", etcd, dir)?;
 
         let mut api = Command::new(control_plane_bin("kube-apiserver")?);
@@ -155,6 +164,7 @@ impl ControlPlane {
             // Endpoints validation rejects; nothing here needs it.
             .arg("--endpoint-reconciler-type=none")
             .arg("--profiling=false");
+        let apiserver_launch = Launch::of(&api);
         let apiserver = Proc::spawn("kube-apiserver", api, dir)?;
 
         let mut kcm = Command::new(control_plane_bin("kube-controller-manager")?);
@@ -195,6 +205,10 @@ impl ControlPlane {
             etcd_url,
             admin,
             ca: pki.issuer,
+            dir: dir.to_path_buf(),
+            etcd_launch,
+            apiserver_launch,
+            restarts: 0,
             scheduler,
             kcm,
             apiserver,
@@ -205,30 +219,9 @@ impl ControlPlane {
     /// Waits for etcd, then the API server's /readyz, then for the controller
     /// manager to act (the `default` ServiceAccount exists, so Pods can be created).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let http = reqwest::Client::new();
-        let health = format!("{}/health", self.etcd_url);
-        self.etcd
-            .wait_ready(timeout, || async {
-                let body = http.get(&health).send().await?.text().await?;
-                if body.contains("\"health\":\"true\"") {
-                    Ok(())
-                } else {
-                    bail!("etcd: {body}")
-                }
-            })
-            .await?;
+        self.wait_etcd(timeout).await?;
+        self.wait_apiserver(timeout).await?;
         let client = self.admin_client()?;
-        self.apiserver
-            .wait_ready(timeout, || async {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                let body = client.request_text(req).await?;
-                if body.trim() == "ok" {
-                    Ok(())
-                } else {
-                    bail!("readyz: {body}")
-                }
-            })
-            .await?;
         let sas: Api<ServiceAccount> = Api::namespaced(client, "default");
         self.kcm
             .wait_ready(timeout, || async {
@@ -242,6 +235,102 @@ impl ControlPlane {
 
     pub fn procs(&self) -> [&Proc; 4] {
         [&self.scheduler, &self.kcm, &self.apiserver, &self.etcd]
+    }
+
+    async fn wait_etcd(&self, timeout: Duration) -> Result<()> {
+        let http = reqwest::Client::new();
+        let health = format!("{}/health", self.etcd_url);
+        self.etcd
+            .wait_ready(timeout, || async {
+                let body = http.get(&health).send().await?.text().await?;
+                if body.contains("\"health\":\"true\"") {
+                    Ok(())
+                } else {
+                    bail!("etcd: {body}")
+                }
+            })
+            .await
+    }
+
+    async fn wait_apiserver(&self, timeout: Duration) -> Result<()> {
+        let client = self.admin_client()?;
+        self.apiserver
+            .wait_ready(timeout, || async {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                let body = client.request_text(req).await?;
+                if body.trim() == "ok" {
+                    Ok(())
+                } else {
+                    bail!("readyz: {body}")
+                }
+            })
+            .await
+    }
+
+    /// Kills etcd with SIGKILL, as a crash would; [`ControlPlane::start_etcd`]
+    /// starts it again.
+    pub fn kill_etcd(&self) {
+        self.etcd.kill();
+    }
+
+    /// Kills kube-apiserver with SIGKILL: every open connection (watches
+    /// included) breaks; [`ControlPlane::start_apiserver`] starts it again.
+    pub fn kill_apiserver(&self) {
+        self.apiserver.kill();
+    }
+
+    /// Starts etcd again, after [`ControlPlane::kill_etcd`], on its data
+    /// directory and ports, and waits until it is healthy.
+    pub async fn start_etcd(&mut self, timeout: Duration) -> Result<()> {
+        self.restarts += 1;
+        self.etcd = relaunch(&self.dir, self.restarts, &self.etcd, &self.etcd_launch)?;
+        self.wait_etcd(timeout).await
+    }
+
+    /// Starts kube-apiserver again, after [`ControlPlane::kill_apiserver`],
+    /// with the same flags (port, certificates, tokens, etcd), and waits for
+    /// its /readyz. Its watch cache starts empty, from etcd's current revision.
+    pub async fn start_apiserver(&mut self, timeout: Duration) -> Result<()> {
+        self.restarts += 1;
+        self.apiserver = relaunch(
+            &self.dir,
+            self.restarts,
+            &self.apiserver,
+            &self.apiserver_launch,
+        )?;
+        self.wait_apiserver(timeout).await
+    }
+
+    /// Compacts etcd's history up to its current revision, as
+    /// kube-apiserver does every 5 minutes, through etcd's HTTP/JSON gateway:
+    /// afterwards a watch from any older resourceVersion that reaches etcd
+    /// is answered 410 Gone. Returns the revision.
+    pub async fn compact_etcd(&self) -> Result<i64> {
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: serde_json::Value| {
+            http.post(format!("{}{path}", self.etcd_url))
+                .body(body.to_string())
+                .send()
+        };
+        // Any read answers with the store's revision; "Lw==" is the key "/".
+        let range = post("/v3/kv/range", json!({"key": "Lw==", "count_only": true}))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let range: serde_json::Value = serde_json::from_str(&range)?;
+        // int64 fields are JSON strings in the gateway's answers.
+        let revision: i64 = range["header"]["revision"]
+            .as_str()
+            .context("no revision in etcd's answer")?
+            .parse()?;
+        post(
+            "/v3/kv/compaction",
+            json!({"revision": revision, "physical": true}),
+        )
+        .await?
+        .error_for_status()?;
+        Ok(revision)
     }
 
     /// A client certificate (PEM certificate, PEM key) of user `cn` in
@@ -340,6 +429,35 @@ fn write_kubeconfig_for(
     });
     std::fs::write(path, serde_json::to_vec_pretty(&kc)?)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A program and its arguments, to start it again.
+struct Launch {
+    program: OsString,
+    args: Vec<OsString>,
+}
+
+impl Launch {
+    fn of(cmd: &Command) -> Launch {
+        Launch {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+        }
+    }
+}
+
+/// `launch` again, in place of `old` (which must have exited), logging to
+/// `<name>.<n>.log` so the earlier log is kept; recorded for `cnlb-env down`.
+fn relaunch(dir: &Path, n: u32, old: &Proc, launch: &Launch) -> Result<Proc> {
+    if old.try_status()?.is_none() {
+        bail!("{} is still running", old.name());
+    }
+    let base = old.name().split('.').next().unwrap_or(old.name());
+    let mut cmd = Command::new(&launch.program);
+    cmd.args(&launch.args);
+    let proc = Proc::spawn(&format!("{base}.{n}"), cmd, dir)?;
+    crate::env::record_pid(dir, &proc)?;
+    Ok(proc)
 }
 
 fn random_token() -> Result<String> {

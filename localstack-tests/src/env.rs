@@ -518,6 +518,14 @@ impl Env {
             .context("this environment was built without .kube()")
     }
 
+    /// The control plane, to kill and start etcd and kube-apiserver again
+    /// (fault tests).
+    pub fn kube_mut(&mut self) -> Result<&mut ControlPlane> {
+        self.control_plane
+            .as_mut()
+            .context("this environment was built without .kube()")
+    }
+
     /// EC2 and ELBv2: the user's LocalStack Pro if set, else moto.
     pub fn aws(&self) -> Result<AwsEndpoints> {
         if let Some(ext) = &self.external {

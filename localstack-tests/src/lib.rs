@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod controlplane;
 pub mod env;
+pub mod fault_proxy;
 pub mod images;
 pub mod install;
 pub mod ipam;

@@ -1,6 +1,7 @@
 //! What the `vpc-ipam` CNI plugin does for each command: it validates its
 //! input and asks the node agent, which owns allocation.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,7 +124,14 @@ fn unreachable_agent(
     socket: &Path,
     err: ClientError,
 ) -> Result<Success, cni::Error> {
-    let hint = "is the vpc-ipam-agent Pod running on this node?";
+    let hint = match &err {
+        ClientError::Unreachable { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            "the agent's socket is root only: run the plugin as root"
+        }
+        _ => "is the vpc-ipam-agent Pod running on this node?",
+    };
     if let Command::Del(a) = command {
         let note = match leave_pending_del(socket, &key(a)) {
             Ok(path) => format!(
@@ -169,7 +177,13 @@ fn leave_pending_del(socket: &Path, key: &AttachmentKey) -> std::io::Result<Path
         hasher.finish(),
         std::process::id()
     ));
-    std::fs::write(&tmp, serde_json::to_vec(key)?)?;
+    // A new file, never through a link someone left at that name.
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?
+        .write_all(&serde_json::to_vec(key)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

@@ -112,8 +112,7 @@ pub enum ClientError {
         path: String,
         source: std::io::Error,
     },
-    /// Connected, but the exchange failed (the agent died mid-request, or
-    /// it refused us after checking our credentials).
+    /// Connected, but the exchange failed (the agent died mid-request).
     #[error("talking to the agent at {path}: {source}")]
     Exchange {
         path: String,
@@ -140,21 +139,53 @@ fn exchange(
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    if let Err(err) = stream.write_all(&line) {
+        // An agent that refuses us answers without reading the request and
+        // closes: when that beat our write, its answer is still there to read.
+        if matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ) && let Ok(Some(answer)) = read_answer(stream)
+        {
+            return Ok(answer);
+        }
+        return Err(err);
+    }
+    read_answer(stream)?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the agent closed the connection without answering",
+        )
+    })
+}
+
+/// The answer line; `None` if the agent closed without one.
+fn read_answer(stream: UnixStream) -> std::io::Result<Option<Response>> {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer)?;
     if answer.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the agent closed the connection without answering",
-        ));
+        return Ok(None);
     }
-    Ok(serde_json::from_str(&answer)?)
+    Ok(Some(serde_json::from_str(&answer)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_sent_before_our_request_is_read_even_if_the_write_fails() {
+        // The agent refused the connection, answered and closed before
+        // the plugin wrote its request.
+        let (client, agent) = UnixStream::pair().unwrap();
+        let refusal = Response::error(ErrorCode::PluginNotAvailable, "permission denied", "uid 7");
+        let mut line = serde_json::to_vec(&refusal).unwrap();
+        line.push(b'\n');
+        (&agent).write_all(&line).unwrap();
+        drop(agent);
+        let answer = exchange(client, &Request::Status, Duration::from_secs(1)).unwrap();
+        assert_eq!(answer, refusal);
+    }
 
     #[test]
     fn wire_format_is_tagged_json() {

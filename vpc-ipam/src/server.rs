@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +44,10 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Delivers the DELs the plugin left while the agent was down.
+/// Delivers the DELs the plugin left while the agent was down. Only files
+/// a user who may use the socket wrote are delivered: a DEL is as powerful
+/// as one sent on the socket, so the directory must not be a way around
+/// [`allowed`] when it is writable more widely.
 pub async fn deliver_pending(agent: &Agent, socket: &Path) {
     let dir = pending_dir(socket);
     let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -52,6 +55,22 @@ pub async fn deliver_pending(agent: &Agent, socket: &Path) {
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        // Not followed: a link's target may belong to anyone.
+        let owner = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.uid());
+        if !owner.is_some_and(allowed_uid) {
+            warn!(
+                path = %path.display(),
+                ?owner,
+                "ignoring a pending DEL not written by root (the plugin runs as root)"
+            );
+            if let Err(err) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %err, "cannot remove an ignored pending DEL");
+            }
+            continue;
+        }
         let key = std::fs::read(&path)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<AttachmentKey>(&bytes).ok());
@@ -102,8 +121,7 @@ pub async fn serve(
 /// checked too, in case the socket's directory is shared more widely.
 fn allowed(stream: &UnixStream) -> Result<(), String> {
     let creds = stream.peer_cred().map_err(|e| e.to_string())?;
-    let me = nix::unistd::geteuid().as_raw();
-    if creds.uid() == 0 || creds.uid() == me {
+    if allowed_uid(creds.uid()) {
         Ok(())
     } else {
         Err(format!(
@@ -111,6 +129,11 @@ fn allowed(stream: &UnixStream) -> Result<(), String> {
             creds.uid()
         ))
     }
+}
+
+/// Root, or the agent's own user.
+fn allowed_uid(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 
 async fn connection(stream: UnixStream, agent: &Agent) -> io::Result<()> {
@@ -121,11 +144,16 @@ async fn connection(stream: UnixStream, agent: &Agent) -> io::Result<()> {
         }
         Ok(()) => {
             let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            tokio::time::timeout(READ_TIMEOUT, BufReader::new(read).read_line(&mut line))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-            let response = match serde_json::from_str::<Request>(&line) {
+            // Bytes, not a String: a line that is not UTF-8 gets the decode
+            // error below instead of a closed connection and no answer.
+            let mut line = Vec::new();
+            tokio::time::timeout(
+                READ_TIMEOUT,
+                BufReader::new(read).read_until(b'\n', &mut line),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+            let response = match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => agent.handle(request).await,
                 Err(err) => Response::error(
                     ErrorCode::DecodeFailure,

@@ -589,4 +589,6 @@ impl Parser<'_> {
 
 // Last: the tests use `lbc_key!`, visible only after its definition.
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;

@@ -4,7 +4,9 @@
 //! balancer it has, and its targets keep following its endpoints with the
 //! last applied spec; only the shape waits for a valid spec.
 
-use cnlb_provider_core::{LoadBalancerKey, LoadBalancerSpec, LoadBalancerStatus, ResourceIds};
+use cnlb_provider_core::{
+    LoadBalancerKey, LoadBalancerSpec, LoadBalancerStatus, ProviderError, ResourceIds,
+};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -82,9 +84,8 @@ pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error>
     let status = match ctx.provider.ensure_load_balancer(&spec, &ids).await {
         Ok(status) => status,
         Err(err) => {
-            if err.is_user_error() {
-                // What this cloud cannot build: said where the user looks.
-                let lb = Wanted::new(LOAD_BALANCER_READY, false, "Unsupported", err.to_string());
+            if let Some(reason) = condition_reason(&err) {
+                let lb = Wanted::new(LOAD_BALANCER_READY, false, reason, err.to_string());
                 status::write(ctx, svc, None, &[lb]).await?;
             }
             return Err(err.into());
@@ -107,6 +108,19 @@ pub(super) async fn apply(svc: &Service, ctx: &Context) -> Result<Action, Error>
     ctx.events.forget(svc, "EnsuringLoadBalancer");
     ctx.events.forget(svc, "EnsuredLoadBalancer");
     sync::targets(ctx, svc, &spec, &status.ids, Some(&status.ingress), ready).await
+}
+
+/// The reason of the condition saying why the load balancer is not ready,
+/// for provider errors said where the user looks: what this cloud cannot
+/// build, and a resource cnlb would have to take from another owner (the
+/// name it would give its own, or an ID in the Service's annotations), which
+/// it never adopts, changes nor deletes.
+pub(super) fn condition_reason(err: &ProviderError) -> Option<&'static str> {
+    match err {
+        ProviderError::InvalidSpec { .. } => Some("Unsupported"),
+        ProviderError::Conflict { .. } => Some("Conflict"),
+        _ => None,
+    }
 }
 
 /// Opens the gates of the Service's Pods, then deletes its load balancer.

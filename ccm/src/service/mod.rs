@@ -245,6 +245,12 @@ fn declares_a_gate(pod: &Pod) -> bool {
         })
 }
 
+/// The Service an EndpointSlice belongs to.
+fn service_of_slice(slice: &EndpointSlice) -> Option<ObjectRef<Service>> {
+    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some(ObjectRef::new(name).within(&slice.namespace().unwrap_or_default()))
+}
+
 /// The Services whose endpoints name `pod`.
 fn services_of(slices: &Store<EndpointSlice>, pod: &Pod) -> Vec<ObjectRef<Service>> {
     let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
@@ -296,6 +302,11 @@ pub async fn run(
     // EndpointSlice and Pod changes become reconcile requests of the
     // Services they concern.
     let (triggers, requests) = futures::channel::mpsc::unbounded();
+    // A relist (after a watch expired: 410 Gone) has no event for the
+    // EndpointSlices deleted while we were not watching; the slices it no
+    // longer finds name the Services to queue.
+    let (c, relist_triggers) = (ctx.clone(), triggers.clone());
+    let mut before_relist = Vec::new();
     let slice_watch = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
@@ -303,6 +314,18 @@ pub async fn run(
     .default_backoff()
     .modify(|s| s.metadata.managed_fields = None)
     .reflect(slices_writer)
+    .inspect_ok(move |event| match event {
+        watcher::Event::Init => before_relist = c.slices.state(),
+        watcher::Event::InitDone => {
+            for slice in before_relist.drain(..) {
+                let gone = c.slices.get(&ObjectRef::from_obj(&*slice)).is_none();
+                if let Some(r) = service_of_slice(&slice).filter(|_| gone) {
+                    let _ = relist_triggers.unbounded_send(c.queue(r));
+                }
+            }
+        }
+        _ => {}
+    })
     .touched_objects()
     .predicate_filter(predicates::resource_version, Default::default());
     let c = ctx.clone();
@@ -310,9 +333,8 @@ pub async fn run(
         slice_watch,
         triggers.clone(),
         move |slice: &EndpointSlice| {
-            let name = slice.labels().get(SERVICE_NAME_LABEL).cloned();
-            let ns = slice.namespace().unwrap_or_default();
-            name.map(|n| c.queue(ObjectRef::new(&n).within(&ns)))
+            service_of_slice(slice)
+                .map(|r| c.queue(r))
                 .into_iter()
                 .collect()
         },

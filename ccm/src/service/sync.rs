@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnlb_provider_core::{
-    LoadBalancerIngress, LoadBalancerSpec, ResourceIds, TargetSet, diff_targets, registered_targets,
+    LoadBalancerIngress, LoadBalancerSpec, ProviderError, ResourceIds, TargetSet, diff_targets,
+    registered_targets,
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,7 +19,7 @@ use kube::runtime::controller::Action;
 use tracing::info;
 
 use super::{Context, Error, SERVICE_NAME_LABEL, gates, status};
-use crate::conditions::{Wanted, health_unsettled, targets_healthy};
+use crate::conditions::{LOAD_BALANCER_READY, Wanted, health_unsettled, targets_healthy};
 use crate::targets::{awaiting_gate, desired_targets, serving_behind_gate};
 
 /// The Service's EndpointSlices, from the store.
@@ -32,8 +33,28 @@ pub(super) fn slices(ctx: &Context, svc: &Service) -> Vec<Arc<EndpointSlice>> {
 
 /// Brings the targets of `spec`'s listeners to the endpoints, then writes
 /// the status: `ingress` (the current one when `None`), the load balancer
-/// condition `lb`, and the targets' health when it was read.
+/// condition `lb`, and the targets' health when it was read. A target
+/// group that is not the Service's (its IDs are an annotation anyone who
+/// may edit the Service can write) is said in the condition instead.
 pub(super) async fn targets(
+    ctx: &Context,
+    svc: &Service,
+    spec: &LoadBalancerSpec,
+    ids: &ResourceIds,
+    ingress: Option<&[LoadBalancerIngress]>,
+    lb: Wanted,
+) -> Result<Action, Error> {
+    match follow(ctx, svc, spec, ids, ingress, lb).await {
+        Err(Error::Provider(err)) if matches!(err, ProviderError::Conflict { .. }) => {
+            let lb = Wanted::new(LOAD_BALANCER_READY, false, "Conflict", err.to_string());
+            status::write(ctx, svc, None, &[lb]).await?;
+            Err(err.into())
+        }
+        other => other,
+    }
+}
+
+async fn follow(
     ctx: &Context,
     svc: &Service,
     spec: &LoadBalancerSpec,

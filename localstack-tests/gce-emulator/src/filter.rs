@@ -213,11 +213,15 @@ impl Filter {
                         Some(Tok::Word(v)) | Some(Tok::Quoted(v)) => v.clone(),
                         _ => return Err(format!("expected a value after {field} {op}")),
                     };
+                    // Named, since a filter may hold several expressions.
+                    let regex = || {
+                        compile_regex(&value).map_err(|e| format!("{field} {op} {value:?}: {e}"))
+                    };
                     let (negate, pattern) = match op {
                         "=" => (false, Pattern::Exact(unescape(&value))),
                         "!=" => (true, Pattern::Exact(unescape(&value))),
-                        "eq" => (false, Pattern::Regex(compile_regex(&value)?)),
-                        _ => (true, Pattern::Regex(compile_regex(&value)?)),
+                        "eq" => (false, Pattern::Regex(regex()?)),
+                        _ => (true, Pattern::Regex(regex()?)),
                     };
                     terms.push(Term {
                         path: field.split('.').map(str::to_string).collect(),
@@ -287,3 +291,6 @@ mod tests {
         assert!(Filter::parse("name : x").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties;

@@ -12,6 +12,8 @@ mod common;
 mod controller;
 mod controller_changes;
 mod controller_crash;
+mod faults;
+mod foreign_resources;
 mod nodes;
 mod pod_lifecycle;
 mod readiness_gate;

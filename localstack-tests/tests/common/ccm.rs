@@ -6,6 +6,7 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cnlb_localstack_tests::aws::AwsEndpoints;
 use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::process::Proc;
 use cnlb_localstack_tests::{Env, sample_app};
@@ -109,11 +110,16 @@ pub async fn install(cluster: &Cluster) {
 
 /// Starts the controller (leader election off) with the environment's AWS endpoints.
 pub fn spawn(env: &Env, vpc: &str, name: &str) -> Proc {
+    spawn_at(env, vpc, name, &env.aws().unwrap())
+}
+
+/// [`spawn`] with AWS at `endpoints` (e.g. a fault proxy's).
+pub fn spawn_at(env: &Env, vpc: &str, name: &str, endpoints: &AwsEndpoints) -> Proc {
     let mut cmd = command(env, vpc);
     cmd.args(["--leader-elect=false", "--metrics-bind-address=0"])
         // These tests check behaviour; the benchmark measures the default limits.
         .args(["--aws-write-rate=20/40", "--aws-targets-rate=20/40"])
-        .envs(env.aws().unwrap().env_vars());
+        .envs(endpoints.env_vars());
     Proc::spawn(name, cmd, &env.dir).unwrap()
 }
 
@@ -412,4 +418,87 @@ pub async fn hostname(services: &Api<Service>, name: &str) -> Option<String> {
         .into_iter()
         .next()?
         .hostname
+}
+
+/// Service `name` in default (port http 80 -> 8080), created as a
+/// ClusterIP Service so that its UID is known, and the spec cnlb derives
+/// from it (cluster `test`) once it is a LoadBalancer Service: what cnlb
+/// names its resources after.
+pub async fn cluster_ip_service(
+    services: &Api<Service>,
+    name: &str,
+) -> cnlb_provider_core::LoadBalancerSpec {
+    let mut svc = service(name, json!({}));
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some("ClusterIP".into());
+    spec.load_balancer_class = None;
+    let created = services.create(&PostParams::default(), &svc).await.unwrap();
+    let mut as_load_balancer = service(name, json!({}));
+    as_load_balancer.metadata = created.metadata;
+    cnlb_ccm::annotations::parse_service(&as_load_balancer, "test").unwrap()
+}
+
+/// Makes Service `name` a LoadBalancer Service of class cnlb.dev/nlb with
+/// `annotations`.
+pub async fn make_load_balancer(
+    services: &Api<Service>,
+    name: &str,
+    annotations: serde_json::Value,
+) {
+    let patch = json!({
+        "metadata": {"annotations": annotations},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "cnlb.dev/nlb"},
+    });
+    services
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// Waits until Service `name` (in default) says that `resource` is not its
+/// own: condition LoadBalancerReady False with reason Conflict, and a
+/// Warning Event, both naming it, the condition also with `why`.
+pub async fn wait_conflict(client: &Client, name: &str, resource: &str, why: &str) {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    cnlb_localstack_tests::eventually(
+        &format!("{name}: a Conflict condition and Event naming {resource}"),
+        Duration::from_secs(30),
+        || async {
+            let conflict = condition(client, name, "cnlb.dev/LoadBalancerReady")
+                .await
+                .is_some_and(|(status, reason, message)| {
+                    status == "False"
+                        && reason == "Conflict"
+                        && message.contains(resource)
+                        && message.contains(why)
+                });
+            let list = events
+                .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+                .await?;
+            let event = list.items.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.reason.as_deref() == Some("SyncLoadBalancerFailed")
+                    && e.message.as_deref().is_some_and(|m| m.contains(resource))
+            });
+            Ok(conflict && event)
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Deletes Services `names` (in default) and waits until they are gone:
+/// cnlb's cleanup has finished and removed its finalizer.
+pub async fn delete_services(services: &Api<Service>, names: &[&str]) {
+    for name in names {
+        services
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    cnlb_localstack_tests::eventually("the Services are gone", Duration::from_secs(30), || async {
+        Ok(our_services(services).await? == 0)
+    })
+    .await
+    .unwrap();
 }

@@ -39,6 +39,11 @@ pub async fn cluster(name: &str, nodes: u8) -> GcpCluster {
 /// `cnlb-ccm --provider=gcp` for cluster `test` against the environment's
 /// API server and emulator; callers add leader election and metrics.
 pub fn command(env: &Env) -> Command {
+    command_at(env, env.gce().unwrap().endpoint())
+}
+
+/// [`command`] with the Compute API at `endpoint` (e.g. a fault proxy's).
+pub fn command_at(env: &Env, endpoint: &str) -> Command {
     let gce = env.gce().unwrap();
     let mut cmd = super::ccm::provider_command(env, "gcp");
     cmd.args([
@@ -46,7 +51,7 @@ pub fn command(env: &Env) -> Command {
         &format!("--gcp-region={}", gce.region()),
         &format!("--gcp-network={}", gce.network()),
         &format!("--gcp-subnetwork={}", gce.subnetwork()),
-        &format!("--gcp-endpoint={}", gce.endpoint()),
+        &format!("--gcp-endpoint={endpoint}"),
     ]);
     cmd
 }
@@ -54,9 +59,14 @@ pub fn command(env: &Env) -> Command {
 /// Starts the controller (leader election off) with its metrics on a free
 /// port, returned with it.
 pub fn spawn(env: &Env, name: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    spawn_at(env, name, env.gce().unwrap().endpoint(), extra)
+}
+
+/// [`spawn`] with the Compute API at `endpoint` (e.g. a fault proxy's).
+pub fn spawn_at(env: &Env, name: &str, endpoint: &str, extra: &[&str]) -> (Proc, SocketAddr) {
     let port = free_port().unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut cmd = command(env);
+    let mut cmd = command_at(env, endpoint);
     cmd.args([
         "--leader-elect=false",
         &format!("--metrics-bind-address={addr}"),

@@ -8,6 +8,7 @@
 #![allow(dead_code)] // each test binary uses a part of it
 
 pub mod ccm;
+pub mod chaos;
 pub mod gcp;
 pub mod nodes;
 

@@ -7,6 +7,8 @@ mod common;
 
 mod controller;
 mod controller_crash;
+mod faults;
+mod foreign_resources;
 mod new_zone;
 mod nodes;
 mod readiness_gate;

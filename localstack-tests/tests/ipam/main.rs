@@ -8,5 +8,6 @@
 mod common;
 
 mod gcp_backend;
+mod peer_credentials;
 mod pod_network;
 mod static_backend;

@@ -181,16 +181,24 @@ impl BackendGroup {
             }
             let permissions: Vec<IpPermission> =
                 missing.iter().map(|r| permission(r, &backend)).collect();
+            let authorize = || async {
+                let call = self.clients.ec2.authorize_security_group_ingress();
+                let call = call
+                    .group_id(&sg)
+                    .set_ip_permissions(Some(permissions.clone()));
+                call.send().await.map(|_| ())
+            };
+            // After a lost answer, look before asking again: EC2 refuses
+            // rules that exist.
+            let done_already = || async {
+                self.cache().rules = None;
+                let have = self.rules(&backend).await?;
+                let done = have.get(&sg).is_some_and(|p| missing.is_subset(p));
+                Ok(done.then_some(()))
+            };
             match self
                 .calls
-                .run("AuthorizeSecurityGroupIngress", || {
-                    self.clients
-                        .ec2
-                        .authorize_security_group_ingress()
-                        .group_id(&sg)
-                        .set_ip_permissions(Some(permissions.clone()))
-                        .send()
-                })
+                .run_unrepeatable("AuthorizeSecurityGroupIngress", authorize, done_already)
                 .await
             {
                 // Some were there already: read again next time.

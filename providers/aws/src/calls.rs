@@ -10,8 +10,9 @@ pub(crate) use cnlb_cloud_calls::RateLimits;
 use cnlb_provider_core::{ProviderError, Result};
 use prometheus_client::registry::Registry;
 
-/// Which bucket an operation (an AWS API action name) draws from.
-fn group_of(operation: &str) -> Group {
+/// Which bucket of [`crate::RateLimits`] an operation (an EC2 or ELBv2
+/// action name) draws from.
+pub fn group_of(operation: &str) -> Group {
     if ["Describe", "List", "Get"]
         .iter()
         .any(|p| operation.starts_with(p))
@@ -68,6 +69,31 @@ impl Calls {
             .run(operation, || async {
                 call().await.map_err(|e| e.into_provider_error(operation))
             })
+            .await
+    }
+
+    /// [`Calls::run`] for a request that must not be sent twice blindly;
+    /// `recover` looks for what a lost attempt did (see
+    /// `cnlb_cloud_calls::Calls::run_unrepeatable`).
+    pub(crate) async fn run_unrepeatable<T, E, F, Fut, R, RFut>(
+        &self,
+        operation: &'static str,
+        call: F,
+        recover: R,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = std::result::Result<T, E>>,
+        E: CallError,
+        R: Fn() -> RFut,
+        RFut: Future<Output = Result<Option<T>>>,
+    {
+        self.0
+            .run_unrepeatable(
+                operation,
+                || async { call().await.map_err(|e| e.into_provider_error(operation)) },
+                recover,
+            )
             .await
     }
 }

@@ -31,7 +31,11 @@ pub mod plan;
 #[cfg(feature = "load-balancer")]
 mod provider;
 
-pub use cnlb_cloud_calls::{MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits};
+#[cfg(any(feature = "load-balancer", feature = "ipam"))]
+pub use calls::group_of;
+pub use cnlb_cloud_calls::{
+    Group, MAX_ATTEMPTS, RETRY_MAX_DELAY, RETRY_MIN_DELAY, RateLimit, RateLimits,
+};
 #[cfg(feature = "load-balancer")]
 pub use nodes::AwsNodes;
 #[cfg(feature = "load-balancer")]

@@ -13,8 +13,8 @@
 //! into the plan's plain `Actual*` structs, and makes the calls the plan
 //! (`plan.rs` and `plan/`) decides on.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -34,7 +34,7 @@ use cnlb_provider_core::{
     key_from_owner_tags,
 };
 use prometheus_client::registry::Registry;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::Clients;
 use crate::backend::BackendGroup;
@@ -87,6 +87,10 @@ pub struct AwsProvider {
     calls: Arc<Calls>,
     /// None when [`AwsConfig::backend_security_group`] is off.
     backend: Option<BackendGroup>,
+    /// (Service UID, target group ARN) found tagged as that Service's:
+    /// target changes go only to those. The IDs come from an annotation
+    /// anyone who may edit the Service can write.
+    owned_target_groups: Mutex<HashSet<(String, String)>>,
 }
 
 impl AwsProvider {
@@ -106,6 +110,7 @@ impl AwsProvider {
             calls,
             config,
             backend,
+            owned_target_groups: Mutex::default(),
         }
     }
 
@@ -121,34 +126,56 @@ impl AwsProvider {
         &self.clients
     }
 
-    /// The load balancer of `key`: by persisted ARN, else by name if its
-    /// tags say it is ours. A name taken by someone else is a conflict.
+    /// The load balancer of `key`: by persisted ARN, else by name, if its
+    /// tags say it is ours. One that is not ours is a conflict.
     async fn find_load_balancer(
         &self,
         key: &LoadBalancerKey,
         known: &ResourceIds,
     ) -> Result<Option<ActualLoadBalancer>> {
-        let elbv2 = &self.clients.elbv2;
-        if let Some(arn) = known.get(LOAD_BALANCER_ID) {
-            let found = self
-                .calls
-                .run("DescribeLoadBalancers", || {
-                    elbv2
-                        .describe_load_balancers()
-                        .load_balancer_arns(arn)
-                        .send()
-                })
-                .await;
-            match found {
-                Ok(out) => {
-                    if let Some(lb) = out.load_balancers().first() {
-                        return Ok(Some(actual_load_balancer(lb)));
-                    }
-                }
-                Err(ProviderError::NotFound { .. }) => {}
-                Err(other) => return Err(other),
-            }
+        if let Some(arn) = known.get(LOAD_BALANCER_ID)
+            && let Some(lb) = self.load_balancer_by_arn(key, arn).await?
+        {
+            return Ok(Some(lb));
         }
+        self.load_balancer_by_name(key).await
+    }
+
+    /// The load balancer of persisted ARN `arn` if it exists; a conflict if
+    /// it is not `key`'s.
+    async fn load_balancer_by_arn(
+        &self,
+        key: &LoadBalancerKey,
+        arn: &str,
+    ) -> Result<Option<ActualLoadBalancer>> {
+        let found = self
+            .calls
+            .run("DescribeLoadBalancers", || {
+                self.clients
+                    .elbv2
+                    .describe_load_balancers()
+                    .load_balancer_arns(arn)
+                    .send()
+            })
+            .await;
+        let lb = match found {
+            Ok(out) => out.load_balancers().first().map(actual_load_balancer),
+            Err(ProviderError::NotFound { .. }) => None,
+            Err(other) => return Err(other),
+        };
+        let Some(lb) = lb else { return Ok(None) };
+        self.check_owner(key, &lb.arn, &format!("load balancer {arn}"))
+            .await?;
+        Ok(Some(lb))
+    }
+
+    /// The load balancer with `key`'s name if it exists; a conflict if it
+    /// is not `key`'s.
+    async fn load_balancer_by_name(
+        &self,
+        key: &LoadBalancerKey,
+    ) -> Result<Option<ActualLoadBalancer>> {
+        let elbv2 = &self.clients.elbv2;
         let name = key.short_name();
         let found = self
             .calls
@@ -203,10 +230,15 @@ impl AwsProvider {
                 .await
             {
                 Ok(out) => {
-                    if let Some(tg) = out.target_groups().first().map(actual_target_group)
-                        && target_group::is_named(&tg, name)
-                    {
-                        return Ok(Some(tg));
+                    if let Some(tg) = out.target_groups().first().map(actual_target_group) {
+                        self.check_owner(key, &tg.arn, &format!("target group {arn}"))
+                            .await?;
+                        self.owned_target_groups()
+                            .insert((key.uid.clone(), tg.arn.clone()));
+                        // Another name: it is being replaced.
+                        if target_group::is_named(&tg, name) {
+                            return Ok(Some(tg));
+                        }
                     }
                 }
                 Err(ProviderError::NotFound { .. }) => {}
@@ -226,7 +258,57 @@ impl AwsProvider {
         };
         let Some(tg) = tg else { return Ok(None) };
         self.check_owner(key, &tg.arn, name).await?;
+        self.owned_target_groups()
+            .insert((key.uid.clone(), tg.arn.clone()));
         Ok(Some(tg))
+    }
+
+    fn owned_target_groups(&self) -> MutexGuard<'_, HashSet<(String, String)>> {
+        self.owned_target_groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fails with a conflict unless every target group `known` names is
+    /// tagged as `key`'s: target changes and health reads go to those
+    /// ARNs. One DescribeTags per 20 not yet seen tagged since the start.
+    async fn check_target_groups(&self, key: &LoadBalancerKey, known: &ResourceIds) -> Result<()> {
+        let unchecked: Vec<String> = {
+            let owned = self.owned_target_groups();
+            known
+                .iter()
+                .filter(|(k, _)| listener_of_id_key(k).is_some())
+                .map(|(_, arn)| arn.clone())
+                .filter(|arn| !owned.contains(&(key.uid.clone(), arn.clone())))
+                .collect()
+        };
+        if unchecked.is_empty() {
+            return Ok(());
+        }
+        let tags = match self.tags_of(&unchecked).await {
+            Ok(tags) => tags,
+            // One is gone (the calls that use it find out): the others one
+            // by one.
+            Err(ProviderError::NotFound { .. }) => {
+                let mut tags = BTreeMap::new();
+                for arn in &unchecked {
+                    match self.tags_of(std::slice::from_ref(arn)).await {
+                        Ok(mut one) => tags.append(&mut one),
+                        Err(ProviderError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                tags
+            }
+            Err(e) => return Err(e),
+        };
+        for (arn, tags) in tags {
+            if !is_owned_by(&tags, key) {
+                return Err(not_owned(&format!("target group {arn}"), key));
+            }
+            self.owned_target_groups().insert((key.uid.clone(), arn));
+        }
+        Ok(())
     }
 
     async fn check_owner(&self, key: &LoadBalancerKey, arn: &str, name: &str) -> Result<()> {
@@ -234,10 +316,7 @@ impl AwsProvider {
         if tags.get(arn).is_some_and(|t| is_owned_by(t, key)) {
             Ok(())
         } else {
-            Err(ProviderError::Conflict {
-                resource: name.to_string(),
-                reason: format!("{name} exists but is not tagged as owned by {key}"),
-            })
+            Err(not_owned(name, key))
         }
     }
 
@@ -419,17 +498,26 @@ impl AwsProvider {
                     .unhealthy_threshold_count(hc.unhealthy_threshold)
                     .set_matcher(hc.matcher)
                     .set_tags(Some(elb_tags(&spec.resource_tags())));
-                let out = self
-                    .calls
-                    .run("CreateTargetGroup", || create.clone().send())
-                    .await?;
-                out.target_groups()
-                    .first()
-                    .and_then(|tg| tg.target_group_arn())
-                    .map(str::to_string)
+                self.calls
+                    .run_unrepeatable(
+                        "CreateTargetGroup",
+                        || async {
+                            create.clone().send().await.map(|out| {
+                                let tg = out.target_groups().first();
+                                tg.and_then(|tg| tg.target_group_arn()).map(str::to_string)
+                            })
+                        },
+                        || async {
+                            let found = self.find_target_group(&spec.key, &desired.name, None);
+                            Ok(found.await?.map(|tg| Some(tg.arn)))
+                        },
+                    )
+                    .await?
                     .ok_or_else(|| cloud("CreateTargetGroup", "no target group in the answer"))?
             }
         };
+        self.owned_target_groups()
+            .insert((spec.key.uid.clone(), arn.clone()));
 
         if let Some(backend) = &self.backend {
             backend.remember_health_check(&arn, &desired.health_check.port);
@@ -513,13 +601,19 @@ impl AwsProvider {
                     // An NLB created without security groups can never get any.
                     .set_security_groups(Some(security_groups.to_vec()))
                     .set_tags(Some(elb_tags(&spec.resource_tags())));
-                let out = self
-                    .calls
-                    .run("CreateLoadBalancer", || create.clone().send())
-                    .await?;
-                out.load_balancers()
-                    .first()
-                    .map(actual_load_balancer)
+                self.calls
+                    .run_unrepeatable(
+                        "CreateLoadBalancer",
+                        || async {
+                            let out = create.clone().send().await;
+                            out.map(|out| out.load_balancers().first().map(actual_load_balancer))
+                        },
+                        || async {
+                            let none = ResourceIds::new();
+                            Ok(self.find_load_balancer(&spec.key, &none).await?.map(Some))
+                        },
+                    )
+                    .await?
                     .ok_or_else(|| cloud("CreateLoadBalancer", "no load balancer in the answer"))?
             }
         };
@@ -597,7 +691,15 @@ impl AwsProvider {
                         .default_actions(forward(&target_group))
                         .set_tags(Some(elb_tags(&spec.resource_tags())));
                     self.calls
-                        .run("CreateListener", || create.clone().send())
+                        .run_unrepeatable(
+                            "CreateListener",
+                            || async { create.clone().send().await.map(|_| ()) },
+                            || async {
+                                let listeners = self.listeners_of(lb_arn).await?;
+                                let port = Some(i32::from(port));
+                                Ok(listeners.iter().any(|l| l.port == port).then_some(()))
+                            },
+                        )
                         .await?;
                 }
                 ListenerAction::Modify {
@@ -810,11 +912,20 @@ impl AwsProvider {
                     .description(format!("cnlb frontend of {}", spec.key.service()))
                     .vpc_id(&self.config.vpc_id)
                     .tag_specifications(tags);
-                let out = self
+                let id = self
                     .calls
-                    .run("CreateSecurityGroup", || create.clone().send())
+                    .run_unrepeatable(
+                        "CreateSecurityGroup",
+                        || async {
+                            let out = create.clone().send().await;
+                            out.map(|out| out.group_id().map(str::to_string))
+                        },
+                        || async {
+                            let found = self.find_security_group(&spec.key, &name, None);
+                            Ok(found.await?.map(|sg| sg.group_id().map(str::to_string)))
+                        },
+                    )
                     .await?;
-                let id = out.group_id().map(str::to_string);
                 (
                     id.ok_or_else(|| cloud("CreateSecurityGroup", "no group id in the answer"))?,
                     BTreeSet::new(),
@@ -825,15 +936,29 @@ impl AwsProvider {
         let add: Vec<IpPermission> = changes.authorize.iter().map(permission).collect();
         let remove: Vec<IpPermission> = changes.revoke.iter().map(permission).collect();
         if !add.is_empty() {
+            // EC2 refuses a rule that exists: after a lost answer, look.
             self.calls
-                .run("AuthorizeSecurityGroupIngress", || {
-                    self.clients
-                        .ec2
-                        .authorize_security_group_ingress()
-                        .group_id(&id)
-                        .set_ip_permissions(Some(add.clone()))
-                        .send()
-                })
+                .run_unrepeatable(
+                    "AuthorizeSecurityGroupIngress",
+                    || async {
+                        let authorize = self.clients.ec2.authorize_security_group_ingress();
+                        let authorize = authorize
+                            .group_id(&id)
+                            .set_ip_permissions(Some(add.clone()));
+                        authorize.send().await.map(|_| ())
+                    },
+                    || async {
+                        let sg = self
+                            .find_security_group(&spec.key, &name, Some(&id))
+                            .await?;
+                        let have = sg.as_ref().map(rules_of).unwrap_or_default();
+                        Ok(changes
+                            .authorize
+                            .iter()
+                            .all(|r| have.contains(r))
+                            .then_some(()))
+                    },
+                )
                 .await?;
         }
         if !remove.is_empty() {
@@ -872,6 +997,10 @@ impl AwsProvider {
             match found {
                 Ok(out) => {
                     if let Some(sg) = out.security_groups().first() {
+                        let tags = to_map(sg.tags().iter().map(|t| (t.key(), t.value())));
+                        if !is_owned_by(&tags, key) {
+                            return Err(not_owned(&format!("security group {id}"), key));
+                        }
                         return Ok(Some(sg.clone()));
                     }
                 }
@@ -900,10 +1029,7 @@ impl AwsProvider {
         };
         let tags = to_map(sg.tags().iter().map(|t| (t.key(), t.value())));
         if !is_owned_by(&tags, key) {
-            return Err(ProviderError::Conflict {
-                resource: name.to_string(),
-                reason: format!("security group {name} exists but is not tagged as owned by {key}"),
-            });
+            return Err(not_owned(&format!("security group {name}"), key));
         }
         Ok(Some(sg.clone()))
     }
@@ -916,11 +1042,17 @@ impl AwsProvider {
         known: &ResourceIds,
     ) -> Result<()> {
         let name = security_group_name(key);
-        let Some(sg) = self
-            .find_security_group(key, &name, known.get(SECURITY_GROUP_ID))
-            .await?
-        else {
-            return Ok(());
+        // A foreign group the ID names is skipped, ours by name still goes.
+        let by_id = match known.get(SECURITY_GROUP_ID) {
+            Some(id) => skip_foreign(self.find_security_group(key, &name, Some(id)).await)?,
+            None => None,
+        };
+        let sg = match by_id {
+            Some(sg) => sg,
+            None => match skip_foreign(self.find_security_group(key, &name, None).await)? {
+                Some(sg) => sg,
+                None => return Ok(()),
+            },
         };
         let id = sg.group_id().unwrap_or_default().to_string();
         let delete = || async {
@@ -1021,6 +1153,7 @@ impl LoadBalancerProvider for AwsProvider {
         if delta.is_empty() {
             return Ok(());
         }
+        self.check_target_groups(key, known).await?;
         let arn = self.target_group_arn(key, listener, known).await?;
         // Draining first: a terminating Pod stops getting new connections
         // before anything else happens.
@@ -1085,6 +1218,7 @@ impl LoadBalancerProvider for AwsProvider {
                 resource: format!("load balancer of {key}"),
             });
         }
+        self.check_target_groups(key, known).await?;
         let mut health = Vec::new();
         for (id_key, arn) in known {
             let Some(listener) = listener_of_id_key(id_key) else {
@@ -1126,8 +1260,18 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     async fn delete_load_balancer(&self, key: &LoadBalancerKey, known: &ResourceIds) -> Result<()> {
+        // Only what is tagged as `key`'s: a foreign load balancer the ID or
+        // the name points at is left alone, and ours by name still goes.
+        let by_arn = match known.get(LOAD_BALANCER_ID) {
+            Some(arn) => skip_foreign(self.load_balancer_by_arn(key, arn).await)?,
+            None => None,
+        };
+        let lb = match by_arn {
+            Some(lb) => Some(lb),
+            None => skip_foreign(self.load_balancer_by_name(key).await)?,
+        };
         let mut existing = Vec::new();
-        if let Some(lb) = self.find_load_balancer(key, known).await? {
+        if let Some(lb) = lb {
             existing = self.listeners_of(&lb.arn).await?;
             let deleted = self
                 .calls
@@ -1146,7 +1290,10 @@ impl LoadBalancerProvider for AwsProvider {
         }
         let target_groups = listeners::target_groups_to_delete(known, &existing);
         self.delete_target_groups(key, &target_groups).await?;
-        self.delete_security_group(key, known).await
+        self.delete_security_group(key, known).await?;
+        self.owned_target_groups()
+            .retain(|(uid, _)| *uid != key.uid);
+        Ok(())
     }
 
     async fn list_owned(&self, cluster: &str) -> Result<Vec<OwnedLoadBalancer>> {
@@ -1317,6 +1464,26 @@ impl LoadBalancerProvider for AwsProvider {
 
 fn cloud(operation: &str, message: &str) -> ProviderError {
     ProviderError::cloud(operation, message, true)
+}
+
+/// `what` exists but is not `key`'s: cnlb neither adopts, changes nor
+/// deletes it.
+fn not_owned(what: &str, key: &LoadBalancerKey) -> ProviderError {
+    ProviderError::Conflict {
+        resource: what.to_string(),
+        reason: format!("it exists but is not tagged as owned by {key}"),
+    }
+}
+
+/// A lookup for a deletion: what is not ours counts as absent.
+fn skip_foreign<T>(found: Result<Option<T>>) -> Result<Option<T>> {
+    match found {
+        Err(ProviderError::Conflict { resource, reason }) => {
+            warn!("not deleting {resource}: {reason}");
+            Ok(None)
+        }
+        other => other,
+    }
 }
 
 /// A target group stays "in use" for a few seconds after its load balancer

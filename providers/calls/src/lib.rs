@@ -309,6 +309,46 @@ impl Calls {
             .await
     }
 
+    /// [`Calls::run`] for a request that must not be repeated blindly: a
+    /// create without an idempotency token, or a change the cloud refuses
+    /// to make twice (a rule that exists). Throttling is retried as usual
+    /// (the cloud did nothing), but after any other retryable failure the
+    /// outcome is unknown (the answer may be what was lost), so `recover`
+    /// runs before the next attempt: it looks for what the request would
+    /// have done and returns it, or `None` to send the request again.
+    pub async fn run_unrepeatable<T, F, Fut, R, RFut>(
+        &self,
+        operation: &'static str,
+        call: F,
+        recover: R,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T>>,
+        R: Fn() -> RFut,
+        RFut: Future<Output = Result<Option<T>>>,
+    {
+        let unknown = std::sync::atomic::AtomicBool::new(false);
+        (|| async {
+            if unknown.load(std::sync::atomic::Ordering::Relaxed)
+                && let Some(done) = recover().await?
+            {
+                tracing::debug!(provider = self.provider, operation, "an earlier attempt had done it");
+                return Ok(done);
+            }
+            let result = self.attempt(operation, &call).await;
+            let lost = matches!(&result, Err(e) if is_retryable(e) && !matches!(e, ProviderError::Throttled { .. }));
+            unknown.store(lost, std::sync::atomic::Ordering::Relaxed);
+            result
+        })
+        .retry(self.backoff)
+        .when(is_retryable)
+        .notify(|err, delay| {
+            tracing::debug!(provider = self.provider, operation, error = %err, retry_in = ?delay, "retrying cloud call");
+        })
+        .await
+    }
+
     async fn attempt<T, F, Fut>(&self, operation: &'static str, call: &F) -> Result<T>
     where
         F: Fn() -> Fut,
@@ -416,6 +456,57 @@ mod tests {
         ] {
             assert!(text.contains(&line), "no {line} in\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_unrepeatable_call_looks_before_it_sends_again() {
+        let mut registry = Registry::default();
+        let calls = calls(unlimited(), &mut registry);
+        // Throttled, then an answer lost after the cloud made it (1), which
+        // the look-up finds: no third request.
+        let (attempts, lookups) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let made = AtomicUsize::new(0);
+        let out = calls
+            .run_unrepeatable(
+                "CreateLoadBalancer",
+                || async {
+                    match attempts.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(throttled()),
+                        _ => {
+                            made.store(1, Ordering::SeqCst);
+                            Err(ProviderError::cloud("CreateLoadBalancer", "reset", true))
+                        }
+                    }
+                },
+                || async {
+                    lookups.fetch_add(1, Ordering::SeqCst);
+                    Ok(Some(made.load(Ordering::SeqCst)).filter(|n| *n > 0))
+                },
+            )
+            .await;
+        assert_eq!(out, Ok(1));
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            lookups.load(Ordering::SeqCst),
+            1,
+            "no look-up after a throttle"
+        );
+
+        // Nothing found: the request is sent again.
+        attempts.store(0, Ordering::SeqCst);
+        let out = calls
+            .run_unrepeatable(
+                "CreateLoadBalancer",
+                || async {
+                    match attempts.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(ProviderError::cloud("CreateLoadBalancer", "503", true)),
+                        n => Ok(n + 10),
+                    }
+                },
+                || async { Ok(None) },
+            )
+            .await;
+        assert_eq!(out, Ok(11));
     }
 
     #[tokio::test]

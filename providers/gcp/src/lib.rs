@@ -37,7 +37,7 @@ pub mod plan;
 pub mod provider;
 
 pub use calls::{Calls, Compute, Connection};
-pub use cnlb_cloud_calls::{RateLimit, RateLimits};
+pub use cnlb_cloud_calls::{Group, RateLimit, RateLimits};
 #[cfg(feature = "load-balancer")]
 pub use nodes::GcpNodes;
 #[cfg(feature = "load-balancer")]

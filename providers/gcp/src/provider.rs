@@ -8,7 +8,7 @@
 //! inserts and endpoint changes carry a `requestId`, so a retried request is
 //! not applied twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -51,6 +51,16 @@ enum Kind<'a> {
     ForwardingRule,
 }
 
+/// What a deletion does with a resource of another owner where cnlb looks
+/// for its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnForeign {
+    /// A conflict: the Service asks for something cnlb does not do.
+    Refuse,
+    /// The Service is going: only its own resources go with it.
+    Leave,
+}
+
 /// What [`GcpProvider::ensure`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
@@ -73,6 +83,10 @@ pub struct GcpProvider {
     /// and address: a detach names the instance, and after a restart the
     /// controller's targets carry only IP and port.
     endpoints: Mutex<HashMap<(String, SocketAddr), (String, String)>>,
+    /// (Service UID, zone, NEG) found to be that Service's: endpoint
+    /// changes and reads go only to those. NEG names come from the
+    /// Service's annotations, which anyone who may edit it can write.
+    owned_negs: Mutex<HashSet<(String, String, String)>>,
 }
 
 impl GcpProvider {
@@ -111,6 +125,7 @@ impl GcpProvider {
             region_zones,
             extra_zones: Mutex::default(),
             endpoints: Mutex::default(),
+            owned_negs: Mutex::default(),
         })
     }
 
@@ -646,11 +661,7 @@ impl GcpProvider {
             }
         };
         if plan::owner(existing["description"].as_str()).as_ref() != Some(key) {
-            return Err(ProviderError::Conflict {
-                resource: format!("{kind:?} {name}"),
-                reason: "it exists and is not this Service's (its description names another owner)"
-                    .into(),
-            });
+            return Err(not_ours(kind, &name));
         }
         if plan::differs(&existing, &desired, immutable) {
             return Ok(Found::MustReplace);
@@ -685,7 +696,8 @@ impl GcpProvider {
         let name = desired["name"].as_str().unwrap_or_default().to_string();
         warn!(service = %key.service(), resource = %name, "replacing {kind:?}: a field that cannot change in place changed");
         for (dependent, dependent_name) in dependents {
-            self.delete(*dependent, dependent_name).await?;
+            self.delete_owned(*dependent, key, dependent_name, OnForeign::Refuse)
+                .await?;
         }
         self.delete(kind, &name).await?;
         match self
@@ -712,7 +724,59 @@ impl GcpProvider {
         let body = plan::neg(spec, &self.cfg, listener, &port.neg);
         self.ensure(Kind::Neg(zone), &spec.key, body, &[], false)
             .await?;
+        self.remember_neg(&spec.key, zone, &port.neg);
         Ok(())
+    }
+
+    fn remember_neg(&self, key: &LoadBalancerKey, zone: &str, neg: &str) {
+        if let Ok(mut owned) = self.owned_negs.lock() {
+            owned.insert((key.uid.clone(), zone.to_string(), neg.to_string()));
+        }
+    }
+
+    /// Fails with a conflict unless each of `negs` (zone, name) is `key`'s
+    /// or absent. One get per NEG not yet seen as `key`'s since the start.
+    async fn check_negs(&self, key: &LoadBalancerKey, negs: &[(&str, &str)]) -> Result<()> {
+        let unchecked: Vec<(&str, &str)> = match self.owned_negs.lock() {
+            Ok(owned) => negs
+                .iter()
+                .filter(|(z, n)| !owned.contains(&(key.uid.clone(), z.to_string(), n.to_string())))
+                .copied()
+                .collect(),
+            Err(_) => negs.to_vec(),
+        };
+        let found = try_join_all(unchecked.iter().map(|(z, n)| self.get(Kind::Neg(z), n))).await?;
+        for ((zone, neg), found) in unchecked.iter().zip(found) {
+            let Some(found) = found else { continue };
+            if plan::owner(found["description"].as_str()).as_ref() != Some(key) {
+                return Err(not_ours(Kind::Neg(zone), neg));
+            }
+            self.remember_neg(key, zone, neg);
+        }
+        Ok(())
+    }
+
+    /// Deletes the resource if it is `key`'s. One of another owner (its
+    /// name from the Service's annotations, or taken before cnlb could) is
+    /// never deleted: a conflict, or with [`OnForeign::Leave`] left alone.
+    async fn delete_owned(
+        &self,
+        kind: Kind<'_>,
+        key: &LoadBalancerKey,
+        name: &str,
+        on_foreign: OnForeign,
+    ) -> Result<()> {
+        let Some(found) = self.get(kind, name).await? else {
+            return Ok(());
+        };
+        if plan::owner(found["description"].as_str()).as_ref() != Some(key) {
+            if on_foreign == OnForeign::Leave {
+                warn!(service = %key.service(), resource = %name, "not deleting {kind:?}: it is not this Service's");
+                return Ok(());
+            }
+            return Err(not_ours(kind, name));
+        }
+        self.delete(kind, name).await
     }
 
     /// Everything of one listener: NEGs in every zone, backend service,
@@ -769,14 +833,26 @@ impl GcpProvider {
         Ok(port)
     }
 
-    /// Deletes the parts of one port, front to back.
-    async fn delete_port(&self, port: &PortNames, zones: &[String]) -> Result<()> {
-        self.delete(Kind::ForwardingRule, &port.forwarding_rule)
+    /// Deletes `key`'s parts of one port, front to back.
+    async fn delete_port(
+        &self,
+        key: &LoadBalancerKey,
+        port: &PortNames,
+        zones: &[String],
+        on_foreign: OnForeign,
+    ) -> Result<()> {
+        self.delete_owned(Kind::ForwardingRule, key, &port.forwarding_rule, on_foreign)
             .await?;
-        self.delete(Kind::Proxy, &port.proxy).await?;
-        self.delete(Kind::BackendService, &port.backend_service)
+        self.delete_owned(Kind::Proxy, key, &port.proxy, on_foreign)
             .await?;
-        try_join_all(zones.iter().map(|z| self.delete(Kind::Neg(z), &port.neg))).await?;
+        self.delete_owned(Kind::BackendService, key, &port.backend_service, on_foreign)
+            .await?;
+        try_join_all(
+            zones
+                .iter()
+                .map(|z| self.delete_owned(Kind::Neg(z), key, &port.neg, on_foreign)),
+        )
+        .await?;
         Ok(())
     }
 
@@ -983,9 +1059,15 @@ impl LoadBalancerProvider for GcpProvider {
         // Ports the Service no longer has, and NEGs renamed away from.
         for old in &known_ports {
             match ports.iter().find(|p| p.port == old.port) {
-                None => self.delete_port(old, &zones).await?,
+                None => {
+                    self.delete_port(key, old, &zones, OnForeign::Refuse)
+                        .await?;
+                }
                 Some(new) if new.neg != old.neg => {
-                    try_join_all(zones.iter().map(|z| self.delete(Kind::Neg(z), &old.neg))).await?;
+                    try_join_all(zones.iter().map(|z| {
+                        self.delete_owned(Kind::Neg(z), key, &old.neg, OnForeign::Refuse)
+                    }))
+                    .await?;
                 }
                 Some(_) => {}
             }
@@ -1078,6 +1160,13 @@ impl LoadBalancerProvider for GcpProvider {
             .filter(|z| !zones.contains(z))
             .cloned()
             .collect();
+        let touched: Vec<(&str, &str)> = detach
+            .keys()
+            .chain(attach.keys())
+            .filter(|z| !new_zones.contains(z))
+            .map(|z| (z.as_str(), neg.as_str()))
+            .collect();
+        self.check_negs(key, &touched).await?;
         if !new_zones.is_empty() {
             self.extend_to_zones(key, listener, &neg, &new_zones)
                 .await?;
@@ -1134,6 +1223,11 @@ impl LoadBalancerProvider for GcpProvider {
             .iter()
             .flat_map(|p| zones.iter().map(move |z| (p, z)))
             .collect();
+        let negs: Vec<(&str, &str)> = lookups
+            .iter()
+            .map(|(p, z)| (z.as_str(), p.neg.as_str()))
+            .collect();
+        self.check_negs(key, &negs).await?;
         let lists =
             try_join_all(lookups.iter().map(|(p, z)| self.list_endpoints(z, &p.neg))).await?;
         if lists.iter().all(Option::is_none) {
@@ -1182,7 +1276,8 @@ impl LoadBalancerProvider for GcpProvider {
         // attributes to this key (ports whose IDs were never recorded).
         let zones = self.zones(known);
         for port in PortNames::from_ids(key, known) {
-            self.delete_port(&port, &zones).await?;
+            self.delete_port(key, &port, &zones, OnForeign::Leave)
+                .await?;
         }
         let found = self.owned(&key.cluster).await?;
         let mut rest = found.get(key).cloned().unwrap_or_default();
@@ -1210,15 +1305,22 @@ impl LoadBalancerProvider for GcpProvider {
             self.delete(kind, name).await?;
         }
         let names = Names::of(key);
-        self.delete(Kind::HealthCheck, &names.health_check).await?;
-        self.delete(Kind::Firewall, &names.firewall).await?;
-        self.delete(Kind::Address, &names.address).await?;
+        for (kind, name) in [
+            (Kind::HealthCheck, &names.health_check),
+            (Kind::Firewall, &names.firewall),
+            (Kind::Address, &names.address),
+        ] {
+            self.delete_owned(kind, key, name, OnForeign::Leave).await?;
+        }
         if let Ok(mut cache) = self.endpoints.lock() {
             let negs: BTreeSet<String> = PortNames::from_ids(key, known)
                 .into_iter()
                 .map(|p| p.neg)
                 .collect();
             cache.retain(|(neg, _), _| !negs.contains(neg));
+        }
+        if let Ok(mut owned) = self.owned_negs.lock() {
+            owned.retain(|(uid, _, _)| *uid != key.uid);
         }
         Ok(())
     }
@@ -1278,6 +1380,9 @@ impl GcpProvider {
                 resource: format!("backend service {}", port.backend_service),
             });
         };
+        if plan::owner(existing["description"].as_str()).as_ref() != Some(key) {
+            return Err(not_ours(Kind::BackendService, &port.backend_service));
+        }
         let mut backends = existing["backends"].as_array().cloned().unwrap_or_default();
         let before = backends.len();
         for zone in new_zones {
@@ -1299,6 +1404,15 @@ impl GcpProvider {
             extra.extend(new_zones.iter().cloned());
         }
         Ok(())
+    }
+}
+
+/// `name` exists but is not the Service's: cnlb neither adopts, changes
+/// nor deletes it.
+fn not_ours(kind: Kind<'_>, name: &str) -> ProviderError {
+    ProviderError::Conflict {
+        resource: format!("{kind:?} {name}"),
+        reason: "it exists and is not this Service's (its description names another owner)".into(),
     }
 }
 

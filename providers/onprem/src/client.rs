@@ -25,6 +25,7 @@ use crate::endpoint::PluginEndpoint;
 use crate::proto;
 use crate::proto::load_balancer_provider_client::LoadBalancerProviderClient;
 use crate::status::from_status;
+use crate::tls::ClientTls;
 
 /// Deadline of one call; ensure can include a load balancer reload.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,8 +53,24 @@ impl GrpcProvider {
     /// metrics. Makes no connection yet (must be called inside a tokio
     /// runtime).
     pub fn lazy(endpoint: &PluginEndpoint, name: impl Into<String>) -> Result<GrpcProvider> {
-        let channel = match endpoint {
-            PluginEndpoint::Unix(path) => {
+        GrpcProvider::lazy_with_tls(endpoint, None, name)
+    }
+
+    /// [`lazy`](GrpcProvider::lazy), over mutual TLS when `tls` is given
+    /// (tcp:// endpoints only: a unix socket is guarded by its file mode).
+    pub fn lazy_with_tls(
+        endpoint: &PluginEndpoint,
+        tls: Option<&ClientTls>,
+        name: impl Into<String>,
+    ) -> Result<GrpcProvider> {
+        let channel = match (endpoint, tls) {
+            (PluginEndpoint::Unix(_), Some(_)) => {
+                return Err(ProviderError::invalid(
+                    "plugin endpoint",
+                    format!("TLS is for tcp:// endpoints, not {endpoint}"),
+                ));
+            }
+            (PluginEndpoint::Unix(path), None) => {
                 let path = path.clone();
                 // The URI is required by the API and ignored by the connector.
                 Endpoint::from_static("http://plugin.invalid")
@@ -66,10 +83,19 @@ impl GrpcProvider {
                         }
                     }))
             }
-            PluginEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| ProviderError::invalid("plugin endpoint", e.to_string()))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect_lazy(),
+            (PluginEndpoint::Tcp(addr), tls) => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let invalid = |e: tonic::transport::Error| {
+                    ProviderError::invalid("plugin endpoint", e.to_string())
+                };
+                let mut channel = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .map_err(invalid)?
+                    .connect_timeout(CONNECT_TIMEOUT);
+                if let Some(tls) = tls {
+                    channel = channel.tls_config(tls.config()).map_err(invalid)?;
+                }
+                channel.connect_lazy()
+            }
         };
         Ok(GrpcProvider {
             client: LoadBalancerProviderClient::new(channel),
@@ -81,7 +107,16 @@ impl GrpcProvider {
     /// Connects to the plugin at `endpoint` and names the provider after
     /// the plugin's `GetInfo`.
     pub async fn connect(endpoint: &PluginEndpoint) -> Result<GrpcProvider> {
-        let mut provider = GrpcProvider::lazy(endpoint, "plugin")?;
+        GrpcProvider::connect_with_tls(endpoint, None).await
+    }
+
+    /// [`connect`](GrpcProvider::connect), over mutual TLS when `tls` is
+    /// given.
+    pub async fn connect_with_tls(
+        endpoint: &PluginEndpoint,
+        tls: Option<&ClientTls>,
+    ) -> Result<GrpcProvider> {
+        let mut provider = GrpcProvider::lazy_with_tls(endpoint, tls, "plugin")?;
         provider.name = provider.info().await?.name;
         Ok(provider)
     }
@@ -105,7 +140,7 @@ impl GrpcProvider {
             .clone()
             .get_info(self.request(proto::GetInfoRequest {}))
             .await
-            .map_err(|s| from_status("GetInfo", &s))?
+            .map_err(|s| call_failed("GetInfo", &s))?
             .into_inner();
         Ok(PluginInfo {
             name: info.name,
@@ -138,7 +173,7 @@ impl GrpcProvider {
             .clone()
             .probe(self.request(proto::ProbeRequest {}))
             .await
-            .map_err(|s| from_status("Probe", &s))?
+            .map_err(|s| call_failed("Probe", &s))?
             .into_inner();
         if probe.ready {
             Ok(())
@@ -163,18 +198,35 @@ impl GrpcProvider {
             .clone()
             .watch_backend_health(request)
             .await
-            .map_err(|s| from_status("WatchBackendHealth", &s))?
+            .map_err(|s| call_failed("WatchBackendHealth", &s))?
             .into_inner();
         Ok(stream
             .map(|snapshot| {
                 snapshot
-                    .map_err(|s| from_status("WatchBackendHealth", &s))?
+                    .map_err(|s| call_failed("WatchBackendHealth", &s))?
                     .backends
                     .into_iter()
                     .map(|h| convert::health_from_proto(h).map_err(bad_reply("WatchBackendHealth")))
                     .collect()
             })
             .boxed())
+    }
+}
+
+/// The error of a failed call. A transport failure's status says only
+/// "transport error"; its root cause says what happened (e.g. "received
+/// fatal alert: CertificateRequired").
+fn call_failed(rpc: &str, status: &tonic::Status) -> ProviderError {
+    let mut root = std::error::Error::source(status);
+    while let Some(cause) = root.and_then(std::error::Error::source) {
+        root = Some(cause);
+    }
+    match root.map(ToString::to_string) {
+        Some(cause) if !status.message().contains(&cause) => {
+            let message = format!("{}: {cause}", status.message());
+            from_status(rpc, &tonic::Status::new(status.code(), message))
+        }
+        _ => from_status(rpc, status),
     }
 }
 
@@ -210,7 +262,7 @@ impl LoadBalancerProvider for GrpcProvider {
                 known_ids: convert::ids_to_proto(known),
             }))
             .await
-            .map_err(|s| from_status("EnsureLoadBalancer", &s))?
+            .map_err(|s| call_failed("EnsureLoadBalancer", &s))?
             .into_inner();
         convert::status_from_proto(reply).map_err(bad_reply("EnsureLoadBalancer"))
     }
@@ -245,7 +297,7 @@ impl LoadBalancerProvider for GrpcProvider {
                 }),
             )
             .await
-            .map_err(|s| from_status("UpdateBackends", &s))?;
+            .map_err(|s| call_failed("UpdateBackends", &s))?;
         Ok(())
     }
 
@@ -280,7 +332,7 @@ impl LoadBalancerProvider for GrpcProvider {
                 known_ids: convert::ids_to_proto(known),
             }))
             .await
-            .map_err(|s| from_status("DeleteLoadBalancer", &s))?;
+            .map_err(|s| call_failed("DeleteLoadBalancer", &s))?;
         Ok(())
     }
 
@@ -292,7 +344,7 @@ impl LoadBalancerProvider for GrpcProvider {
                 cluster: cluster.to_string(),
             }))
             .await
-            .map_err(|s| from_status("ListLoadBalancers", &s))?
+            .map_err(|s| call_failed("ListLoadBalancers", &s))?
             .into_inner();
         reply
             .load_balancers
@@ -336,7 +388,7 @@ impl NodeProvider for GrpcProvider {
             .await
             .map_err(|s| match s.code() {
                 Code::Unimplemented => no_node_part(&s),
-                _ => from_status("GetInstances", &s),
+                _ => call_failed("GetInstances", &s),
             })?
             .into_inner();
         if reply.results.len() != nodes.len() {

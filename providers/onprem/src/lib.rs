@@ -8,7 +8,8 @@
 //!   (`proto/cnlb/provider/v1/provider.proto`, CSI style: GetInfo with
 //!   capabilities, Probe, EnsureLoadBalancer, UpdateBackends as deltas,
 //!   DeleteLoadBalancer, ListLoadBalancers, WatchBackendHealth, and, for
-//!   plugins with a Node part, GetInstances) over a unix socket or TCP.
+//!   plugins with a Node part, GetInstances) over a unix socket or TCP,
+//!   the latter with mutual TLS ([`tls`]).
 //!
 //! The two are one: [`GrpcProvider`] is a `LoadBalancerProvider` that calls
 //! a plugin, and [`server::serve`] serves any `LoadBalancerProvider` as a
@@ -29,6 +30,7 @@ pub mod haproxy;
 pub mod inventory;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 /// Code generated from `provider.proto`.
 pub mod proto {
@@ -39,6 +41,7 @@ pub use client::{GrpcProvider, PluginInfo};
 pub use cnlb_provider_core::{LoadBalancerProvider, ProviderError};
 pub use endpoint::PluginEndpoint;
 pub use server::Plugin;
+pub use tls::{ClientTls, PemFile, ServerTls};
 
 /// Oldest HAProxy whose runtime API can add servers without experimental mode.
 pub const MIN_HAPROXY_VERSION: (u32, u32) = (2, 6);

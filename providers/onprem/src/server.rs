@@ -31,6 +31,7 @@ use crate::proto::load_balancer_provider_server::{
     LoadBalancerProvider as ProviderService, LoadBalancerProviderServer,
 };
 use crate::status::to_status;
+use crate::tls::ServerTls;
 
 /// How often `WatchBackendHealth` asks the provider for target health.
 pub const DEFAULT_HEALTH_POLL: Duration = Duration::from_secs(1);
@@ -87,14 +88,33 @@ pub fn service(
 /// Serves `provider` on `endpoint` until `shutdown` completes. A unix
 /// socket is created mode 0600 (only root, or the plugin's user, may call
 /// it), with its directory if missing; a stale socket file from an earlier
-/// run is replaced.
+/// run is replaced. On TCP, `tls` makes it mutual TLS: only clients with a
+/// certificate of its client CA get through the handshake; without it
+/// anyone who reaches the port can program the load balancer, which is
+/// logged as a warning.
 pub async fn serve(
     provider: Arc<dyn Plugin>,
     endpoint: &PluginEndpoint,
+    tls: Option<&ServerTls>,
     health_poll: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let router = tonic::transport::Server::builder().add_service(service(provider, health_poll));
+    let mut server = tonic::transport::Server::builder();
+    match (endpoint, tls) {
+        (PluginEndpoint::Unix(_), Some(_)) => {
+            anyhow::bail!("TLS is for tcp:// endpoints, not {endpoint}")
+        }
+        (PluginEndpoint::Unix(_), None) => {}
+        (PluginEndpoint::Tcp(_), Some(tls)) => {
+            server = server.tls_config(tls.config()).context("setting up TLS")?;
+        }
+        (PluginEndpoint::Tcp(addr), None) => tracing::warn!(
+            %addr,
+            "serving the plugin protocol over plaintext TCP: anyone who can reach \
+             this address can program the load balancer (use mutual TLS)"
+        ),
+    }
+    let router = server.add_service(service(provider, health_poll));
     match endpoint {
         PluginEndpoint::Unix(path) => {
             if let Some(dir) = path.parent() {

@@ -3,9 +3,13 @@
 //! that the conformance suite works for any provider, that typed errors
 //! survive the wire, that the health watch streams changes, and the Node
 //! part: served from an inventory file when the plugin has one, refused
-//! when it has none.
+//! when it has none. Over TCP with mutual TLS: the suite passes for a
+//! client with a certificate of the plugin's CA, and everyone else is
+//! refused at the handshake.
 
 #![allow(clippy::unwrap_used)]
+
+mod certs;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,9 +24,14 @@ use cnlb_provider_core::{
     TargetHealth, TargetHealthState, TargetSet,
 };
 use cnlb_provider_onprem::inventory::Inventory;
+use cnlb_provider_onprem::proto::GetInfoRequest;
+use cnlb_provider_onprem::proto::load_balancer_provider_client::LoadBalancerProviderClient;
 use cnlb_provider_onprem::server::{Plugin, serve};
-use cnlb_provider_onprem::{GrpcProvider, PluginEndpoint, conformance};
+use cnlb_provider_onprem::{
+    ClientTls, GrpcProvider, PemFile, PluginEndpoint, ServerTls, conformance,
+};
 use futures::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// Load balancers as data: every registered target is healthy. With an
 /// inventory, it has a Node part.
@@ -152,6 +161,7 @@ async fn serve_memory(dir: &tempfile::TempDir, memory: Memory) -> GrpcProvider {
         serve(
             provider,
             &served,
+            None,
             Duration::from_millis(50),
             std::future::pending(),
         )
@@ -166,13 +176,11 @@ async fn serve_memory(dir: &tempfile::TempDir, memory: Memory) -> GrpcProvider {
     panic!("plugin did not come up");
 }
 
-#[tokio::test]
-async fn conformance_suite_passes_for_an_in_memory_plugin() {
-    let dir = tempfile::tempdir().unwrap();
-    let plugin = plugin(&dir).await;
-    assert_eq!(LoadBalancerProvider::name(&plugin), "memory");
+/// Runs the conformance suite against `plugin` (an in-memory one).
+async fn passes_conformance(plugin: &GrpcProvider) {
+    assert_eq!(LoadBalancerProvider::name(plugin), "memory");
     let passed = conformance::run(
-        &plugin,
+        plugin,
         &conformance::Config {
             cluster: "c-memory".into(),
             port: 80,
@@ -189,6 +197,12 @@ async fn conformance_suite_passes_for_an_in_memory_plugin() {
     .unwrap();
     // Its last check: without a Node part, GetInstances is refused.
     assert_eq!(passed.len(), 10, "{passed:?}");
+}
+
+#[tokio::test]
+async fn conformance_suite_passes_for_an_in_memory_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    passes_conformance(&plugin(&dir).await).await;
 }
 
 #[tokio::test]
@@ -373,5 +387,149 @@ async fn the_node_part_is_served_from_an_inventory_and_refused_without_one() {
     assert_eq!(
         err.retry_policy(),
         cnlb_provider_core::RetryPolicy::AwaitChange
+    );
+}
+
+/// An in-memory plugin served on a free loopback port with mutual TLS
+/// (`server::serve` over TCP), once it accepts connections.
+async fn serve_memory_tls(tls: ServerTls) -> PluginEndpoint {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let endpoint = PluginEndpoint::Tcp(addr);
+    let served = endpoint.clone();
+    tokio::spawn(async move {
+        let provider: Arc<dyn Plugin> = Arc::new(Memory::default());
+        serve(
+            provider,
+            &served,
+            Some(&tls),
+            Duration::from_millis(50),
+            std::future::pending(),
+        )
+        .await
+    });
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return endpoint;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("plugin did not come up");
+}
+
+fn client_tls(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    name: Option<&str>,
+) -> ClientTls {
+    ClientTls::load(
+        &PemFile::new("--onprem-plugin-tls-ca", ca),
+        &PemFile::new("--onprem-plugin-tls-cert", cert),
+        &PemFile::new("--onprem-plugin-tls-key", key),
+        name,
+    )
+    .unwrap()
+}
+
+/// A call through a client that the plugin, or that itself, refuses: the
+/// handshake's reason (one of `reasons`), retried (the plugin may be fixed)
+/// with backoff.
+async fn refused(endpoint: &PluginEndpoint, tls: Option<&ClientTls>, reasons: &[&str]) {
+    let err = GrpcProvider::lazy_with_tls(endpoint, tls, "plugin")
+        .unwrap()
+        .probe()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ProviderError::Cloud { operation, message, retryable: true }
+            if operation == "Probe" && reasons.iter().any(|r| message.contains(r))),
+        "{err:?}"
+    );
+}
+
+/// What a client sees when the plugin ends the handshake: TLS 1.3 checks
+/// the client's certificate after the client's side of the handshake is
+/// done, so the plugin's alert arrives while the client already sends its
+/// request, and is lost when the connection closes (or is reset) first.
+const CLOSED: [&str; 3] = ["connection closed", "broken pipe", "Connection reset"];
+
+#[tokio::test]
+async fn mutual_tls_admits_clients_with_a_certificate_of_its_ca_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = certs::write(dir.path());
+    let tls = ServerTls::load(
+        &PemFile::new("--tls-cert", &f.server_cert),
+        &PemFile::new("--tls-key", &f.server_key),
+        &PemFile::new("--tls-client-ca", &f.ca),
+    )
+    .unwrap();
+    let endpoint = serve_memory_tls(tls).await;
+
+    // cnlb-ccm's certificate: the whole protocol works, the plugin's
+    // certificate checked against its IP SAN, or a DNS SAN when named.
+    let ok = client_tls(&f.ca, &f.client_cert, &f.client_key, None);
+    let plugin = GrpcProvider::connect_with_tls(&endpoint, Some(&ok))
+        .await
+        .unwrap();
+    passes_conformance(&plugin).await;
+    let named = client_tls(&f.ca, &f.client_cert, &f.client_key, Some("plugin.test"));
+    let plugin = GrpcProvider::connect_with_tls(&endpoint, Some(&named))
+        .await
+        .unwrap();
+    plugin.probe().await.unwrap();
+
+    // The plugin refuses a client certificate of another CA, and plaintext
+    // (the TLS handshake fails on the first bytes).
+    let foreign = client_tls(&f.ca, &f.foreign_cert, &f.foreign_key, None);
+    let alert = "received fatal alert: UnknownCA";
+    refused(&endpoint, Some(&foreign), &[&[alert][..], &CLOSED].concat()).await;
+    refused(&endpoint, None, &CLOSED).await;
+    // The client refuses a plugin whose CA it does not trust, or whose
+    // certificate does not carry the name it expects.
+    let distrustful = client_tls(&f.foreign_ca, &f.client_cert, &f.client_key, None);
+    refused(
+        &endpoint,
+        Some(&distrustful),
+        &["invalid peer certificate: UnknownIssuer"],
+    )
+    .await;
+    let misnamed = client_tls(&f.ca, &f.client_cert, &f.client_key, Some("other.test"));
+    refused(
+        &endpoint,
+        Some(&misnamed),
+        &[r#"not valid for name "other.test""#],
+    )
+    .await;
+
+    // TLS without a client certificate (as `grpcurl -cacert` would call):
+    // the plugin asks for one and ends the handshake.
+    let https = endpoint.to_string().replace("tcp://", "https://");
+    let ca = Certificate::from_pem(std::fs::read(&f.ca).unwrap());
+    let channel = Endpoint::from_shared(https)
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca))
+        .unwrap()
+        .connect_lazy();
+    let status = LoadBalancerProviderClient::new(channel)
+        .get_info(GetInfoRequest {})
+        .await
+        .unwrap_err();
+    let mut cause = std::error::Error::source(&status);
+    while let Some(inner) = cause.and_then(std::error::Error::source) {
+        cause = Some(inner);
+    }
+    let cause = cause.map(ToString::to_string).unwrap_or_default();
+    let alert = "received fatal alert: CertificateRequired";
+    assert!(
+        [&[alert][..], &CLOSED]
+            .concat()
+            .iter()
+            .any(|r| cause.contains(r)),
+        "{status:?}"
     );
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cnlb_provider_onprem::PluginEndpoint;
 use cnlb_provider_onprem::haproxy::{AddressPool, HaproxyConfig, HaproxyProvider};
 use cnlb_provider_onprem::server::{Plugin, serve};
+use cnlb_provider_onprem::{PemFile, PluginEndpoint, ServerTls};
 use cnlb_runtime::signals::Signals;
 use cnlb_runtime::telemetry::{self, LogFormat};
 
@@ -19,13 +19,41 @@ use cnlb_runtime::telemetry::{self, LogFormat};
 #[derive(Debug, Parser)]
 #[command(name = "cnlb-onprem-haproxy", version)]
 struct Args {
-    /// Where to serve the protocol: unix:///path.sock or tcp://ip:port.
+    /// Where to serve the protocol: unix:///path.sock or tcp://ip:port
+    /// (mutual TLS with --tls-cert, --tls-key and --tls-client-ca;
+    /// plaintext only on loopback, or with --insecure-listen).
     #[arg(
         long,
         env = "CNLB_PLUGIN_LISTEN",
         default_value = "unix:///run/cnlb/haproxy.sock"
     )]
     listen: PluginEndpoint,
+    /// The plugin's TLS certificate (PEM, with its chain) for a tcp://
+    /// --listen. With --tls-key and --tls-client-ca: mutual TLS, clients
+    /// must present a certificate issued by --tls-client-ca. Files are read
+    /// at start: restart the plugin to rotate them.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "tls_key",
+        requires = "tls_client_ca"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, unencrypted).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "tls_cert",
+        requires = "tls_client_ca"
+    )]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) that client certificates must chain to.
+    #[arg(long, value_name = "PATH", requires = "tls_cert", requires = "tls_key")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext TCP on a non-loopback --listen address, without
+    /// TLS: anyone who reaches the port can program the load balancer.
+    #[arg(long, conflicts_with = "tls_cert")]
+    insecure_listen: bool,
     /// HAProxy configuration file, written by the plugin.
     #[arg(long, default_value = "/etc/haproxy/cnlb.cfg")]
     config_file: PathBuf,
@@ -65,10 +93,52 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// The TLS side of --listen, checked before anything starts.
+///
+/// Plaintext TCP on a non-loopback address is refused unless
+/// --insecure-listen says so: the plugin creates frontends and picks
+/// backends, so whoever reaches the port controls where traffic goes, and
+/// an operator moving the plugin off the node (the reason for TCP) expects
+/// that to need a credential. Loopback is reachable from the host only (a
+/// sidecar), as the unix socket is; it is allowed, with serve's warning.
+fn server_tls(args: &Args) -> anyhow::Result<Option<ServerTls>> {
+    let files = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some((cert, key, ca)),
+        // clap requires the three together.
+        _ => None,
+    };
+    match (&args.listen, files) {
+        (PluginEndpoint::Unix(_), Some(_)) => anyhow::bail!(
+            "--tls-cert, --tls-key and --tls-client-ca are for a tcp:// --listen; \
+             --listen {} is a unix socket, guarded by its file mode",
+            args.listen
+        ),
+        (PluginEndpoint::Unix(_), None) => Ok(None),
+        (PluginEndpoint::Tcp(_), Some((cert, key, ca))) => Ok(Some(ServerTls::load(
+            &PemFile::new("--tls-cert", cert),
+            &PemFile::new("--tls-key", key),
+            &PemFile::new("--tls-client-ca", ca),
+        )?)),
+        (PluginEndpoint::Tcp(addr), None) => {
+            if addr.ip().to_canonical().is_loopback() || args.insecure_listen {
+                Ok(None)
+            } else {
+                anyhow::bail!(
+                    "--listen {}: plaintext TCP on a non-loopback address lets anyone who \
+                     reaches it program the load balancer; give --tls-cert, --tls-key and \
+                     --tls-client-ca (mutual TLS), or --insecure-listen to accept that",
+                    args.listen
+                )
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format)?;
+    let tls = server_tls(&args)?;
     let state_file = args.state_file.clone().unwrap_or_else(|| {
         let mut name = args.config_file.clone().into_os_string();
         name.push(".state.json");
@@ -109,11 +179,16 @@ async fn main() -> anyhow::Result<()> {
         let signal = signals.recv().await;
         tracing::info!(signal, "shutting down");
     };
-    tracing::info!(listen = %args.listen, "serving the cnlb provider protocol");
+    tracing::info!(
+        listen = %args.listen,
+        mutual_tls = tls.is_some(),
+        "serving the cnlb provider protocol"
+    );
     let plugin: Arc<dyn Plugin> = provider;
     let served = serve(
         plugin,
         &args.listen,
+        tls.as_ref(),
         Duration::from_millis(args.health_poll_ms.max(100)),
         shutdown,
     )

@@ -43,9 +43,9 @@ use self::plan::addresses::{
 };
 use self::plan::{
     attachment_to, check_limits, check_pod_subnet, choose_subnet, client_token, device_indexes_for,
-    expired, flag_limits, free_device_index, instance_id_from_provider_id, is_routed, is_usable,
-    merge_limits, network_cidrs, next_new_eni, node_interface, ours_and_used, owner_tags, room,
-    subnet_ids_in_zone, to_ask,
+    expired, flag_limits, free_device_index, holds_pod_addresses, instance_id_from_provider_id,
+    is_routed, is_usable, merge_limits, network_cidrs, next_new_eni, node_interface, ours_and_used,
+    owner_tags, room, subnet_ids_in_zone, to_ask,
 };
 use super::{
     Assigned, Backend, BackendError, BackendResult, NodeNetwork, backend_error, kube_client,
@@ -481,7 +481,10 @@ impl AwsBackend {
 
     /// What a crash may have left half done: ENIs created for this
     /// instance but never attached are attached (or deleted when no device
-    /// index is free), and attached ones get DeleteOnTermination.
+    /// index is free), and attached ones get DeleteOnTermination. An ENI
+    /// without Pod addresses, attached or not, is removed instead: a
+    /// release emptied it (or a reassignment made it) and was interrupted
+    /// before it was deleted, so nothing would ever fill or free it.
     async fn finish_interrupted(&self, node: &NodeInfo) -> BackendResult<()> {
         let instance = node.instance.id.as_str();
         let leftovers = self
@@ -494,6 +497,15 @@ impl AwsBackend {
             .await
             .map_err(backend_error)?;
         let (ours, used) = self.attached(node).await?;
+        let (leftovers, empty): (Vec<Eni>, Vec<Eni>) =
+            leftovers.into_iter().partition(holds_pod_addresses);
+        for eni in empty {
+            tracing::info!(eni = %eni.id, "deleting an empty Pod ENI an interrupted run left");
+            self.cloud
+                .delete_network_interface(&eni.id)
+                .await
+                .map_err(backend_error)?;
+        }
         // Planned up front: an attach that fails ends the whole run.
         let indexes = device_indexes_for(leftovers.len(), &used, node.limits.max_enis);
         for (eni, index) in leftovers.into_iter().zip(indexes) {
@@ -512,7 +524,13 @@ impl AwsBackend {
             }
         }
         for eni in &ours {
-            self.ensure_delete_on_termination(eni).await;
+            if holds_pod_addresses(eni) {
+                self.ensure_delete_on_termination(eni).await;
+            } else {
+                tracing::info!(eni = %eni.id, "removing an empty Pod ENI an interrupted run left attached");
+                self.remove(&eni.id, eni.attachment.as_ref().map(|a| a.id.as_str()))
+                    .await;
+            }
         }
         Ok(())
     }

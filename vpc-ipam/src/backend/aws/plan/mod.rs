@@ -99,6 +99,11 @@ pub fn is_usable(eni: &Eni, attaching_too: bool) -> bool {
         .is_some_and(|a| a.status == "attached" || (attaching_too && a.status == "attaching"))
 }
 
+/// Whether an ENI holds Pod addresses (secondary addresses or prefixes).
+pub fn holds_pod_addresses(eni: &Eni) -> bool {
+    !eni.secondary_ips.is_empty() || !eni.prefixes.is_empty()
+}
+
 /// `op_id` made a CreateNetworkInterface client token (at most 64 ASCII
 /// characters), one per ENI an operation creates.
 pub fn client_token(op_id: &str, n: usize) -> String {
@@ -527,6 +532,22 @@ mod tests {
         detached.attachment = None;
         assert!(!is_usable(&detached, true));
         assert!(attachment_to(&detached, "i-1").is_none());
+    }
+
+    #[test]
+    fn an_eni_holds_pod_addresses_with_a_secondary_address_or_a_prefix() {
+        let cases = [
+            ("only its own address", eni("e", 1, &[], &[]), false),
+            (
+                "a secondary address",
+                eni("e", 1, &["100.64.0.9"], &[]),
+                true,
+            ),
+            ("a prefix", eni("e", 1, &[], &["100.64.1.16/28"]), true),
+        ];
+        for (name, e, want) in cases {
+            assert_eq!(holds_pod_addresses(&e), want, "{name}");
+        }
     }
 
     #[test]
