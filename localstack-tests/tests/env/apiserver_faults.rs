@@ -496,9 +496,12 @@ async fn a_leader_that_cannot_renew_stops_before_another_leads() {
         exited <= acquired,
         "ccm-old exited at {exited}, after ccm-new acquired the lease at {acquired}"
     );
-    let last_line = old_log.lines().last().unwrap_or_default();
+    // The exit message follows the failed renewal (a backtrace may follow
+    // it when RUST_BACKTRACE is set).
+    let renewal_failed = old_log.find("could not renew");
+    let exit_message = old_log.rfind("lost the leader lease");
     assert!(
-        old_log.contains("could not renew") && last_line.contains("lost the leader lease"),
+        matches!((renewal_failed, exit_message), (Some(r), Some(e)) if r < e),
         "{old_log}"
     );
     assert!(!old.try_status().unwrap().unwrap().success());
