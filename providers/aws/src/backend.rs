@@ -300,15 +300,23 @@ impl BackendGroup {
         for (sg, rules) in unneeded_rules(&have, needed) {
             let permissions: Vec<IpPermission> =
                 rules.iter().map(|r| permission(r, &backend)).collect();
+            let revoke = || async {
+                let call = self.clients.ec2.revoke_security_group_ingress();
+                let call = call
+                    .group_id(&sg)
+                    .set_ip_permissions(Some(permissions.clone()));
+                call.send().await.map(|_| ())
+            };
+            // After a lost answer, look before asking again: EC2 refuses
+            // to revoke rules that are gone.
+            let done_already = || async {
+                self.cache().rules = None;
+                let now = self.rules(&backend).await?;
+                let done = now.get(&sg).is_none_or(|p| p.is_disjoint(&rules));
+                Ok(done.then_some(()))
+            };
             self.calls
-                .run("RevokeSecurityGroupIngress", || {
-                    self.clients
-                        .ec2
-                        .revoke_security_group_ingress()
-                        .group_id(&sg)
-                        .set_ip_permissions(Some(permissions.clone()))
-                        .send()
-                })
+                .run_unrepeatable("RevokeSecurityGroupIngress", revoke, done_already)
                 .await?;
             info!(group = %sg, rules = ?rules, "backend rules no load balancer needs revoked");
             revoked += rules.len();

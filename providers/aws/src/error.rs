@@ -51,6 +51,7 @@ pub fn classify(operation: &str, code: &str, message: &str, transient: bool) -> 
         | "ListenerNotFound"
         | "InvalidSubnetID.NotFound"
         | "InvalidGroup.NotFound"
+        | "InvalidPermission.NotFound"
         | "InvalidSubnet"
         | "SubnetNotFound"
         | "InvalidVpcID.NotFound"

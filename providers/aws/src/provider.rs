@@ -962,15 +962,30 @@ impl AwsProvider {
                 .await?;
         }
         if !remove.is_empty() {
+            // EC2 refuses to revoke a rule that is gone: after a lost
+            // answer, look.
             self.calls
-                .run("RevokeSecurityGroupIngress", || {
-                    self.clients
-                        .ec2
-                        .revoke_security_group_ingress()
-                        .group_id(&id)
-                        .set_ip_permissions(Some(remove.clone()))
-                        .send()
-                })
+                .run_unrepeatable(
+                    "RevokeSecurityGroupIngress",
+                    || async {
+                        let revoke = self.clients.ec2.revoke_security_group_ingress();
+                        let revoke = revoke
+                            .group_id(&id)
+                            .set_ip_permissions(Some(remove.clone()));
+                        revoke.send().await.map(|_| ())
+                    },
+                    || async {
+                        let sg = self
+                            .find_security_group(&spec.key, &name, Some(&id))
+                            .await?;
+                        let have = sg.as_ref().map(rules_of).unwrap_or_default();
+                        Ok(changes
+                            .revoke
+                            .iter()
+                            .all(|r| !have.contains(r))
+                            .then_some(()))
+                    },
+                )
                 .await?;
         }
         Ok(id)
