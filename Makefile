@@ -81,13 +81,16 @@ env-check: env-deps build
 env-down: build
 	$(ENV) down
 
-## bench-aws: N Services x M endpoints through cnlb-ccm and moto (BENCH_ARGS="--services 200 --endpoints 50")
+## bench-aws: for N in BENCH_SERVICES (20 100), N Services x 50 endpoints through cnlb-ccm and moto behind the account's documented rate limits scaled by BENCH_LIMITS (1; empty: none)
+BENCH_SERVICES ?= 20 100
+BENCH_LIMITS ?= 1
+LB_BENCH = $(BIN)/cnlb-bench-lb $(if $(BENCH_LIMITS),--account-limits $(BENCH_LIMITS)) $(BENCH_ARGS)
 bench-aws: env-deps build
-	$(BIN)/cnlb-bench-lb --provider aws $(BENCH_ARGS)
+	for n in $(BENCH_SERVICES); do $(LB_BENCH) --provider aws --services $$n || exit 1; done
 
-## bench-gcp: N Services x M real Pods through cnlb-ccm and the GCE emulator (BENCH_ARGS="--services 50 --endpoints 50")
+## bench-gcp: the same with real Pods through cnlb-ccm and the GCE emulator
 bench-gcp: env-deps build
-	$(BIN)/cnlb-bench-lb --provider gcp --services 50 $(BENCH_ARGS)
+	for n in $(BENCH_SERVICES); do $(LB_BENCH) --provider gcp --services $$n || exit 1; done
 
 ## bench-nodes: N Nodes (default 1000, BENCH_ARGS="--nodes 1000") initialized by cnlb-ccm from EC2 instances in moto: time, DescribeInstances per period
 bench-nodes: env-deps build

@@ -124,16 +124,18 @@ pub struct Args {
     )]
     pub onprem_plugin_tls_server_name: Option<String>,
 
-    /// AWS Describe* calls: tokens per second / burst (--provider=aws).
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    /// AWS Describe* calls: the most tokens per second / burst; the rate
+    /// in use adapts below it when AWS throttles (--provider=aws).
+    #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
     pub aws_read_rate: RateLimit,
 
-    /// AWS RegisterTargets / DeregisterTargets calls (200 targets each at most).
-    #[arg(long, default_value = "5/10", value_name = "RATE/BURST")]
+    /// AWS RegisterTargets / DeregisterTargets calls (200 targets each at
+    /// most): the most tokens per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub aws_targets_rate: RateLimit,
 
-    /// AWS create / modify / delete calls.
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
+    /// AWS create / modify / delete calls: the most tokens per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub aws_write_rate: RateLimit,
 
     /// Attach one shared backend security group to every NLB and open the
@@ -184,16 +186,18 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub gcp_endpoint: Option<String>,
 
-    /// GCP get / list calls: tokens per second / burst (--provider=gcp).
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    /// GCP get / list calls: the most tokens per second / burst; the rate
+    /// in use adapts below it when GCE throttles (--provider=gcp).
+    #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
-    /// GCP attach / detach network endpoint calls (500 endpoints each at most).
-    #[arg(long, default_value = "5/10", value_name = "RATE/BURST")]
+    /// GCP attach / detach network endpoint calls (500 endpoints each at
+    /// most): the most tokens per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub gcp_targets_rate: RateLimit,
 
-    /// GCP insert / patch / delete calls.
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
+    /// GCP insert / patch / delete calls: the most tokens per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
 
     /// Maximum number of objects reconciled at the same time; bounded so
@@ -471,7 +475,7 @@ mod tests {
     fn aws_rates_parse_and_reject_nonsense() {
         let args = parse(&["--aws-write-rate=4/8"]).unwrap();
         assert_eq!(args.aws_write_rate, RateLimit::new(4, 8));
-        assert_eq!(args.aws_read_rate, RateLimit::new(10, 20));
+        assert_eq!(args.aws_read_rate, RateLimit::new(20, 40));
         let err = parse(&["--aws-targets-rate=0/5"]).unwrap_err().to_string();
         assert!(err.contains("--aws-targets-rate"), "{err}");
         assert!(parse(&["--aws-read-rate=fast"]).is_err());

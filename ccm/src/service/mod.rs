@@ -458,7 +458,14 @@ async fn reconcile_service(svc: Arc<Service>, ctx: &Context) -> Result<Action, E
 }
 
 fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
-    warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), "{err}");
+    let service = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
+    if matches!(err, Error::Provider(ProviderError::Throttled { .. })) {
+        // The cloud is busy, not the Service wrong: the call wrapper has
+        // slowed down already; try again later without telling the user.
+        debug!(service, "{err}");
+        return Action::requeue(std::time::Duration::from_secs(10));
+    }
+    warn!(service, "{err}");
     let action = match err {
         Error::Provider(p) => match p.retry_policy() {
             RetryPolicy::AwaitChange => Action::await_change(),

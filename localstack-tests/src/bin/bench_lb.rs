@@ -4,6 +4,12 @@
 //! through `cnlb-ccm`. Prints propagation latency (EndpointSlice change ->
 //! RegisterTargets / attachNetworkEndpoints answered), cloud calls per
 //! change, at rest and on a restart, and the controller's RSS.
+//!
+//! With `--account-limits SCALE` the cloud is reached through the fault
+//! proxy enforcing the account's documented rate limits (1: as documented),
+//! shared by every caller: each phase then also prints the calls the proxy
+//! saw, how many it throttled, and the least time the buckets allow for
+//! the calls that got through, beside the time measured.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -12,6 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use clap::{Parser, ValueEnum};
+use cnlb_localstack_tests::aws::AwsEndpoints;
+use cnlb_localstack_tests::fault_proxy::{self, AccountLimits, FaultProxy, Outcome};
 use cnlb_localstack_tests::gce::GceEmulator;
 use cnlb_localstack_tests::paths::workspace_bin;
 use cnlb_localstack_tests::podnet::AgentBackend;
@@ -19,7 +27,7 @@ use cnlb_localstack_tests::process::{Proc, free_port, group_memory};
 use cnlb_localstack_tests::{Env, NodeConfig, eventually};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -49,6 +57,10 @@ struct Args {
     /// Passed to cnlb-ccm (e.g. --ccm-arg=--aws-write-rate=20/40).
     #[arg(long = "ccm-arg")]
     ccm_args: Vec<String>,
+    /// Enforce the account's documented API rate limits, scaled (1: as
+    /// documented), through the fault proxy.
+    #[arg(long, value_name = "SCALE")]
+    account_limits: Option<f64>,
 }
 
 const WAIT: Duration = Duration::from_secs(1800);
@@ -59,7 +71,7 @@ async fn main() -> Result<()> {
     let nodes = (1..=u8::try_from(args.endpoints / 200 + 2)?)
         .map(NodeConfig::numbered)
         .collect();
-    let (env, cloud) = match args.provider {
+    let (env, cloud, proxy) = match args.provider {
         Provider::Aws => {
             println!("starting the environment (control plane, moto)...");
             let env = Env::builder("bench-aws")
@@ -75,6 +87,11 @@ async fn main() -> Result<()> {
                 .load()
                 .await;
             let vpc = network(&aws_sdk_ec2::Client::new(&conf)).await?;
+            let proxy = limited(fault_proxy::Cloud::Aws, &aws.ec2, args.account_limits)?;
+            let aws = match &proxy {
+                Some(proxy) => AwsEndpoints::single(proxy.url()),
+                None => aws,
+            };
             let cloud = Cloud {
                 args: vec!["--provider=aws".into(), format!("--aws-vpc-id={vpc}")],
                 env: aws
@@ -83,7 +100,7 @@ async fn main() -> Result<()> {
                     .map(|(k, v)| (k.to_string(), v))
                     .collect(),
             };
-            (env, cloud)
+            (env, cloud, proxy)
         }
         Provider::Gcp => {
             println!("starting the environment (control plane, GCE emulator, Pod network)...");
@@ -94,19 +111,24 @@ async fn main() -> Result<()> {
                 .agent_backend(AgentBackend::Gcp)
                 .start()
                 .await?;
+            let gce = env.gce()?;
+            let proxy = limited(fault_proxy::Cloud::Gce, gce.endpoint(), args.account_limits)?;
+            let endpoint = proxy.as_ref().map_or(gce.endpoint(), |p| p.url());
             let cloud = Cloud {
-                args: gcp_args(&env.gce()?),
+                args: gcp_args(&gce, endpoint),
                 env: Vec::new(),
             };
-            (env, cloud)
+            (env, cloud, proxy)
         }
     };
+    let account = Account(proxy);
     let client = env.kube()?.admin_client()?;
 
     create_pods(&client, args.endpoints).await?;
     let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-1")?;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let t = Instant::now();
+    let phase = account.mark();
     for i in 0..args.services {
         services
             .create(&PostParams::default(), &service(&format!("svc-{i}")))
@@ -128,20 +150,24 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64(),
         ccm.calls().await?
     );
+    account.report(phase);
 
     let before = ccm.calls().await?;
+    let phase = account.mark();
     tokio::time::sleep(Duration::from_secs(args.rest_secs)).await;
     println!(
         "rest: {} cloud calls in {} s",
         ccm.calls().await? - before,
         args.rest_secs
     );
+    account.report(phase);
 
     // One more Pod: every Service's EndpointSlice changes once.
     let old_ips = pod_ips(&client).await?;
     let slice_times = watch_new_endpoint(client.clone(), old_ips, args.services);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = ccm.calls().await?;
+    let phase = account.mark();
     let logged_before = ccm.synced_lines()?;
     scale(&client, args.endpoints + 1).await?;
     let changed_at = slice_times.await??;
@@ -175,6 +201,7 @@ async fn main() -> Result<()> {
         calls,
         calls as f64 / args.services as f64
     );
+    account.report(phase);
     println!(
         "cnlb-ccm RSS: {} MiB now, {} MiB peak",
         ccm.rss()?.0 >> 20,
@@ -184,6 +211,7 @@ async fn main() -> Result<()> {
     // Restart with nothing changed.
     drop(ccm);
     let t = Instant::now();
+    let phase = account.mark();
     let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-2")?;
     eventually("the restarted controller settles", WAIT, || async {
         Ok(ccm.calls().await.is_ok() && ccm.quiet(Duration::from_secs(5)).await?)
@@ -194,7 +222,59 @@ async fn main() -> Result<()> {
         ccm.calls().await?,
         t.elapsed().as_secs_f64()
     );
+    account.report(phase);
+    let warnings = Api::<Event>::namespaced(client.clone(), "default")
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .count();
+    println!("Warning Events on the Services: {warnings}");
     Ok(())
+}
+
+/// The fault proxy enforcing the account's limits at `scale`, if asked.
+fn limited(
+    cloud: fault_proxy::Cloud,
+    upstream: &str,
+    scale: Option<f64>,
+) -> Result<Option<FaultProxy>> {
+    let Some(scale) = scale else {
+        return Ok(None);
+    };
+    let proxy = FaultProxy::start(cloud, upstream, 1)?;
+    proxy.set_account_limits(Some(AccountLimits { scale }));
+    println!("the cloud is behind the account's documented rate limits, scaled by {scale}");
+    Ok(Some(proxy))
+}
+
+/// The account's view of each phase, when its limits are on.
+struct Account(Option<FaultProxy>);
+
+impl Account {
+    /// Where a phase starts in the proxy's records.
+    fn mark(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.calls().len())
+    }
+
+    /// The calls since `mark` as the account saw them.
+    fn report(&self, mark: usize) {
+        let Some(proxy) = &self.0 else {
+            return;
+        };
+        let calls = &proxy.calls()[mark..];
+        let limited = calls
+            .iter()
+            .filter(|c| c.outcome == Outcome::Limited)
+            .count();
+        println!(
+            "  account: {} calls, {} throttled; its buckets allow these calls in {:.1} s at best",
+            calls.len(),
+            limited,
+            proxy.least_time(calls).as_secs_f64()
+        );
+    }
 }
 
 /// How cnlb-ccm reaches the cloud: its provider flags and environment.
@@ -203,15 +283,15 @@ struct Cloud {
     env: Vec<(String, String)>,
 }
 
-/// `--provider=gcp` and the emulator's world.
-fn gcp_args(gce: &GceEmulator) -> Vec<String> {
+/// `--provider=gcp` and the emulator's world, reached at `endpoint`.
+fn gcp_args(gce: &GceEmulator, endpoint: &str) -> Vec<String> {
     vec![
         "--provider=gcp".into(),
         format!("--gcp-project={}", gce.project()),
         format!("--gcp-region={}", gce.region()),
         format!("--gcp-network={}", gce.network()),
         format!("--gcp-subnetwork={}", gce.subnetwork()),
-        format!("--gcp-endpoint={}", gce.endpoint()),
+        format!("--gcp-endpoint={endpoint}"),
     ]
 }
 

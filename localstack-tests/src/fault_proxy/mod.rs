@@ -6,10 +6,14 @@
 //! outcome), so tests and benchmarks count what the product did from the
 //! outside.
 //!
+//! It can also enforce the clouds' documented rate limits, as the account
+//! would ([`limits`]): calls past them get the real throttling answer.
+//!
 //! It runs on its own thread and runtime, so it keeps serving whatever the
 //! test's runtime does (block_on, current_thread).
 
 mod answers;
+pub mod limits;
 mod operation;
 
 use std::collections::BTreeMap;
@@ -27,6 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 pub use answers::Injected;
+pub use limits::AccountLimits;
 
 /// Which cloud is behind the proxy: how operations are named and what its
 /// errors look like.
@@ -94,6 +99,8 @@ pub enum Outcome {
     ResetBefore,
     /// Forwarded (the emulator answered this status), the answer dropped.
     ResetAfter(u16),
+    /// Throttled: past the account's limits ([`FaultProxy::set_account_limits`]).
+    Limited,
 }
 
 impl Outcome {
@@ -110,6 +117,8 @@ pub struct Call {
     /// When it arrived, since the proxy started.
     pub at: Duration,
     pub outcome: Outcome,
+    /// The account's bucket it drew from, when limits are on.
+    pub bucket: Option<String>,
 }
 
 #[derive(Default)]
@@ -123,6 +132,8 @@ struct Shared {
     upstream: String,
     started: Instant,
     rules: Mutex<Rules>,
+    limits: Mutex<Option<AccountLimits>>,
+    buckets: Mutex<limits::Buckets>,
     rng: Mutex<fastrand::Rng>,
     calls: Mutex<Vec<Call>>,
     http: reqwest::Client,
@@ -151,6 +162,8 @@ impl FaultProxy {
             upstream: upstream.trim_end_matches('/').to_string(),
             started: Instant::now(),
             rules: Mutex::default(),
+            limits: Mutex::default(),
+            buckets: Mutex::default(),
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
             calls: Mutex::default(),
             http: reqwest::Client::builder()
@@ -192,6 +205,30 @@ impl FaultProxy {
             .insert(operation.to_string(), faults);
     }
 
+    /// Enforces the account's rate limits from now on (`None`: no limits,
+    /// the default). Calls past them are throttled before any fault rule.
+    pub fn set_account_limits(&self, limits: Option<AccountLimits>) {
+        *lock(&self.shared.limits) = limits;
+    }
+
+    /// The least time the account's buckets (full at the first of `calls`)
+    /// allow for the calls of `calls` that got through: what a client that
+    /// knew the limits could do at best. Zero without limits.
+    pub fn least_time(&self, calls: &[Call]) -> Duration {
+        let mut through: BTreeMap<&str, f64> = BTreeMap::new();
+        for call in calls.iter().filter(|c| c.outcome != Outcome::Limited) {
+            if let Some(bucket) = &call.bucket {
+                *through.entry(bucket.as_str()).or_default() += 1.0;
+            }
+        }
+        let shapes = lock(&self.shared.buckets);
+        through
+            .into_iter()
+            .filter_map(|(name, n)| shapes.shape(name).map(|b| b.least_time(n)))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Every call so far, in the order they were answered.
     pub fn calls(&self) -> Vec<Call> {
         lock(&self.shared.calls).clone()
@@ -211,9 +248,10 @@ impl FaultProxy {
         let calls = self.calls();
         let count = |f: fn(Outcome) -> bool| calls.iter().filter(|c| f(c.outcome)).count();
         format!(
-            "{} calls: {} answered, {} throttled, {} 500, {} 503, {} reset before, {} answers lost",
+            "{} calls: {} answered, {} over the account's limits, {} throttled, {} 500, {} 503, {} reset before, {} answers lost",
             calls.len(),
             count(Outcome::answered),
+            count(|o| o == Outcome::Limited),
             count(|o| o == Outcome::Injected(Injected::Throttle)),
             count(|o| o == Outcome::Injected(Injected::ServerError)),
             count(|o| o == Outcome::Injected(Injected::Unavailable)),
@@ -316,11 +354,25 @@ impl Shared {
         (decision, faults.latency)
     }
 
-    fn record(&self, operation: String, at: Duration, outcome: Outcome) {
+    /// The bucket of the account's limits a call draws from, if any.
+    fn bucket_of(&self, operation: &str, body: &[u8]) -> Option<(String, limits::Bucket)> {
+        let limits = (*lock(&self.limits))?;
+        let filtered = self.cloud == Cloud::Aws && operation::aws_filtered(body);
+        limits.bucket(self.cloud, operation, filtered)
+    }
+
+    fn record(
+        &self,
+        operation: String,
+        at: Duration,
+        outcome: Outcome,
+        bucket: Option<(String, limits::Bucket)>,
+    ) {
         lock(&self.calls).push(Call {
             operation,
             at,
             outcome,
+            bucket: bucket.map(|(name, _)| name),
         });
     }
 
@@ -385,6 +437,20 @@ async fn handle(
         }
         Cloud::Gce => (operation::gce(&parts.method, parts.uri.path()), None),
     };
+    let bucket = shared.bucket_of(&operation, &body);
+    if bucket
+        .as_ref()
+        .is_some_and(|(name, b)| !lock(&shared.buckets).take(name, *b, arrived))
+    {
+        let (status, content_type, text) =
+            answers::answer(service.as_deref(), Injected::Throttle, false);
+        shared.record(operation, arrived, Outcome::Limited, bucket);
+        return Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(text)))
+            .map_err(|_| Reset);
+    }
     let (decision, latency) = shared.decide(&operation);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -393,7 +459,12 @@ async fn handle(
         Decision::Inject(injected, alternate) => {
             let (status, content_type, text) =
                 answers::answer(service.as_deref(), injected, alternate);
-            shared.record(operation, arrived, Outcome::Injected(injected));
+            shared.record(
+                operation,
+                arrived,
+                Outcome::Injected(injected),
+                bucket.clone(),
+            );
             Response::builder()
                 .status(status)
                 .header(header::CONTENT_TYPE, content_type)
@@ -401,7 +472,7 @@ async fn handle(
                 .map_err(|_| Reset)
         }
         Decision::ResetBefore => {
-            shared.record(operation, arrived, Outcome::ResetBefore);
+            shared.record(operation, arrived, Outcome::ResetBefore, bucket.clone());
             Err(Reset)
         }
         Decision::Forward | Decision::ResetAfter => {
@@ -410,7 +481,7 @@ async fn handle(
                 Err(e) => {
                     // The emulator itself failed: the caller sees a 502,
                     // recorded like an answer so nothing is hidden.
-                    shared.record(operation, arrived, Outcome::Forwarded(502));
+                    shared.record(operation, arrived, Outcome::Forwarded(502), bucket.clone());
                     return Response::builder()
                         .status(502)
                         .body(Full::new(Bytes::from(format!("fault proxy: {e:#}"))))
@@ -419,10 +490,20 @@ async fn handle(
             };
             let status = response.status().as_u16();
             if matches!(decision, Decision::ResetAfter) {
-                shared.record(operation, arrived, Outcome::ResetAfter(status));
+                shared.record(
+                    operation,
+                    arrived,
+                    Outcome::ResetAfter(status),
+                    bucket.clone(),
+                );
                 return Err(Reset);
             }
-            shared.record(operation, arrived, Outcome::Forwarded(status));
+            shared.record(
+                operation,
+                arrived,
+                Outcome::Forwarded(status),
+                bucket.clone(),
+            );
             Ok(response)
         }
     }

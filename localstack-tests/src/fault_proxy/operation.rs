@@ -24,6 +24,16 @@ pub fn aws(authorization: Option<&str>, body: &[u8]) -> String {
     format!("{service}:{action}")
 }
 
+/// Whether an AWS describe names a filter or pagination (EC2 then draws
+/// from the larger bucket).
+pub fn aws_filtered(body: &[u8]) -> bool {
+    String::from_utf8_lossy(body).split('&').any(|pair| {
+        pair.starts_with("Filter.")
+            || pair.starts_with("MaxResults=")
+            || pair.starts_with("NextToken=")
+    })
+}
+
 /// The GCE operation of a `/compute/v1/projects/P/...` request.
 pub fn gce(method: &Method, path: &str) -> String {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();

@@ -91,7 +91,7 @@ fn chaos_sigkill_trials_with_lost_answers() {
     });
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(super) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -103,7 +103,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// each has a hostname of its own; one NLB and one security group per
 /// Service, one target group per port, every target group holding exactly
 /// the Pods.
-async fn converged(cluster: &Cluster, live: Live) -> anyhow::Result<bool> {
+pub(super) async fn converged(cluster: &Cluster, live: Live) -> anyhow::Result<bool> {
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), "default");
     if !chaos::just_these(&services, &live).await? {
         return Ok(false);

@@ -18,3 +18,4 @@ mod nodes;
 mod pod_lifecycle;
 mod readiness_gate;
 mod service_controller;
+mod throttling;

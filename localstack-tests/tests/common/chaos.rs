@@ -83,7 +83,7 @@ pub async fn just_these(services: &Api<Service>, live: &Live) -> kube::Result<bo
 /// The client-side buckets `ccm::spawn_at` and `gcp::spawn_at` configure
 /// (read is the default).
 const BUCKETS: [(Group, RateLimit); 3] = [
-    (Group::Read, RateLimit::new(10, 20)),
+    (Group::Read, RateLimit::new(20, 40)),
     (Group::Write, RateLimit::new(20, 40)),
     (Group::Targets, RateLimit::new(20, 40)),
 ];

@@ -3,6 +3,8 @@
 //! throttles and 5xx as the real services' error codes, cnlb classifies
 //! them as it would the real ones, latency is added, and a lost answer is
 //! a call that happened while a reset before the call is one that did not.
+//! With the account's documented limits on, calls past a bucket are
+//! throttled, per bucket, until it refills.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,9 @@ use crate::common;
 
 use cnlb_localstack_tests::Env;
 use cnlb_localstack_tests::aws::AwsEndpoints;
-use cnlb_localstack_tests::fault_proxy::{Cloud, FaultProxy, Faults, Injected, Outcome};
+use cnlb_localstack_tests::fault_proxy::{
+    AccountLimits, Cloud, FaultProxy, Faults, Injected, Outcome,
+};
 use cnlb_provider_aws::ec2::error::ProvideErrorMetadata;
 use cnlb_provider_aws::ec2::types::Filter;
 use cnlb_provider_core::ProviderError;
@@ -119,6 +123,54 @@ fn fault_proxy_answers_like_each_cloud() {
         assert!(
             counts.keys().any(|o| matches!(o, Outcome::ResetAfter(200))),
             "{counts:?}"
+        );
+
+        // The account's documented limits, a tenth as large, and an SDK
+        // that does not retry: EC2's unfiltered DescribeSecurityGroups
+        // bucket holds 5 (refilling 1/s); with a filter it is another
+        // bucket; ELBv2's registration bucket holds 2.
+        let limited = FaultProxy::start(Cloud::Aws, &moto.ec2, 9).unwrap();
+        limited.set_account_limits(Some(AccountLimits { scale: 0.1 }));
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(limited.url())
+            .region(aws_config::Region::new(cnlb_localstack_tests::aws::REGION))
+            .test_credentials()
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .load()
+            .await;
+        let ec2 = cnlb_provider_aws::ec2::Client::new(&config);
+        let elbv2 = cnlb_provider_aws::elbv2::Client::new(&config);
+        for _ in 0..5 {
+            ec2.describe_security_groups().send().await.unwrap();
+        }
+        let err = ec2.describe_security_groups().send().await.unwrap_err();
+        assert_eq!(err.code(), Some("RequestLimitExceeded"), "{err:?}");
+        ec2.describe_security_groups()
+            .filters(Filter::builder().name("vpc-id").values(vpc).build())
+            .send()
+            .await
+            .unwrap();
+        let register = || {
+            elbv2
+                .register_targets()
+                .target_group_arn(
+                    "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/none/0",
+                )
+                .send()
+        };
+        for _ in 0..2 {
+            let err = register().await.unwrap_err();
+            assert_ne!(err.code(), Some("Throttling"), "{err:?}");
+        }
+        let err = register().await.unwrap_err();
+        assert_eq!(err.code(), Some("Throttling"), "{err:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        ec2.describe_security_groups().send().await.unwrap();
+        assert_eq!(
+            limited.counts()[&Outcome::Limited],
+            2,
+            "{}",
+            limited.summary()
         );
 
         // GCE: 429 rateLimitExceeded and 403 userRateLimitExceeded are both

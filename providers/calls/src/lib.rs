@@ -1,41 +1,51 @@
 //! The one way a provider calls its cloud: [`Calls::run`] wraps every
 //! request with
 //!
-//! - a client-side rate limit: a token bucket per [`Group`] of operations
-//!   ([`RateLimits`]), waited on before each attempt, so a burst of
-//!   reconciles slows down here instead of being throttled by the cloud
-//!   (whose quotas are per account or project, shared with every other tool);
-//! - retries with exponential backoff and jitter (backon) on throttling and
-//!   retryable cloud errors (5xx, timeouts, connection failures), bounded to
+//! - a client-side rate per [`Group`] of operations, waited on before each
+//!   attempt, so a burst of reconciles slows down here instead of being
+//!   throttled by the cloud (whose quotas are per account or project,
+//!   shared with every other tool). The rate adapts ([`adaptive`]): it
+//!   starts at the group's ceiling ([`RateLimits`]), halves when the cloud
+//!   throttles and climbs back while calls go through;
+//! - a throttled request is sent again when the slowed bucket allows, up
+//!   to [`MAX_THROTTLED`] times, and does not count as a failed attempt;
+//! - retries with exponential backoff and jitter (backon) on retryable
+//!   cloud errors (5xx, timeouts, connection failures), bounded to
 //!   [`MAX_ATTEMPTS`]; user errors, `NotFound` and `Conflict` are returned
 //!   at once, for the caller (and the controller) to decide;
 //! - metrics per operation, one observation per attempt (each request the
 //!   cloud sees): `cnlb_cloud_api_calls_total`, `cnlb_cloud_api_errors_total`
 //!   (by [`ProviderError::metric_label`]), `cnlb_cloud_api_throttles_total`
 //!   and `cnlb_cloud_api_duration_seconds`, all labelled
-//!   `provider="<provider>",operation="<API method>"`.
+//!   `provider="<provider>",operation="<API method>"`, and the current rate
+//!   per group, `cnlb_cloud_api_rate{provider,group}` (calls per second).
 //!
 //! The SDKs' own retries are to be turned off, so that this is the only
 //! retry layer. Which group an operation belongs to is the provider's to say.
 
+pub mod adaptive;
+
 use std::future::Future;
-use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use cnlb_provider_core::{ProviderError, Result};
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-/// Attempts of one logical call, the first included.
+/// Attempts of one logical call, the first included (throttled requests
+/// do not count).
 pub const MAX_ATTEMPTS: usize = 5;
+/// Throttled requests of one attempt before the throttle is returned. Each
+/// waits for the slowed bucket, so this is at least about a minute of
+/// throttling (at [`adaptive::FLOOR`], two seconds each).
+pub const MAX_THROTTLED: usize = 30;
 /// Backoff before the first retry; it doubles per retry up to
 /// [`RETRY_MAX_DELAY`], and jitter adds up to as much again at random so
 /// that replicas and concurrent reconciles do not retry in step. With
@@ -61,11 +71,6 @@ impl RateLimit {
     pub const fn new(per_second: u32, burst: u32) -> RateLimit {
         RateLimit { per_second, burst }
     }
-
-    fn quota(self) -> Quota {
-        let at_least_one = |n| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        Quota::per_second(at_least_one(self.per_second)).allow_burst(at_least_one(self.burst))
-    }
 }
 
 /// `RATE/BURST`, both positive integers, e.g. `10/20` (the form of the
@@ -87,20 +92,22 @@ impl std::str::FromStr for RateLimit {
     }
 }
 
-/// Client-side rate limits per [`Group`] of operations, shared by every
-/// reconcile of this process. Clouds throttle per account (AWS, per API and
-/// Region) or per project (GCP, per minute and method group) with buckets
-/// shared by every caller (console, CLI, Terraform, other controllers); the
-/// defaults stay well inside those to leave room for the others:
+/// The ceilings of the client-side rates per [`Group`] of operations,
+/// shared by every reconcile of this process. Clouds throttle per account
+/// (AWS, per API and Region) or per project (GCP, per minute and method
+/// group) with buckets shared by every caller (console, CLI, Terraform,
+/// other controllers), so the rate in use adapts below these
+/// ([`adaptive`]); they start as fast as aws-load-balancer-controller's
+/// defaults, or faster:
 ///
 /// | group | operations | default |
 /// | --- | --- | --- |
-/// | `read` | describe, get, list | 10/s, burst 20 |
-/// | `targets` | register / deregister targets, attach / detach endpoints | 5/s, burst 10 |
-/// | `write` | create, modify, delete, tag | 2/s, burst 5 |
+/// | `read` | describe, get, list | 20/s, burst 40 |
+/// | `targets` | register / deregister targets, attach / detach endpoints | 10/s, burst 20 |
+/// | `write` | create, modify, delete, tag | 10/s, burst 20 |
 ///
-/// Target changes are batched (hundreds of targets a call), so 5 calls a
-/// second is over a thousand target changes a second.
+/// Target changes are batched (hundreds of targets a call), so 10 calls a
+/// second is thousands of target changes a second.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     pub read: RateLimit,
@@ -111,9 +118,9 @@ pub struct RateLimits {
 impl Default for RateLimits {
     fn default() -> Self {
         RateLimits {
-            read: RateLimit::new(10, 20),
-            targets: RateLimit::new(5, 10),
-            write: RateLimit::new(2, 5),
+            read: RateLimit::new(20, 40),
+            targets: RateLimit::new(10, 20),
+            write: RateLimit::new(10, 20),
         }
     }
 }
@@ -126,33 +133,53 @@ pub enum Group {
     Write,
 }
 
-/// governor's clock on tokio's time, which its waits sleep on (and which
-/// a test can pause); without pausing it is the monotonic clock.
-#[derive(Clone, Copy, Debug, Default)]
-struct TokioClock;
-
-impl Clock for TokioClock {
-    type Instant = std::time::Instant;
-
-    fn now(&self) -> Self::Instant {
-        tokio::time::Instant::now().into_std()
+impl Group {
+    fn label(self) -> &'static str {
+        match self {
+            Group::Read => "read",
+            Group::Targets => "targets",
+            Group::Write => "write",
+        }
     }
 }
 
-struct Limiter(
-    RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>,
-);
+/// One group's adaptive bucket, and the gauge that shows its rate.
+struct Limiter {
+    bucket: Mutex<adaptive::Bucket>,
+    rate: Gauge<f64, AtomicU64>,
+}
 
 impl Limiter {
-    fn new(limit: RateLimit) -> Limiter {
-        Limiter(RateLimiter::direct_with_clock(limit.quota(), TokioClock))
+    fn new(limit: RateLimit, rate: Gauge<f64, AtomicU64>) -> Limiter {
+        let bucket = adaptive::Bucket::new(limit, Instant::now());
+        rate.set(bucket.rate());
+        Limiter {
+            bucket: Mutex::new(bucket),
+            rate,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut adaptive::Bucket) -> T) -> T {
+        // The bucket stays consistent whatever a panicking holder did.
+        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = f(&mut bucket);
+        self.rate.set(bucket.rate());
+        out
     }
 
     /// Returns once a token is taken.
     async fn wait(&self) {
-        while let Err(not_until) = self.0.check() {
-            tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await;
+        while let Err(wait) = self.with(|b| b.take(Instant::now())) {
+            tokio::time::sleep(wait).await;
         }
+    }
+
+    fn throttled(&self) {
+        self.with(|b| b.throttled(Instant::now()));
+    }
+
+    fn answered(&self) {
+        self.with(|b| b.answered(Instant::now()));
     }
 }
 
@@ -160,6 +187,12 @@ impl Limiter {
 struct OperationLabels {
     provider: &'static str,
     operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    provider: &'static str,
+    group: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,6 +211,7 @@ struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     throttles: Family<OperationLabels, Counter>,
     duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    rate: Family<GroupLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -187,6 +221,7 @@ impl Metrics {
             errors: Family::default(),
             throttles: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            rate: Family::default(),
         };
         registry.register(
             "cnlb_cloud_api_calls",
@@ -209,7 +244,22 @@ impl Metrics {
             Unit::Seconds,
             metrics.duration.clone(),
         );
+        registry.register(
+            "cnlb_cloud_api_rate",
+            "Calls per second the client allows itself now, per group of operations: \
+             the ceiling until the cloud throttles, then found by adapting",
+            metrics.rate.clone(),
+        );
         metrics
+    }
+
+    fn rate(&self, provider: &'static str, group: Group) -> Gauge<f64, AtomicU64> {
+        self.rate
+            .get_or_create(&GroupLabels {
+                provider,
+                group: group.label(),
+            })
+            .clone()
     }
 
     fn observe(
@@ -242,15 +292,15 @@ impl Metrics {
     }
 }
 
-/// Worth sending the same request again.
+/// Worth sending the same request again after a backoff (a throttled one
+/// is sent again by [`Calls::attempt`], paced by its bucket).
 fn is_retryable(err: &ProviderError) -> bool {
     matches!(
         err,
-        ProviderError::Throttled { .. }
-            | ProviderError::Cloud {
-                retryable: true,
-                ..
-            }
+        ProviderError::Cloud {
+            retryable: true,
+            ..
+        }
     )
 }
 
@@ -276,25 +326,28 @@ impl Calls {
         limits: &RateLimits,
         registry: &mut Registry,
     ) -> Calls {
+        let metrics = Metrics::register(registry);
+        let limiter = |limit, group| Limiter::new(limit, metrics.rate(provider, group));
         Calls {
             provider,
             group_of,
-            read: Limiter::new(limits.read),
-            targets: Limiter::new(limits.targets),
-            write: Limiter::new(limits.write),
+            read: limiter(limits.read, Group::Read),
+            targets: limiter(limits.targets, Group::Targets),
+            write: limiter(limits.write, Group::Write),
             backoff: ExponentialBuilder::default()
                 .with_min_delay(RETRY_MIN_DELAY)
                 .with_max_delay(RETRY_MAX_DELAY)
                 .with_max_times(MAX_ATTEMPTS - 1)
                 .with_jitter(),
-            metrics: Metrics::register(registry),
+            metrics,
         }
     }
 
     /// Runs `call` (which builds and sends one request and maps its error
     /// to a [`ProviderError`]) as the API method `operation`: waits for a
-    /// token of its group, retries it on throttling and retryable errors,
-    /// and records each attempt in the metrics.
+    /// token of its group, sends it again when throttled (slowing the
+    /// group) and after retryable errors, and records each request in the
+    /// metrics.
     pub async fn run<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T>
     where
         F: Fn() -> Fut,
@@ -337,7 +390,7 @@ impl Calls {
                 return Ok(done);
             }
             let result = self.attempt(operation, &call).await;
-            let lost = matches!(&result, Err(e) if is_retryable(e) && !matches!(e, ProviderError::Throttled { .. }));
+            let lost = matches!(&result, Err(e) if is_retryable(e));
             unknown.store(lost, std::sync::atomic::Ordering::Relaxed);
             result
         })
@@ -349,21 +402,42 @@ impl Calls {
         .await
     }
 
+    /// One attempt: the request, sent again while the cloud throttles it
+    /// (each time the group's rate is cut and the next token waited for),
+    /// up to [`MAX_THROTTLED`] times.
     async fn attempt<T, F, Fut>(&self, operation: &'static str, call: &F) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        self.limiter(operation).wait().await;
-        let started = tokio::time::Instant::now();
-        let result = call().await;
-        self.metrics.observe(
-            self.provider,
-            operation,
-            started.elapsed(),
-            result.as_ref().err(),
-        );
-        result
+        let limiter = self.limiter(operation);
+        let mut throttled = 0;
+        loop {
+            limiter.wait().await;
+            let started = tokio::time::Instant::now();
+            let result = call().await;
+            self.metrics.observe(
+                self.provider,
+                operation,
+                started.elapsed(),
+                result.as_ref().err(),
+            );
+            if !matches!(result, Err(ProviderError::Throttled { .. })) {
+                limiter.answered();
+                return result;
+            }
+            limiter.throttled();
+            throttled += 1;
+            if throttled >= MAX_THROTTLED {
+                return result;
+            }
+            tracing::debug!(
+                provider = self.provider,
+                operation,
+                throttled,
+                "throttled: sending again when the slowed bucket allows"
+            );
+        }
     }
 
     fn limiter(&self, operation: &str) -> &Limiter {
@@ -613,13 +687,49 @@ mod tests {
     }
 
     #[test]
-    fn default_limits_and_zero_rates() {
+    fn default_ceilings_are_at_least_aws_load_balancer_controllers() {
+        // Its defaults: ELBv2 RegisterTargets|DeregisterTargets 4/20,
+        // Describe* 10/40, everything else 10/40 or less (Modify* 3/20).
         let d = RateLimits::default();
-        assert_eq!(d.read, RateLimit::new(10, 20));
-        assert_eq!(d.targets, RateLimit::new(5, 10));
-        assert_eq!(d.write, RateLimit::new(2, 5));
-        let q = RateLimit::new(0, 0).quota();
-        assert_eq!(q.burst_size().get(), 1);
-        assert_eq!(q.replenish_interval(), Duration::from_secs(1));
+        assert_eq!(d.read, RateLimit::new(20, 40));
+        assert_eq!(d.targets, RateLimit::new(10, 20));
+        assert_eq!(d.write, RateLimit::new(10, 20));
+    }
+
+    /// However often the cloud throttles, the call goes on (paced by the
+    /// slowed bucket) and is not a failed attempt; the gauge shows the cut.
+    #[tokio::test]
+    async fn throttles_slow_the_group_and_do_not_fail_the_call() {
+        let mut registry = Registry::default();
+        let calls = calls(unlimited(), &mut registry);
+        let attempts = AtomicUsize::new(0);
+        let out = calls
+            .run("DescribeTags", || async {
+                match attempts.fetch_add(1, Ordering::SeqCst) {
+                    n if n < MAX_ATTEMPTS + 2 => Err(throttled()),
+                    n => Ok(n),
+                }
+            })
+            .await;
+        assert_eq!(out, Ok(MAX_ATTEMPTS + 2));
+        let text = text(&registry);
+        // Throttles within a second of each other cut once.
+        let cut = r#"cnlb_cloud_api_rate{provider="aws",group="read"} 5000"#;
+        let untouched = r#"cnlb_cloud_api_rate{provider="aws",group="write"} 10000"#;
+        for line in [cut, untouched] {
+            assert!(text.contains(line), "no {line} in\n{text}");
+        }
+
+        // A cloud that never stops throttling: the throttle is returned
+        // after MAX_THROTTLED requests, without backoff retries on top.
+        attempts.store(0, Ordering::SeqCst);
+        let out: Result<()> = calls
+            .run("DescribeTags", || async {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                Err(throttled())
+            })
+            .await;
+        assert_eq!(out, Err(throttled()));
+        assert_eq!(attempts.load(Ordering::SeqCst), MAX_THROTTLED);
     }
 }

@@ -493,11 +493,24 @@ pub fn drifted<'a>(existing: &Value, desired: &'a Value) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
+/// `existing` (a) as GCE returns it holds what `desired` (b) asks for.
 fn same(a: Option<&Value>, b: Option<&Value>) -> bool {
     match (a, b) {
         (None | Some(Value::Null), None | Some(Value::Null)) => true,
-        (Some(a), Some(b)) => normalized(a) == normalized(b),
+        (Some(a), Some(b)) => covers(a, b),
         _ => false,
+    }
+}
+
+/// Every field `desired` sets, at any depth, is the same in `existing`;
+/// fields only `existing` has are what GCE fills in by default (a health
+/// check's `proxyHeader: NONE`), not drift.
+fn covers(existing: &Value, desired: &Value) -> bool {
+    match (existing, desired) {
+        (Value::Object(e), Value::Object(d)) => {
+            d.iter().all(|(k, v)| same(e.get(k.as_str()), Some(v)))
+        }
+        _ => normalized(existing) == normalized(desired),
     }
 }
 
@@ -694,5 +707,22 @@ mod tests {
         let changed = json!({"checkIntervalSec": 5});
         assert_eq!(drifted(&existing, &changed), vec!["checkIntervalSec"]);
         assert_eq!(merged(&existing, &changed)["id"], "123");
+    }
+
+    /// GCE fills in defaults (a health check's proxyHeader): not drift,
+    /// or every restart would patch every health check. What cnlb sets,
+    /// at any depth, still is.
+    #[test]
+    fn fields_gce_fills_in_are_not_drift() {
+        let existing = json!({"tcpHealthCheck": {"portSpecification": "USE_SERVING_PORT", "proxyHeader": "NONE"}});
+        let desired = json!({"tcpHealthCheck": {"portSpecification": "USE_SERVING_PORT"}});
+        assert!(drifted(&existing, &desired).is_empty());
+        for changed in [
+            json!({"tcpHealthCheck": {"portSpecification": "USE_FIXED_PORT", "port": 8080}}),
+            json!({"tcpHealthCheck": {"portSpecification": "USE_SERVING_PORT", "proxyHeader": "PROXY_V1"}}),
+            json!({"httpHealthCheck": {"portSpecification": "USE_SERVING_PORT"}}),
+        ] {
+            assert_eq!(drifted(&existing, &changed).len(), 1, "{changed}");
+        }
     }
 }

@@ -93,12 +93,14 @@ pub struct GcpArgs {
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     pub gcp_endpoint: Option<String>,
 
-    /// Compute get calls (and waits for operations): tokens per second / burst.
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    /// Compute get calls (and waits for operations): the most tokens per
+    /// second / burst; the rate in use adapts below it when GCE throttles.
+    #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
-    /// Compute updates (instances.updateNetworkInterface).
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
+    /// Compute updates (instances.updateNetworkInterface): the most tokens
+    /// per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
 }
 
@@ -430,8 +432,8 @@ mod tests {
         assert_eq!(args.gcp_pod_range_name, "pods");
         assert_eq!(args.gcp_alias_size, 24);
         assert_eq!(args.gcp_endpoint, None);
-        assert_eq!(args.gcp_read_rate, RateLimit::new(10, 20));
-        assert_eq!(args.gcp_write_rate, RateLimit::new(2, 5));
+        assert_eq!(args.gcp_read_rate, RateLimit::new(20, 40));
+        assert_eq!(args.gcp_write_rate, RateLimit::new(10, 20));
         let args = parse(&[
             "--gcp-pod-range-name=gke-c1-pods-1a2b3c4d",
             "--gcp-alias-size=26",

@@ -76,12 +76,14 @@ pub struct AwsArgs {
     #[arg(long, default_value_t = 9001, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=9001))]
     pub aws_eni_mtu: u32,
 
-    /// EC2 Describe* calls: tokens per second / burst.
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    /// EC2 Describe* calls: the most tokens per second / burst; the rate in
+    /// use adapts below it when EC2 throttles.
+    #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
     pub aws_read_rate: RateLimit,
 
-    /// EC2 create, attach, assign, unassign and delete calls.
-    #[arg(long, default_value = "2/5", value_name = "RATE/BURST")]
+    /// EC2 create, attach, assign, unassign and delete calls: the most
+    /// tokens per second / burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub aws_write_rate: RateLimit,
 }
 
@@ -225,8 +227,8 @@ mod tests {
             ]
         );
         assert_eq!(args.aws_eni_gc_grace, Duration::from_secs(300));
-        assert_eq!(args.aws_read_rate, RateLimit::new(10, 20));
-        assert_eq!(args.aws_write_rate, RateLimit::new(2, 5));
+        assert_eq!(args.aws_read_rate, RateLimit::new(20, 40));
+        assert_eq!(args.aws_write_rate, RateLimit::new(10, 20));
         assert!(!args.aws_prefix_delegation);
         assert_eq!((args.aws_max_enis, args.aws_ips_per_eni), (None, None));
         assert!(args.aws_node_routing && !args.aws_external_snat);
