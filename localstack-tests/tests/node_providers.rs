@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use cnlb_localstack_tests::Env;
-use cnlb_localstack_tests::gce::SeedInstance;
+use cnlb_localstack_tests::gce::{Fault, SeedInstance};
 use cnlb_provider_aws::ec2::types::{InstanceNetworkInterfaceSpecification, InstanceType};
 use cnlb_provider_aws::{AwsConfig, AwsProvider, Clients, RateLimit, RateLimits};
 use cnlb_provider_core::{
@@ -537,10 +537,12 @@ async fn gcp_nodes_in_the_gce_emulator() {
         .unwrap();
     assert_eq!(found, [None, None]);
 
-    // A failure of the cloud is an error, never "not found".
-    gce.fail_next(Some("instances.list"), 10).await.unwrap();
+    // A failure of the cloud is an error, never "not found". (Throttles
+    // are only waited out: the call wrapper slows down and sends again.)
+    let unavailable = Fault::error(Some("instances.list"), 10, 503, "backendError");
+    gce.inject(&unavailable).await.unwrap();
     let err = nodes.instances(&asked).await.unwrap_err();
-    println!("while GCE throttles: {err}");
+    println!("while GCE fails: {err}");
     gce.clear_faults().await.unwrap();
 }
 

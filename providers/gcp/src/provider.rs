@@ -790,6 +790,16 @@ impl GcpProvider {
         ip: &str,
     ) -> Result<PortNames> {
         let port = PortNames::of(spec, listener);
+        if port.neg != plan::default_neg_name(&spec.key, listener.port) {
+            // A name from the Service's annotations: another owner's NEG
+            // of that name in one zone must not get cnlb's in the others
+            // (created at once, in parallel, before that one is seen).
+            let negs: Vec<(&str, &str)> = zones
+                .iter()
+                .map(|z| (z.as_str(), port.neg.as_str()))
+                .collect();
+            self.check_negs(&spec.key, &negs).await?;
+        }
         try_join_all(
             zones
                 .iter()
