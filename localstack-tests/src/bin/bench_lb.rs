@@ -223,14 +223,24 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     account.report(phase);
-    let warnings = Api::<Event>::namespaced(client.clone(), "default")
+    let warnings: Vec<String> = Api::<Event>::namespaced(client.clone(), "default")
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
-        .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .count();
-    println!("Warning Events on the Services: {warnings}");
+        .filter(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.involved_object.kind.as_deref() == Some("Service")
+        })
+        .map(|e| {
+            let (name, reason) = (e.involved_object.name, e.reason);
+            format!("{name:?} {reason:?}: {:?}", e.message)
+        })
+        .collect();
+    println!("Warning Events on the Services: {}", warnings.len());
+    for warning in warnings {
+        println!("  {warning}");
+    }
     Ok(())
 }
 
