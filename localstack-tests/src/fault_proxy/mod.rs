@@ -442,14 +442,8 @@ async fn handle(
         .as_ref()
         .is_some_and(|(name, b)| !lock(&shared.buckets).take(name, *b, arrived))
     {
-        let (status, content_type, text) =
-            answers::answer(service.as_deref(), Injected::Throttle, false);
         shared.record(operation, arrived, Outcome::Limited, bucket);
-        return Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(text)))
-            .map_err(|_| Reset);
+        return error_answer(service.as_deref(), Injected::Throttle, false);
     }
     let (decision, latency) = shared.decide(&operation);
     if !latency.is_zero() {
@@ -457,19 +451,9 @@ async fn handle(
     }
     match decision {
         Decision::Inject(injected, alternate) => {
-            let (status, content_type, text) =
-                answers::answer(service.as_deref(), injected, alternate);
-            shared.record(
-                operation,
-                arrived,
-                Outcome::Injected(injected),
-                bucket.clone(),
-            );
-            Response::builder()
-                .status(status)
-                .header(header::CONTENT_TYPE, content_type)
-                .body(Full::new(Bytes::from(text)))
-                .map_err(|_| Reset)
+            let outcome = Outcome::Injected(injected);
+            shared.record(operation, arrived, outcome, bucket.clone());
+            error_answer(service.as_deref(), injected, alternate)
         }
         Decision::ResetBefore => {
             shared.record(operation, arrived, Outcome::ResetBefore, bucket.clone());
@@ -507,6 +491,20 @@ async fn handle(
             Ok(response)
         }
     }
+}
+
+/// The cloud's error answer (see [`answers::answer`]).
+fn error_answer(
+    service: Option<&str>,
+    injected: Injected,
+    alternate: bool,
+) -> std::result::Result<Response<Full<Bytes>>, Reset> {
+    let (status, content_type, text) = answers::answer(service, injected, alternate);
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(text)))
+        .map_err(|_| Reset)
 }
 
 /// The most calls `pick` selects in any `window` (sliding over the calls'
