@@ -49,9 +49,9 @@ use crate::plan::load_balancer::{self, ActualLoadBalancer, LoadBalancerAction};
 use crate::plan::security_group::{ingress_changes, security_group_name};
 use crate::plan::target_group::{self, ActualTargetGroup, TargetGroupAction};
 use crate::plan::{
-    BackendRule, DESCRIBE_TAGS_BATCH, LOAD_BALANCER_ID, SECURITY_GROUP_ID, TARGET_BATCH,
-    backend_rules, changed, elb_protocol, ingress_rules, listener_of_id_key, target_group_id_key,
-    target_group_name, validate,
+    BackendRule, DESCRIBE_TAGS_BATCH, IngressRule, LOAD_BALANCER_ID, SECURITY_GROUP_ID,
+    TARGET_BATCH, backend_rules, changed, elb_protocol, ingress_rules, listener_of_id_key,
+    target_group_id_key, target_group_name, validate,
 };
 
 pub use crate::plan::load_balancer::{ELB_SUBNET_TAG, INTERNAL_ELB_SUBNET_TAG};
@@ -935,6 +935,19 @@ impl AwsProvider {
         let changes = ingress_changes(&ingress_rules(spec), &existing);
         let add: Vec<IpPermission> = changes.authorize.iter().map(permission).collect();
         let remove: Vec<IpPermission> = changes.revoke.iter().map(permission).collect();
+        // After a lost answer: whether the group already has (`present`)
+        // or lacks each of `rules`, as the lost call would have left it.
+        let (group_name, group_id) = (&name, &id);
+        let done_already = |rules: Vec<IngressRule>, present: bool| async move {
+            let sg = self
+                .find_security_group(&spec.key, group_name, Some(group_id))
+                .await?;
+            let have = sg.as_ref().map(rules_of).unwrap_or_default();
+            Ok(rules
+                .iter()
+                .all(|r| have.contains(r) == present)
+                .then_some(()))
+        };
         if !add.is_empty() {
             // EC2 refuses a rule that exists: after a lost answer, look.
             self.calls
@@ -947,17 +960,7 @@ impl AwsProvider {
                             .set_ip_permissions(Some(add.clone()));
                         authorize.send().await.map(|_| ())
                     },
-                    || async {
-                        let sg = self
-                            .find_security_group(&spec.key, &name, Some(&id))
-                            .await?;
-                        let have = sg.as_ref().map(rules_of).unwrap_or_default();
-                        Ok(changes
-                            .authorize
-                            .iter()
-                            .all(|r| have.contains(r))
-                            .then_some(()))
-                    },
+                    || done_already(changes.authorize.clone(), true),
                 )
                 .await?;
         }
@@ -974,17 +977,7 @@ impl AwsProvider {
                             .set_ip_permissions(Some(remove.clone()));
                         revoke.send().await.map(|_| ())
                     },
-                    || async {
-                        let sg = self
-                            .find_security_group(&spec.key, &name, Some(&id))
-                            .await?;
-                        let have = sg.as_ref().map(rules_of).unwrap_or_default();
-                        Ok(changes
-                            .revoke
-                            .iter()
-                            .all(|r| !have.contains(r))
-                            .then_some(()))
-                    },
+                    || done_already(changes.revoke.clone(), false),
                 )
                 .await?;
         }
