@@ -106,6 +106,15 @@ pub async fn run(args: Args) -> Result<(), Error> {
         concurrency: args.concurrency,
     };
     let api_check = tokio::spawn(check_api_periodically(client.clone(), metrics.clone()));
+    let enabled = args.controllers;
+    // The Service controller's caches fill while this replica waits for the
+    // Lease: a new leader starts from warm caches.
+    let (caches, watches) = if enabled.service {
+        let (caches, watching) = service::watch(client.clone(), controller_metrics.clone());
+        (Some(caches), Some(tokio::spawn(watching)))
+    } else {
+        (None, None)
+    };
 
     // Only the holder of the Lease runs the controllers.
     let mut elector = args.leader_elect.then(|| {
@@ -122,11 +131,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
             signal = signals.recv() => {
                 info!(signal, "shutting down before becoming leader");
                 api_check.abort();
+                if let Some(watches) = watches {
+                    watches.abort();
+                }
                 return stop_server(server).await;
             }
         }
     }
-    let enabled = args.controllers;
     let deletions = Arc::new(Notify::new());
     let collector = enabled.service.then(|| {
         tokio::spawn(gc::run(
@@ -136,11 +147,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
             deletions.clone(),
         ))
     });
-    let services = enabled.service.then(|| {
+    let services = caches.map(|caches| {
         tokio::spawn(service::run(
             client.clone(),
             providers.load_balancers.clone(),
             settings,
+            caches,
             controller_metrics,
             deletions,
         ))
@@ -167,7 +179,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
             Ok(())
         }
     };
-    for task in [services, collector, node_controllers]
+    for task in [services, watches, collector, node_controllers]
         .into_iter()
         .flatten()
     {

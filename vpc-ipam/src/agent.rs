@@ -22,13 +22,14 @@ use crate::cidr::Cidr;
 use crate::cni::ErrorCode;
 use crate::datapath::{Datapath, DatapathConfig, DatapathError};
 use crate::metrics::Metrics;
-use crate::pool::{Plan, Pool, Targets};
+use crate::pool::{Plan, Pool, TargetFlags, Targets, batch_wait};
 use crate::protocol::{AttachmentKey, Lease, PodRef, Request, Response};
 use crate::store::{Allocation, Change, Operation, Store, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    pub targets: Targets,
+    /// The watermark flags; defaults come from the backend once started.
+    pub targets: TargetFlags,
     /// How long a released address is not handed out again.
     pub cooldown: Duration,
     /// How long an ADD waits for an address when the pool is empty.
@@ -55,6 +56,7 @@ pub struct Agent {
     store: Store,
     pool: Mutex<Pool>,
     config: AgentConfig,
+    targets: Targets,
     metrics: Metrics,
     /// The pool changed: waiting ADDs look again.
     changed: Notify,
@@ -125,6 +127,8 @@ impl Agent {
             );
         }
         backend.start().await?;
+        let targets = config.targets.resolve(backend.refill_unit());
+        metrics.set_targets(targets);
         let mut pool = Pool::new(backend.assigned().await?, &snapshot);
 
         let orphans = pool.orphans();
@@ -185,6 +189,9 @@ impl Agent {
             allocated = counts.allocated,
             cooling = counts.cooling,
             free = counts.free,
+            min_target = targets.min,
+            warm_target = targets.warm,
+            max_target = targets.max,
             "state reconciled with the backend"
         );
         Ok(Arc::new(Agent {
@@ -193,6 +200,7 @@ impl Agent {
             store,
             pool: Mutex::new(pool),
             config,
+            targets,
             metrics,
             changed: Notify::new(),
             wake: Notify::new(),
@@ -453,7 +461,8 @@ impl Agent {
     /// Keeps the pool between its watermarks, for a backend that can grow
     /// and shrink. Runs until the process exits.
     pub async fn run_pool(self: Arc<Self>) {
-        let mut batched = false;
+        // End of the batch window a refill that is not urgent opened (ms).
+        let mut batch_end = None;
         let mut failures: u32 = 0;
         let mut resync = false;
         loop {
@@ -462,20 +471,23 @@ impl Agent {
             } else {
                 let plan = {
                     let pool = lock(&self.pool);
-                    pool.plan(
-                        now_ms(),
-                        self.config.targets,
-                        self.waiting.load(Ordering::SeqCst),
-                    )
+                    pool.plan(now_ms(), self.targets, self.waiting.load(Ordering::SeqCst))
                 };
+                let now = now_ms();
+                let delay = duration_ms(self.config.batch_delay);
+                if let Some(end) = batch_wait(&plan, now, batch_end, delay) {
+                    batch_end = Some(end);
+                    // Every request wakes this to plan again: an ADD that
+                    // finds the pool empty makes the refill urgent, which
+                    // ends the batch at once.
+                    let wait = Duration::from_millis(end.saturating_sub(now));
+                    let _ = tokio::time::timeout(wait, self.wake.notified()).await;
+                    continue;
+                }
                 match plan {
                     Plan::Nothing => {
+                        batch_end = None;
                         self.idle().await;
-                        continue;
-                    }
-                    Plan::Acquire { urgent: false, .. } if !batched => {
-                        batched = true;
-                        tokio::time::sleep(self.config.batch_delay).await;
                         continue;
                     }
                     Plan::Acquire { count, .. } => self.acquire(count).await,
@@ -486,7 +498,7 @@ impl Agent {
                     }
                 }
             };
-            batched = false;
+            batch_end = None;
             match result {
                 Ok(resynced) => {
                     failures = 0;

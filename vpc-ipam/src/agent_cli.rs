@@ -61,17 +61,24 @@ pub struct AgentArgs {
     #[arg(long)]
     pub static_node_pod_cidrs: bool,
 
-    /// Free addresses the pool tries to keep ready.
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub warm_target: u32,
+    /// Free addresses the pool tries to keep ready (default: one refill
+    /// unit, as aws-vpc-cni keeps an ENI or a prefix warm; 4 on GCP; AWS: an ENI's
+    /// secondary addresses, its addresses per ENI less one, 9 on an
+    /// m5.large, 29 on an m5.4xlarge; 16, a /28 prefix, with
+    /// --aws-prefix-delegation).
+    #[arg(long, value_name = "N")]
+    pub warm_target: Option<u32>,
 
-    /// Free addresses below which the pool refills at once.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub min_target: u32,
+    /// Free addresses below which the pool refills at once, without
+    /// waiting 100 ms to batch a burst (default: 1, or 0 with
+    /// --warm-target 0).
+    #[arg(long, value_name = "N")]
+    pub min_target: Option<u32>,
 
-    /// Free addresses above which the pool gives addresses back.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub max_target: u32,
+    /// Free addresses above which the pool gives addresses back (default:
+    /// the warm target plus one refill unit; 16 on GCP).
+    #[arg(long, value_name = "N")]
+    pub max_target: Option<u32>,
 
     /// How long a released address stays unused ("300s", "5m", "1h30m");
     /// must cover the load balancers' deregistration delay (NLB default 300s).
@@ -141,11 +148,21 @@ impl AgentArgs {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if !(self.min_target <= self.warm_target && self.warm_target <= self.max_target) {
+        // Defaults follow the given flags; given ones must be ordered.
+        let given = [self.min_target, self.warm_target, self.max_target];
+        let ordered = given
+            .iter()
+            .flatten()
+            .zip(given.iter().flatten().skip(1))
+            .all(|(lower, upper)| lower <= upper);
+        if !ordered {
+            let show = |n: Option<u32>| n.map_or("default".to_string(), |n| n.to_string());
             return Err(format!(
                 "the pool targets must satisfy --min-target <= --warm-target <= --max-target, \
                  got {} <= {} <= {}",
-                self.min_target, self.warm_target, self.max_target
+                show(self.min_target),
+                show(self.warm_target),
+                show(self.max_target)
             ));
         }
         if self.backend != Backend::Static && !self.static_ranges.is_empty() {
@@ -229,9 +246,10 @@ mod tests {
         assert_eq!(args.socket, PathBuf::from("/run/cnlb/vpc-ipam.sock"));
         assert_eq!(args.state_dir, PathBuf::from("/var/lib/cnlb/vpc-ipam"));
         assert!(args.static_ranges.is_empty());
+        // The backend's refill unit decides them (pool::TargetFlags).
         assert_eq!(
             (args.min_target, args.warm_target, args.max_target),
-            (1, 4, 16)
+            (None, None, None)
         );
         assert_eq!(args.cooldown, NLB_DEFAULT_DEREGISTRATION_DELAY);
         assert_eq!(args.log_format, LogFormat::Text);
@@ -323,18 +341,27 @@ mod tests {
 
     #[test]
     fn targets_must_be_ordered() {
-        for (min, warm, max) in [("5", "4", "16"), ("1", "20", "16"), ("3", "2", "1")] {
-            let err = parse(&[
-                "--backend",
-                "gcp",
-                "--min-target",
-                min,
-                "--warm-target",
-                warm,
-                "--max-target",
-                max,
-            ])
-            .unwrap_err();
+        let given = |min: Option<&'static str>, warm: Option<&'static str>, max| {
+            let mut argv = vec!["--backend", "gcp"];
+            for (flag, value) in [
+                ("--min-target", min),
+                ("--warm-target", warm),
+                ("--max-target", max),
+            ] {
+                if let Some(value) = value {
+                    argv.extend([flag, value]);
+                }
+            }
+            parse(&argv)
+        };
+        for (min, warm, max) in [
+            (Some("5"), Some("4"), Some("16")),
+            (Some("1"), Some("20"), Some("16")),
+            (Some("3"), Some("2"), Some("1")),
+            (Some("5"), None, Some("4")),
+            (None, Some("9"), Some("8")),
+        ] {
+            let err = given(min, warm, max).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
             assert!(
                 err.to_string()
@@ -353,6 +380,9 @@ mod tests {
             "2",
         ])
         .unwrap();
+        // One flag alone: the others' defaults are fitted around it.
+        given(None, Some("80"), None).unwrap();
+        given(None, None, Some("2")).unwrap();
     }
 
     #[test]

@@ -8,11 +8,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::pool::Counts;
+use crate::pool::{Counts, Targets};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatermarkLabel {
+    pub watermark: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +35,7 @@ pub struct OperationLabels {
 #[derive(Clone)]
 pub struct Metrics {
     addresses: Family<StateLabel, Gauge>,
+    targets: Family<WatermarkLabel, Gauge>,
     pub requests: Family<RequestLabels, Counter>,
     pub add_duration: Histogram,
     /// Part of an ADD or DEL spent on the node's routing (AWS).
@@ -42,6 +48,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
         let metrics = Metrics {
             addresses: Family::default(),
+            targets: Family::default(),
             requests: Family::default(),
             // 0.5 ms to 60 s: warm ADDs take about a millisecond, ADDs that
             // wait for the cloud seconds.
@@ -58,6 +65,11 @@ impl Metrics {
             "vpc_ipam_addresses",
             "Pod addresses this node holds, by state (free, allocated, cooling, releasing)",
             metrics.addresses.clone(),
+        );
+        registry.register(
+            "vpc_ipam_pool_target",
+            "The pool's free-address watermarks (min, warm, max), from the flags or the backend",
+            metrics.targets.clone(),
         );
         registry.register(
             "vpc_ipam_requests",
@@ -98,6 +110,18 @@ impl Metrics {
         ] {
             self.addresses
                 .get_or_create(&StateLabel { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn set_targets(&self, targets: Targets) {
+        for (watermark, n) in [
+            ("min", targets.min),
+            ("warm", targets.warm),
+            ("max", targets.max),
+        ] {
+            self.targets
+                .get_or_create(&WatermarkLabel { watermark })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }

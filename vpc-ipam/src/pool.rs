@@ -17,6 +17,46 @@ pub struct Targets {
     pub max: usize,
 }
 
+/// The watermark flags as given; `None` takes the default of
+/// [`TargetFlags::resolve`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetFlags {
+    pub min: Option<usize>,
+    pub warm: Option<usize>,
+    pub max: Option<usize>,
+}
+
+/// The warm and max targets of a backend that names no refill unit (GCP
+/// alias ranges, a fixed pool).
+const FALLBACK_WARM: usize = 4;
+const FALLBACK_MAX: usize = 16;
+
+impl TargetFlags {
+    /// The targets, defaults filled from `unit`: the addresses one more
+    /// cloud resource gives the node (an ENI's secondary addresses, a /28
+    /// prefix). As aws-vpc-cni keeps one ENI (WARM_ENI_TARGET=1) or one
+    /// prefix warm, the warm target is one unit, so that a burst of Pods
+    /// takes a whole ENI's worth before any ADD waits for the cloud; the
+    /// pool gives addresses back only beyond one more unit, and refills at
+    /// once only when empty. A default never contradicts a given flag.
+    pub fn resolve(self, unit: Option<usize>) -> Targets {
+        let warm = self.warm.unwrap_or_else(|| {
+            unit.unwrap_or(FALLBACK_WARM)
+                .max(self.min.unwrap_or(0))
+                .min(self.max.unwrap_or(usize::MAX))
+        });
+        let max = match unit {
+            Some(unit) => warm.saturating_add(unit),
+            None => warm.max(FALLBACK_MAX),
+        };
+        Targets {
+            min: self.min.unwrap_or(warm.min(1)),
+            warm,
+            max: self.max.unwrap_or(max),
+        }
+    }
+}
+
 /// What the pool wants from the cloud now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -27,6 +67,22 @@ pub enum Plan {
         urgent: bool,
     },
     Release(Vec<IpAddr>),
+}
+
+/// Until when (ms) the pool task holds `plan` back so that a burst of ADDs
+/// becomes one cloud call: a refill that is not urgent waits `delay` from
+/// when it was first planned (`window_end`: the end this set before, if
+/// any). An urgent one (ADDs wait, the pool is below its minimum) never
+/// waits, not even inside a window a calmer plan opened: an ADD that
+/// found the pool empty must not sit out the batching delay. `None`: now.
+pub fn batch_wait(plan: &Plan, now: u64, window_end: Option<u64>, delay: u64) -> Option<u64> {
+    match plan {
+        Plan::Acquire { urgent: false, .. } => {
+            let end = window_end.unwrap_or(now.saturating_add(delay));
+            (now < end).then_some(end)
+        }
+        Plan::Acquire { urgent: true, .. } | Plan::Release(_) | Plan::Nothing => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -311,6 +367,63 @@ mod tests {
                 urgent: true
             }
         );
+    }
+
+    #[test]
+    fn targets_default_to_one_refill_unit() {
+        let flags = |min, warm, max| TargetFlags { min, warm, max };
+        let targets = |min, warm, max| Targets { min, warm, max };
+        for (given, unit, want) in [
+            // One ENI of an m5.large (10 addresses, its primary not for
+            // Pods), of an m5.4xlarge (30), a /28 prefix.
+            (flags(None, None, None), Some(9), targets(1, 9, 18)),
+            (flags(None, None, None), Some(29), targets(1, 29, 58)),
+            (flags(None, None, None), Some(16), targets(1, 16, 32)),
+            (flags(None, None, None), None, targets(1, 4, 16)),
+            (flags(None, Some(20), None), None, targets(1, 20, 20)),
+            // Given flags win; defaults stay ordered around them.
+            (flags(None, Some(8), None), Some(29), targets(1, 8, 37)),
+            (flags(None, None, Some(10)), Some(29), targets(1, 10, 10)),
+            (flags(Some(40), None, None), Some(29), targets(40, 40, 69)),
+            (flags(None, Some(0), None), Some(29), targets(0, 0, 29)),
+            (flags(Some(0), Some(0), Some(0)), Some(29), targets(0, 0, 0)),
+            (flags(Some(2), Some(5), Some(9)), Some(29), targets(2, 5, 9)),
+        ] {
+            assert_eq!(given.resolve(unit), want, "{given:?}, unit {unit:?}");
+        }
+    }
+
+    #[test]
+    fn only_refills_that_are_not_urgent_wait_for_a_batch() {
+        let calm = Plan::Acquire {
+            count: 4,
+            urgent: false,
+        };
+        let urgent = Plan::Acquire {
+            count: 5,
+            urgent: true,
+        };
+        let release = Plan::Release(vec!["10.0.0.5".parse().unwrap()]);
+        for (plan, now, window_end, delay, want) in [
+            // The first calm plan opens a window of the delay...
+            (&calm, 1_000, None, 100, Some(1_100)),
+            // ...planned again inside it, it keeps its end...
+            (&calm, 1_060, Some(1_100), 100, Some(1_100)),
+            // ...and goes once it is over, or at once without a delay.
+            (&calm, 1_100, Some(1_100), 100, None),
+            (&calm, 1_000, None, 0, None),
+            // ADDs found the pool empty inside the window: at once.
+            (&urgent, 1_060, Some(1_100), 100, None),
+            (&urgent, 1_000, None, 100, None),
+            (&release, 1_000, None, 100, None),
+            (&Plan::Nothing, 1_000, Some(1_100), 100, None),
+        ] {
+            assert_eq!(
+                batch_wait(plan, now, window_end, delay),
+                want,
+                "{plan:?} at {now}, window end {window_end:?}, delay {delay}"
+            );
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ mod properties {
         ValidAttachment, peek_version,
     };
     use cnlb_vpc_ipam::metrics::Metrics;
-    use cnlb_vpc_ipam::pool::Targets;
+    use cnlb_vpc_ipam::pool::TargetFlags;
     use cnlb_vpc_ipam::protocol::{AttachmentKey, Lease, PodRef, Request, Response};
     use cnlb_vpc_ipam::server;
     use cnlb_vpc_ipam::store::Store;
@@ -839,10 +839,10 @@ mod properties {
             let store = Store::open(&dir.path().join("store.redb")).unwrap();
             let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
             let config = AgentConfig {
-                targets: Targets {
-                    min: 0,
-                    warm: 0,
-                    max: 0,
+                targets: TargetFlags {
+                    min: Some(0),
+                    warm: Some(0),
+                    max: Some(0),
                 },
                 cooldown: Duration::ZERO,
                 // An ADD on an empty pool answers at once.

@@ -13,7 +13,10 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{APPLIED_ANNOTATION, Context, Error, FINALIZER, IDS_ANNOTATION, gates, status, sync};
+use super::{
+    APPLIED_ANNOTATION, Context, Error, FINALIZER, IDS_ANNOTATION, REGISTERED_ANNOTATION, gates,
+    status, sync,
+};
 use crate::annotations::parse_service;
 use crate::conditions::{LOAD_BALANCER_READY, Wanted};
 use crate::events::Kind;
@@ -174,7 +177,11 @@ pub(super) async fn release(svc: &Service, ctx: &Context) -> Result<(), Error> {
     let patch = json!({
         "metadata": {
             "finalizers": finalizers,
-            "annotations": {IDS_ANNOTATION: null, APPLIED_ANNOTATION: null},
+            "annotations": {
+                IDS_ANNOTATION: null,
+                APPLIED_ANNOTATION: null,
+                REGISTERED_ANNOTATION: null,
+            },
         },
     });
     api.patch(

@@ -39,7 +39,7 @@ pub(super) fn endpoint_pods(ctx: &Context, slices: &[Arc<EndpointSlice>]) -> Vec
             seen.insert((namespace.clone(), name.clone()))
                 .then(|| ObjectRef::<Pod>::new(&name).within(&namespace))
         })
-        .filter_map(|r| ctx.pods.get(&r))
+        .filter_map(|r| ctx.stores.pods.get(&r))
         .collect()
 }
 

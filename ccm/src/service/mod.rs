@@ -5,44 +5,40 @@
 //! go ([`gates`]), the status written by server-side apply ([`status`]),
 //! and an Event for every change ([`events`]).
 //!
-//! Services, EndpointSlices and Pods come from reflector stores (one watch
-//! each, no LIST per reconcile). An EndpointSlice change reaches its
-//! Service; a Pod change reaches the Services whose endpoints name it, so
-//! a Pod whose containers become ready while its gate waits is registered
-//! without its EndpointSlice changing. A reconcile starts as soon as a
-//! change arrives; changes during a running reconcile of the same Service
-//! are merged into the next one.
+//! Services, EndpointSlices and Pods come from [`watches`]' stores, filled
+//! before this replica leads. A reconcile starts as soon as a change
+//! arrives; changes during a running reconcile of the same Service are
+//! merged into the next one.
 
 mod apply;
 mod gates;
 mod metrics;
 mod status;
 mod sync;
+mod watches;
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use cnlb_provider_core::{LoadBalancerProvider, ProviderError, RetryPolicy};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, predicates, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 pub use metrics::ControllerMetrics;
+pub use watches::{Caches, watch};
 
 use crate::annotations::opted_in;
 use crate::events::{Events, Kind};
-use crate::targets::READINESS_GATES;
 use sync::Registered;
+use watches::{Stores, Triggers};
 
 /// Held while cnlb owns cloud resources for the Service.
 pub const FINALIZER: &str = "cnlb.dev/load-balancer-cleanup";
@@ -52,6 +48,10 @@ pub const IDS_ANNOTATION: &str = "cnlb.dev/resource-ids";
 /// cloud call, and while the Service's own spec is invalid its targets
 /// follow this one's listeners.
 pub const APPLIED_ANNOTATION: &str = "cnlb.dev/applied-spec";
+/// A digest of the resource IDs and the targets last registered: a new
+/// leader whose caches give the same digest knows what is registered
+/// without asking the cloud.
+pub const REGISTERED_ANNOTATION: &str = "cnlb.dev/registered-targets";
 /// cnlb's field manager (status) and Event reporter.
 pub const MANAGER: &str = "cnlb-ccm";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -72,8 +72,7 @@ pub(crate) struct Context {
     client: Client,
     provider: Arc<dyn LoadBalancerProvider>,
     settings: Settings,
-    slices: Store<EndpointSlice>,
-    pods: Store<Pod>,
+    stores: Stores,
     events: Events,
     metrics: ControllerMetrics,
     /// Registered targets per Service UID and listener, as last synced;
@@ -82,8 +81,7 @@ pub(crate) struct Context {
     registered: Mutex<HashMap<String, Registered>>,
     /// Health polls in a row per Service UID, while one is worth it.
     health_polls: Mutex<HashMap<String, u32>>,
-    /// Services a change triggered whose reconcile has not started.
-    queued: Mutex<HashSet<ObjectRef<Service>>>,
+    triggers: Arc<Triggers>,
     /// Told after each load balancer deletion (garbage collection then
     /// prunes what load balancers share).
     deletions: Arc<Notify>,
@@ -91,6 +89,14 @@ pub(crate) struct Context {
     /// lags behind our own writes: a reconcile from a stale copy must
     /// neither ensure again nor drop a condition.
     written: Mutex<HashMap<String, Written>>,
+    /// The Services not yet reconciled since this replica took the lead.
+    verifying: Mutex<Option<Verifying>>,
+}
+
+struct Verifying {
+    total: usize,
+    pending: HashSet<ObjectRef<Service>>,
+    since: Instant,
 }
 
 /// cnlb's own annotations and status, as last written.
@@ -100,6 +106,8 @@ pub(crate) struct Written {
     pub ids: Option<cnlb_provider_core::ResourceIds>,
     pub ingress: Option<serde_json::Value>,
     pub conditions: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
+    /// The digest of what is registered ([`REGISTERED_ANNOTATION`]).
+    pub registered: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,17 +169,22 @@ impl Context {
         Action::requeue(sync::poll_delay(*n))
     }
 
-    fn queue(&self, r: ObjectRef<Service>) -> ObjectRef<Service> {
-        let mut queued = lock(&self.queued);
-        queued.insert(r.clone());
-        self.metrics.set_queue_depth(queued.len());
-        r
-    }
-
-    fn dequeue(&self, svc: &Service) {
-        let mut queued = lock(&self.queued);
-        queued.remove(&ObjectRef::from_obj(svc));
-        self.metrics.set_queue_depth(queued.len());
+    /// Says once when every Service there was on taking the lead has been
+    /// reconciled (or is gone).
+    fn verified(&self, svc: &Service) {
+        let mut verifying = lock(&self.verifying);
+        let Some(v) = verifying.as_mut() else {
+            return;
+        };
+        v.pending.remove(&ObjectRef::from_obj(svc));
+        // The last few may have been deleted meanwhile (no reconcile comes).
+        if v.pending.len() < 64 {
+            v.pending.retain(|r| self.stores.services.get(r).is_some());
+        }
+        if v.pending.is_empty() {
+            info!(services = v.total, took = ?v.since.elapsed(), "every Service verified since taking the lead");
+            *verifying = None;
+        }
     }
 }
 
@@ -203,222 +216,78 @@ impl Error {
     }
 }
 
-/// What of a Service a reconcile depends on: a change elsewhere (our own
-/// status write, say) triggers nothing.
-fn service_fingerprint(svc: &Service) -> Option<u64> {
-    let mut h = DefaultHasher::new();
-    serde_json::to_string(&svc.spec).ok()?.hash(&mut h);
-    svc.annotations().hash(&mut h);
-    svc.finalizers().hash(&mut h);
-    svc.metadata.deletion_timestamp.is_some().hash(&mut h);
-    Some(h.finish())
-}
-
-/// What of a Pod the gates need; the rest is dropped from the store.
-fn keep_gate_fields(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    pod.metadata.labels = None;
-    pod.metadata.owner_references = None;
-    if let Some(spec) = pod.spec.take() {
-        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            readiness_gates: spec.readiness_gates,
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            pod_ip: status.pod_ip,
-            conditions: status.conditions,
-            ..Default::default()
-        });
-    }
-}
-
-fn declares_a_gate(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.readiness_gates.as_ref())
-        .is_some_and(|gs| {
-            gs.iter()
-                .any(|g| READINESS_GATES.contains(&g.condition_type.as_str()))
-        })
-}
-
-/// The Service an EndpointSlice belongs to.
-fn service_of_slice(slice: &EndpointSlice) -> Option<ObjectRef<Service>> {
-    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
-    Some(ObjectRef::new(name).within(&slice.namespace().unwrap_or_default()))
-}
-
-/// The Services whose endpoints name `pod`.
-fn services_of(slices: &Store<EndpointSlice>, pod: &Pod) -> Vec<ObjectRef<Service>> {
-    let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
-    slices
-        .state_filter(|s| {
-            s.namespace().as_deref() == Some(ns.as_str())
-                && s.endpoints.iter().flatten().any(|ep| {
-                    ep.target_ref
-                        .as_ref()
-                        .is_some_and(|t| t.name.as_deref() == Some(name.as_str()))
-                })
-        })
-        .iter()
-        .filter_map(|s| s.labels().get(SERVICE_NAME_LABEL).cloned())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .map(|svc| ObjectRef::new(&svc).within(&ns))
-        .collect()
-}
-
-/// Runs until the watches end (never, in practice).
+/// Runs on the leader until the watches end (never, in practice): waits
+/// for the caches (empty caches would deregister every target), then
+/// reconciles every Service once (a new leader verifies what the last one
+/// left) and each one a change concerns.
 pub async fn run(
     client: Client,
     provider: Arc<dyn LoadBalancerProvider>,
     settings: Settings,
+    caches: Caches,
     metrics: ControllerMetrics,
     deletions: Arc<Notify>,
 ) {
-    let (services, services_writer) = reflector::store();
-    let (slices, slices_writer) = reflector::store();
-    let (pods, pods_writer) = reflector::store();
+    let Caches {
+        stores,
+        mut filled,
+        triggers,
+        requests,
+    } = caches;
+    if filled.wait_for(|f| *f).await.is_err() {
+        return;
+    }
+    triggers.lead();
+    let all: HashSet<ObjectRef<Service>> = stores
+        .services
+        .state()
+        .iter()
+        .map(|svc| ObjectRef::from_obj(svc.as_ref()))
+        .collect();
+    info!(services = all.len(), "leading: verifying every Service");
     let config = ControllerConfig::default().concurrency(settings.concurrency);
     let ctx = Arc::new(Context {
         events: Events::new(client.clone(), MANAGER),
-        client: client.clone(),
+        client,
         provider,
         settings,
-        slices: slices.clone(),
-        pods: pods.clone(),
+        stores: stores.clone(),
         metrics,
         registered: Mutex::default(),
         health_polls: Mutex::default(),
-        queued: Mutex::default(),
+        triggers: triggers.clone(),
         deletions,
         written: Mutex::default(),
+        verifying: Mutex::new(Some(Verifying {
+            total: all.len(),
+            pending: all.clone(),
+            since: Instant::now(),
+        })),
     });
-    info!("watching Services, EndpointSlices and Pods");
-
-    // EndpointSlice and Pod changes become reconcile requests of the
-    // Services they concern.
-    let (triggers, requests) = futures::channel::mpsc::unbounded();
-    // A relist (after a watch expired: 410 Gone) has no event for the
-    // EndpointSlices deleted while we were not watching; the slices it no
-    // longer finds name the Services to queue.
-    let (c, relist_triggers) = (ctx.clone(), triggers.clone());
-    let mut before_relist = Vec::new();
-    let slice_watch = watcher(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(SERVICE_NAME_LABEL),
-    )
-    .default_backoff()
-    .modify(|s| s.metadata.managed_fields = None)
-    .reflect(slices_writer)
-    .inspect_ok(move |event| match event {
-        watcher::Event::Init => before_relist = c.slices.state(),
-        watcher::Event::InitDone => {
-            for slice in before_relist.drain(..) {
-                let gone = c.slices.get(&ObjectRef::from_obj(&*slice)).is_none();
-                if let Some(r) = service_of_slice(&slice).filter(|_| gone) {
-                    let _ = relist_triggers.unbounded_send(c.queue(r));
-                }
-            }
-        }
-        _ => {}
-    })
-    .touched_objects()
-    .predicate_filter(predicates::resource_version, Default::default());
-    let c = ctx.clone();
-    let slice_triggers = forward(
-        slice_watch,
-        triggers.clone(),
-        move |slice: &EndpointSlice| {
-            service_of_slice(slice)
-                .map(|r| c.queue(r))
-                .into_iter()
-                .collect()
-        },
-    );
-    let pod_watch = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .modify(keep_gate_fields)
-        .reflect(pods_writer)
-        .touched_objects();
-    let c = ctx.clone();
-    let pod_triggers = forward(pod_watch, triggers, move |pod: &Pod| {
-        if !declares_a_gate(pod) {
-            return Vec::new();
-        }
-        services_of(&c.slices, pod)
-            .into_iter()
-            .map(|r| c.queue(r))
-            .collect()
-    });
-
-    let c = ctx.clone();
-    let controller = async move {
-        // Decisions need every EndpointSlice and Pod: empty caches (right
-        // after a start) would deregister every target. (One waiter per
-        // store: its readiness wakes only the last.)
-        if slices.wait_until_ready().await.is_err() || pods.wait_until_ready().await.is_err() {
-            return;
-        }
-        info!(
-            endpoint_slices = slices.len(),
-            pods = pods.len(),
-            "EndpointSlice and Pod caches filled"
-        );
-        let service_stream = watcher(Api::<Service>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(|s| s.metadata.managed_fields = None)
-            .reflect(services_writer)
-            .applied_objects()
-            .predicate_filter(service_fingerprint, Default::default())
-            .map_ok(move |svc| {
-                c.queue(ObjectRef::from_obj(&svc));
-                svc
-            });
-        Controller::for_stream(service_stream, services)
-            .with_config(config)
-            .reconcile_on(requests)
-            .run(reconcile, error_policy, ctx)
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    warn!("reconcile: {e}");
-                }
-            })
-            .await;
-    };
-    // One task: dropping it (when leadership is lost) stops all three.
-    futures::join!(slice_triggers, pod_triggers, controller);
-}
-
-/// Drives a watch (and the store it fills), sending the Services each
-/// object concerns.
-async fn forward<K, S>(
-    stream: S,
-    triggers: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
-    concerns: impl Fn(&K) -> Vec<ObjectRef<Service>>,
-) where
-    S: futures::Stream<Item = Result<K, watcher::Error>>,
-{
-    let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(obj) => {
-                for r in concerns(&obj) {
-                    let _ = triggers.unbounded_send(r);
-                }
-            }
-            Err(e) => warn!("watch: {e}"),
-        }
+    for r in all {
+        triggers.send(r);
     }
+    // Every request comes from `triggers`: the Service watch already runs.
+    let no_stream = futures::stream::pending::<Result<Service, watcher::Error>>();
+    Controller::for_stream(no_stream, stores.services)
+        .with_config(config)
+        .reconcile_on(requests)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!("reconcile: {e}");
+            }
+        })
+        .await;
 }
 
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.dequeue(&svc);
+    ctx.triggers.started(&svc);
     let started = Instant::now();
     let result = reconcile_service(svc.clone(), &ctx).await;
+    if result.is_ok() {
+        ctx.verified(&svc);
+    }
     debug!(took = ?started.elapsed(), ?result, "reconciled");
     ctx.metrics
         .reconciled(started.elapsed(), result.as_ref().err().map(Error::kind));

@@ -14,18 +14,21 @@ use cnlb_provider_core::{
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::{Context, Error, SERVICE_NAME_LABEL, gates, status};
+use super::{Context, Error, REGISTERED_ANNOTATION, SERVICE_NAME_LABEL, gates, status};
 use crate::conditions::{LOAD_BALANCER_READY, Wanted, health_unsettled, targets_healthy};
 use crate::targets::{awaiting_gate, desired_targets, serving_behind_gate};
 
 /// The Service's EndpointSlices, from the store.
 pub(super) fn slices(ctx: &Context, svc: &Service) -> Vec<Arc<EndpointSlice>> {
     let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-    ctx.slices.state_filter(|s| {
+    ctx.stores.slices.state_filter(|s| {
         s.namespace().as_deref() == Some(ns.as_str())
             && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
     })
@@ -69,11 +72,19 @@ async fn follow(
     let serving = serving_behind_gate(pods.iter().map(|p| p.as_ref()));
     let desired = desired_targets(&spec.listeners, slices.iter().map(|s| s.as_ref()), &serving);
 
-    // After a start, or after an ensure replaced target groups, the cloud
-    // says what is registered; that read doubles as the first health poll.
+    // After a start, or after an ensure, the cloud says what is registered
+    // (that read doubles as the first health poll), unless what the last
+    // sync recorded is what the endpoints want now.
     let mut health = None;
+    let recorded = ctx
+        .written(svc)
+        .registered
+        .or_else(|| svc.annotations().get(REGISTERED_ANNOTATION).cloned());
     let mut registered = match ctx.registered(&uid) {
         Some(r) => r,
+        None if recorded == Some(digest(ids, &wanting_traffic(spec, &desired))) => {
+            wanting_traffic(spec, &desired)
+        }
         None => {
             let h = ctx.provider.target_health(&spec.key, ids).await?;
             let r = spec
@@ -104,6 +115,10 @@ async fn follow(
         info!(service = %spec.key.service(), changes, "targets synced");
         health = None;
     }
+    let now = digest(ids, &wanting_traffic(spec, &registered));
+    if recorded.as_ref() != Some(&now) {
+        record(ctx, svc, now).await?;
+    }
 
     // Health is worth a call after a change, while a gate waits, and while
     // the cloud has not decided on every target yet; never at rest.
@@ -122,6 +137,58 @@ async fn follow(
     }
     status::write(ctx, svc, ingress, &wanted).await?;
     Ok(Action::await_change())
+}
+
+/// Per listener of `spec`, the targets that get traffic.
+fn wanting_traffic(spec: &LoadBalancerSpec, targets: &Registered) -> Registered {
+    spec.listeners
+        .iter()
+        .map(|l| {
+            let set = targets.get(&l.name).map(|set| {
+                set.iter()
+                    .filter(|t| t.state.wants_traffic())
+                    .cloned()
+                    .collect()
+            });
+            (l.name.clone(), set.unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Names the resource IDs and the addresses registered per listener (32
+/// hex digits of their SHA-256): new IDs (a replaced target group) or other
+/// addresses give another digest.
+fn digest(ids: &ResourceIds, registered: &Registered) -> String {
+    let mut h = Sha256::new();
+    for (key, id) in ids {
+        h.update(format!("{key}={id}\n"));
+    }
+    for (listener, set) in registered {
+        h.update(format!("{listener}:"));
+        for t in set.iter() {
+            h.update(format!(" {}", t.addr()));
+        }
+        h.update("\n");
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Records the digest of what is registered, for the next leader.
+async fn record(ctx: &Context, svc: &Service, digest: String) -> Result<(), Error> {
+    let api: Api<Service> =
+        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {REGISTERED_ANNOTATION: digest}}});
+    api.patch(
+        &svc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await?;
+    ctx.wrote(svc, |w| w.registered = Some(digest));
+    Ok(())
 }
 
 /// Polls of one Service's health in a row: 1 s, 2 s, 4 s, ... 10 s, from

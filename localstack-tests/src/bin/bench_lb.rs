@@ -3,13 +3,15 @@
 //! emulator with real Pods on alias-range IPs for `--provider gcp`), driven
 //! through `cnlb-ccm`. Prints propagation latency (EndpointSlice change ->
 //! RegisterTargets / attachNetworkEndpoints answered), cloud calls per
-//! change, at rest and on a restart, and the controller's RSS.
+//! change, at rest, on a failover to a standby (the leader SIGKILLed) and
+//! on a restart, and the controller's RSS.
 //!
-//! With `--account-limits SCALE` the cloud is reached through the fault
-//! proxy enforcing the account's documented rate limits (1: as documented),
-//! shared by every caller: each phase then also prints the calls the proxy
-//! saw, how many it throttled, and the least time the buckets allow for
-//! the calls that got through, beside the time measured.
+//! The cloud is reached through the fault proxy, which records every call:
+//! each phase prints the calls it saw. With `--account-limits SCALE` it
+//! enforces the account's documented rate limits (1: as documented),
+//! shared by every caller, and each phase also prints how many calls it
+//! throttled and the least time the buckets allow for the calls that got
+//! through, beside the time measured.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -71,7 +73,7 @@ async fn main() -> Result<()> {
     let nodes = (1..=u8::try_from(args.endpoints / 200 + 2)?)
         .map(NodeConfig::numbered)
         .collect();
-    let (env, cloud, proxy) = match args.provider {
+    let (env, cloud, account) = match args.provider {
         Provider::Aws => {
             println!("starting the environment (control plane, moto)...");
             let env = Env::builder("bench-aws")
@@ -87,11 +89,8 @@ async fn main() -> Result<()> {
                 .load()
                 .await;
             let vpc = network(&aws_sdk_ec2::Client::new(&conf)).await?;
-            let proxy = limited(fault_proxy::Cloud::Aws, &aws.ec2, args.account_limits)?;
-            let aws = match &proxy {
-                Some(proxy) => AwsEndpoints::single(proxy.url()),
-                None => aws,
-            };
+            let account = account(fault_proxy::Cloud::Aws, &aws.ec2, args.account_limits)?;
+            let aws = AwsEndpoints::single(account.0.url());
             let cloud = Cloud {
                 args: vec!["--provider=aws".into(), format!("--aws-vpc-id={vpc}")],
                 env: aws
@@ -100,7 +99,7 @@ async fn main() -> Result<()> {
                     .map(|(k, v)| (k.to_string(), v))
                     .collect(),
             };
-            (env, cloud, proxy)
+            (env, cloud, account)
         }
         Provider::Gcp => {
             println!("starting the environment (control plane, GCE emulator, Pod network)...");
@@ -112,16 +111,14 @@ async fn main() -> Result<()> {
                 .start()
                 .await?;
             let gce = env.gce()?;
-            let proxy = limited(fault_proxy::Cloud::Gce, gce.endpoint(), args.account_limits)?;
-            let endpoint = proxy.as_ref().map_or(gce.endpoint(), |p| p.url());
+            let account = account(fault_proxy::Cloud::Gce, gce.endpoint(), args.account_limits)?;
             let cloud = Cloud {
-                args: gcp_args(&gce, endpoint),
+                args: gcp_args(&gce, account.0.url()),
                 env: Vec::new(),
             };
-            (env, cloud, proxy)
+            (env, cloud, account)
         }
     };
-    let account = Account(proxy);
     let client = env.kube()?.admin_client()?;
 
     create_pods(&client, args.endpoints).await?;
@@ -208,11 +205,52 @@ async fn main() -> Result<()> {
         ccm.rss()?.1 >> 20
     );
 
-    // Restart with nothing changed.
+    // Failover: a standby whose caches are warm; the leader SIGKILLed.
+    let standby = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-2")?;
+    eventually("the standby's caches are filled", WAIT, || async {
+        Ok(standby.logged_at("caches filled")?.is_some())
+    })
+    .await?;
+    let phase = account.mark();
+    let (killed, killed_on_proxy) = (SystemTime::now(), account.0.elapsed());
+    ccm.proc.kill();
+    eventually("the standby verified every Service", WAIT, || async {
+        Ok(standby.logged_at("every Service verified")?.is_some())
+    })
+    .await?;
+    let since_kill = |at: Option<SystemTime>| {
+        at.and_then(|at| at.duration_since(killed).ok())
+            .unwrap_or_default()
+    };
+    let led = since_kill(standby.logged_at("became leader")?);
+    let verified = since_kill(standby.logged_at("every Service verified")?);
+    let until_verified = account.0.calls()[phase..]
+        .iter()
+        .filter(|c| c.at <= killed_on_proxy + verified)
+        .count();
+    println!(
+        "failover (leader SIGKILLed, standby with warm caches): lease taken after {:.1} s, every Service verified after {:.1} s with {} cloud calls ({:.2} per Service)",
+        led.as_secs_f64(),
+        verified.as_secs_f64(),
+        until_verified,
+        until_verified as f64 / args.services as f64
+    );
+    eventually("the new leader settles", WAIT, || async {
+        standby.quiet(Duration::from_secs(5)).await
+    })
+    .await?;
+    println!(
+        "  until settled (garbage collection included): {} cloud calls",
+        standby.calls().await?
+    );
+    account.report(phase);
     drop(ccm);
+
+    // Restart with nothing changed (SIGTERM hands the lease over at once).
+    drop(standby);
     let t = Instant::now();
     let phase = account.mark();
-    let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-2")?;
+    let ccm = Ccm::start(&env, &cloud, &args.ccm_args, "ccm-3")?;
     eventually("the restarted controller settles", WAIT, || async {
         Ok(ccm.calls().await.is_ok() && ccm.quiet(Duration::from_secs(5)).await?)
     })
@@ -244,45 +282,52 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// The fault proxy enforcing the account's limits at `scale`, if asked.
-fn limited(
-    cloud: fault_proxy::Cloud,
-    upstream: &str,
-    scale: Option<f64>,
-) -> Result<Option<FaultProxy>> {
-    let Some(scale) = scale else {
-        return Ok(None);
-    };
+/// The account: the fault proxy, which sees every call, enforcing the
+/// account's limits at `scale` if asked.
+fn account(cloud: fault_proxy::Cloud, upstream: &str, scale: Option<f64>) -> Result<Account> {
     let proxy = FaultProxy::start(cloud, upstream, 1)?;
-    proxy.set_account_limits(Some(AccountLimits { scale }));
-    println!("the cloud is behind the account's documented rate limits, scaled by {scale}");
-    Ok(Some(proxy))
+    if let Some(scale) = scale {
+        proxy.set_account_limits(Some(AccountLimits { scale }));
+        println!("the cloud is behind the account's documented rate limits, scaled by {scale}");
+    }
+    Ok(Account(proxy, scale.is_some()))
 }
 
-/// The account's view of each phase, when its limits are on.
-struct Account(Option<FaultProxy>);
+/// The account's view of each phase (and whether its limits are on).
+struct Account(FaultProxy, bool);
 
 impl Account {
     /// Where a phase starts in the proxy's records.
     fn mark(&self) -> usize {
-        self.0.as_ref().map_or(0, |p| p.calls().len())
+        self.0.calls().len()
     }
 
     /// The calls since `mark` as the account saw them.
     fn report(&self, mark: usize) {
-        let Some(proxy) = &self.0 else {
-            return;
-        };
-        let calls = &proxy.calls()[mark..];
+        let calls = &self.0.calls()[mark..];
         let limited = calls
             .iter()
             .filter(|c| c.outcome == Outcome::Limited)
             .count();
+        let bound = if self.1 {
+            let least = self.0.least_time(calls).as_secs_f64();
+            format!("; its buckets allow these calls in {least:.1} s at best")
+        } else {
+            String::new()
+        };
+        let mut by_operation: BTreeMap<&str, usize> = BTreeMap::new();
+        for call in calls {
+            *by_operation.entry(call.operation.as_str()).or_default() += 1;
+        }
+        let by_operation: Vec<String> = by_operation
+            .into_iter()
+            .map(|(op, n)| format!("{op} {n}"))
+            .collect();
         println!(
-            "  account: {} calls, {} throttled; its buckets allow these calls in {:.1} s at best",
+            "  account: {} calls, {} throttled{bound}\n    by operation: {}",
             calls.len(),
             limited,
-            proxy.least_time(calls).as_secs_f64()
+            by_operation.join(", ")
         );
     }
 }
@@ -437,7 +482,7 @@ impl Ccm {
         cmd.arg(format!("--kubeconfig={}", env.kube()?.kubeconfig.display()))
             .args([
                 "--cluster-name=bench",
-                "--leader-elect=false",
+                "--leader-elect=true",
                 "--log-format=json",
             ])
             .args(&cloud.args)
@@ -480,6 +525,18 @@ impl Ccm {
                 Some((v["service"].as_str()?.to_string(), SystemTime::from(at)))
             })
             .collect())
+    }
+
+    /// When the first log line whose message contains `message` was
+    /// written, if one was.
+    fn logged_at(&self, message: &str) -> Result<Option<SystemTime>> {
+        let log = std::fs::read_to_string(self.proc.log())?;
+        Ok(log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+            .and_then(|v| v["timestamp"].as_str()?.parse::<Timestamp>().ok())
+            .map(SystemTime::from))
     }
 
     fn synced_services(&self) -> Result<BTreeSet<String>> {

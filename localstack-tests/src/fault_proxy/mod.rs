@@ -229,6 +229,11 @@ impl FaultProxy {
             .unwrap_or_default()
     }
 
+    /// Now, on the clock of [`Call::at`].
+    pub fn elapsed(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
     /// Every call so far, in the order they were answered.
     pub fn calls(&self) -> Vec<Call> {
         lock(&self.shared.calls).clone()

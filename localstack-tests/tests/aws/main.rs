@@ -12,6 +12,7 @@ mod common;
 mod controller;
 mod controller_changes;
 mod controller_crash;
+mod failover;
 mod faults;
 mod foreign_resources;
 mod nodes;

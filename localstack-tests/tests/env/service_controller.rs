@@ -61,13 +61,18 @@ async fn start(name: &str) -> Harness {
         manage_lbc_annotated: false,
         concurrency: 4,
     };
-    let controller = tokio::spawn(cnlb_ccm::service::run(
+    let (caches, watching) = cnlb_ccm::service::watch(client.clone(), metrics.clone());
+    let run = cnlb_ccm::service::run(
         client.clone(),
         fake.clone(),
         settings,
+        caches,
         metrics,
         Arc::default(),
-    ));
+    );
+    let controller = tokio::spawn(async move {
+        futures::join!(watching, run);
+    });
     Harness {
         client,
         fake,

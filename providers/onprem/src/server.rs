@@ -63,6 +63,10 @@ pub trait Plugin: LoadBalancerProvider {
     }
 }
 
+/// The in-memory provider as a plugin: it answers at once, so what is
+/// measured through it is the controller's own cost (cnlb-bench-memory).
+impl Plugin for cnlb_provider_core::fake::Fake {}
+
 /// What `GetInfo` advertises: the plugin's capabilities, with
 /// `CAPABILITY_NODES` exactly when it has a Node part.
 fn capabilities(plugin: &dyn Plugin) -> Vec<proto::Capability> {

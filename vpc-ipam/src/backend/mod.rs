@@ -140,6 +140,13 @@ pub trait Backend: Send + Sync {
     /// anything else.
     async fn start(&self) -> BackendResult<()>;
 
+    /// The addresses one more unit of the cloud gives the node (an ENI's
+    /// secondary addresses, a /28 prefix), known once started: the pool's
+    /// default warm target. `None` for a fixed pool.
+    fn refill_unit(&self) -> Option<usize> {
+        None
+    }
+
     /// Every address assigned to this node for Pods, as the cloud has it
     /// now. The agent rebuilds its pool from this on start, before it serves.
     async fn assigned(&self) -> BackendResult<Vec<Assigned>>;

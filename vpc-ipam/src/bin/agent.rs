@@ -24,7 +24,7 @@ use cnlb_vpc_ipam::backend::{Backend, kube_client};
 use cnlb_vpc_ipam::datapath::DatapathConfig;
 use cnlb_vpc_ipam::install::{InstallArgs, install};
 use cnlb_vpc_ipam::metrics::Metrics;
-use cnlb_vpc_ipam::pool::Targets;
+use cnlb_vpc_ipam::pool::TargetFlags;
 use cnlb_vpc_ipam::server;
 use cnlb_vpc_ipam::store::Store;
 use prometheus_client::registry::Registry;
@@ -145,10 +145,10 @@ async fn run(args: AgentArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on --socket {}: {e}", args.socket.display()))?;
 
     let config = AgentConfig {
-        targets: Targets {
-            min: args.min_target as usize,
-            warm: args.warm_target as usize,
-            max: args.max_target as usize,
+        targets: TargetFlags {
+            min: args.min_target.map(|n| n as usize),
+            warm: args.warm_target.map(|n| n as usize),
+            max: args.max_target.map(|n| n as usize),
         },
         cooldown: args.cooldown,
         add_timeout: args.add_timeout,

@@ -45,7 +45,7 @@ use self::plan::{
     attachment_to, check_limits, check_pod_subnet, choose_subnet, client_token, device_indexes_for,
     expired, flag_limits, free_device_index, holds_pod_addresses, instance_id_from_provider_id,
     is_routed, is_usable, merge_limits, network_cidrs, next_new_eni, node_interface, ours_and_used,
-    owner_tags, room, subnet_ids_in_zone, to_ask,
+    owner_tags, refill_unit, room, subnet_ids_in_zone, to_ask,
 };
 use super::{
     Assigned, Backend, BackendError, BackendResult, NodeNetwork, backend_error, kube_client,
@@ -613,6 +613,11 @@ impl Backend for AwsBackend {
         let node = self.node()?;
         let _changes = self.changes.lock().await;
         self.finish_interrupted(node).await
+    }
+
+    fn refill_unit(&self) -> Option<usize> {
+        let node = self.node.get()?;
+        Some(refill_unit(&node.limits, self.args.aws_prefix_delegation))
     }
 
     async fn assigned(&self) -> BackendResult<Vec<Assigned>> {

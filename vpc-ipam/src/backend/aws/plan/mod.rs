@@ -197,6 +197,17 @@ pub fn check_limits(ty: &str, limits: EniLimits) -> Result<EniLimits, String> {
     Ok(limits)
 }
 
+/// The addresses one more unit of the cloud gives the node: a whole ENI's
+/// secondary addresses (its primary is not for Pods), or with prefix
+/// delegation one /28 prefix, the units aws-vpc-cni keeps warm by default
+/// (WARM_ENI_TARGET=1, WARM_PREFIX_TARGET=1).
+pub fn refill_unit(limits: &EniLimits, prefixes: bool) -> usize {
+    if prefixes {
+        return PREFIX_ADDRESSES;
+    }
+    usize::try_from(limits.ipv4_per_eni.saturating_sub(1)).unwrap_or(usize::MAX)
+}
+
 /// Free slots of an ENI: each secondary address or prefix takes one, and
 /// the primary address one more.
 pub fn room(eni: &Eni, limits: &EniLimits) -> u32 {
@@ -424,6 +435,21 @@ mod tests {
         for (name, max_enis, ips, from_flags, merged) in cases {
             assert_eq!(flag_limits(max_enis, ips), from_flags, "{name}");
             assert_eq!(merge_limits(max_enis, ips, of_type), merged, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_refill_unit_is_an_enis_addresses_or_a_prefix() {
+        let cases = [
+            // m5.large, m5.4xlarge, the smallest ENI that holds a Pod.
+            (limits(3, 10), false, 9),
+            (limits(8, 30), false, 29),
+            (limits(2, 2), false, 1),
+            (limits(3, 10), true, 16),
+            (limits(8, 30), true, 16),
+        ];
+        for (l, prefixes, want) in cases {
+            assert_eq!(refill_unit(&l, prefixes), want, "{l:?} prefixes={prefixes}");
         }
     }
 
