@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use cnlb_provider_core::{Listener, Protocol, Target, TargetSet, TargetState};
 use k8s_openapi::api::core::v1::Pod;
@@ -80,6 +81,87 @@ fn ips_where<'a>(pods: impl IntoIterator<Item = &'a Pod>, f: fn(&Pod) -> bool) -
         .collect()
 }
 
+/// What cnlb reads of an EndpointSlice: its ports and, per address, the
+/// endpoint's state, node, zone and Pod. An FQDN slice holds no Pod IP and
+/// gives no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceTargets {
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: Box<str>,
+    pub number: u16,
+    pub protocol: Box<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub ip: IpAddr,
+    pub state: TargetState,
+    pub node: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    /// The Pod behind it (a `targetRef` of kind Pod in the slice's namespace).
+    pub pod: Option<Box<str>>,
+}
+
+impl SliceTargets {
+    /// `share` gives the one copy of a node or zone name that every
+    /// endpoint naming it keeps.
+    pub fn new(slice: &EndpointSlice, mut share: impl FnMut(&str) -> Arc<str>) -> Self {
+        let mut out = SliceTargets {
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        };
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            return out;
+        }
+        out.ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(SlicePort {
+                    name: p.name.as_deref().unwrap_or_default().into(),
+                    number: u16::try_from(p.port?).ok()?,
+                    protocol: p.protocol.as_deref().unwrap_or("TCP").into(),
+                })
+            })
+            .collect();
+        let namespace = slice.metadata.namespace.as_deref();
+        for ep in slice.endpoints.iter().flatten() {
+            let c = ep.conditions.as_ref();
+            let state = TargetState::from_conditions(
+                c.and_then(|c| c.ready),
+                c.and_then(|c| c.serving),
+                c.and_then(|c| c.terminating),
+            );
+            let node = ep.node_name.as_deref().map(&mut share);
+            let zone = ep.zone.as_deref().map(&mut share);
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .filter(|t| t.namespace.is_none() || t.namespace.as_deref() == namespace)
+                .and_then(|t| t.name.as_deref())
+                .map(Box::from);
+            for ip in ep.addresses.iter().filter_map(|a| a.parse().ok()) {
+                out.endpoints.push(SliceEndpoint {
+                    ip,
+                    state,
+                    node: node.clone(),
+                    zone: zone.clone(),
+                    pod: pod.clone(),
+                });
+            }
+        }
+        out.endpoints.shrink_to_fit();
+        out
+    }
+}
+
 /// Desired targets per listener name, from every EndpointSlice of the
 /// Service. A listener's targets are the endpoints of the slice port with
 /// the listener's name (the Service port name), at that port's number, so
@@ -88,7 +170,7 @@ fn ips_where<'a>(pods: impl IntoIterator<Item = &'a Pod>, f: fn(&Pod) -> bool) -
 /// in `behind_gate` count as ready (see [`serves_behind_gate`]).
 pub fn desired_targets<'a>(
     listeners: &[Listener],
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a SliceTargets>,
     behind_gate: &BTreeSet<IpAddr>,
 ) -> BTreeMap<String, TargetSet> {
     let mut out: BTreeMap<String, TargetSet> = listeners
@@ -96,48 +178,28 @@ pub fn desired_targets<'a>(
         .map(|l| (l.name.clone(), TargetSet::new()))
         .collect();
     for slice in slices {
-        // IP targets of an IPv4 NLB; FQDN slices are not Pod IPs.
-        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
-            continue;
-        }
-        let ports = slice.ports.as_deref().unwrap_or_default();
         for listener in listeners {
-            let Some(port) = ports.iter().find(|p| {
-                p.name.as_deref().unwrap_or_default() == listener.name
-                    && protocol_matches(listener.protocol, p.protocol.as_deref())
+            let Some(port) = slice.ports.iter().find(|p| {
+                *p.name == listener.name && protocol_matches(listener.protocol, &p.protocol)
             }) else {
-                continue;
-            };
-            let Some(number) = port.port.and_then(|p| u16::try_from(p).ok()) else {
                 continue;
             };
             let Some(set) = out.get_mut(&listener.name) else {
                 continue;
             };
-            for ep in slice.endpoints.as_deref().unwrap_or_default() {
-                let c = ep.conditions.as_ref();
-                let state = TargetState::from_conditions(
-                    c.and_then(|c| c.ready),
-                    c.and_then(|c| c.serving),
-                    c.and_then(|c| c.terminating),
-                );
-                for addr in &ep.addresses {
-                    let Ok(ip) = addr.parse::<IpAddr>() else {
-                        continue;
-                    };
-                    let state = if behind_gate.contains(&ip) && !state.terminating {
-                        TargetState::READY
-                    } else {
-                        state
-                    };
-                    set.insert(Target {
-                        ip,
-                        port: number,
-                        node: ep.node_name.clone(),
-                        zone: ep.zone.clone(),
-                        state,
-                    });
-                }
+            for ep in &slice.endpoints {
+                let state = if behind_gate.contains(&ep.ip) && !ep.state.terminating {
+                    TargetState::READY
+                } else {
+                    ep.state
+                };
+                set.insert(Target {
+                    ip: ep.ip,
+                    port: port.number,
+                    node: ep.node.clone(),
+                    zone: ep.zone.clone(),
+                    state,
+                });
             }
         }
     }
@@ -146,8 +208,7 @@ pub fn desired_targets<'a>(
 
 /// A TCP_UDP listener is fed by the TCP port of the same name (both carry
 /// the same endpoints).
-fn protocol_matches(listener: Protocol, slice_port: Option<&str>) -> bool {
-    let slice_port = slice_port.unwrap_or("TCP");
+fn protocol_matches(listener: Protocol, slice_port: &str) -> bool {
     match listener {
         Protocol::Tcp | Protocol::Tls | Protocol::TcpUdp => slice_port == "TCP",
         Protocol::Udp => slice_port == "UDP",
@@ -159,8 +220,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn slice(v: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(v).unwrap()
+    fn slice(v: serde_json::Value) -> SliceTargets {
+        SliceTargets::new(&serde_json::from_value(v).unwrap(), |n| Arc::from(n))
     }
 
     fn listener(name: &str, protocol: Protocol) -> Listener {

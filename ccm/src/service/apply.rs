@@ -128,7 +128,7 @@ pub(super) fn condition_reason(err: &ProviderError) -> Option<&'static str> {
 
 /// Opens the gates of the Service's Pods, then deletes its load balancer.
 pub(super) async fn cleanup(svc: &Service, ctx: &Context) -> Result<(), Error> {
-    gates::release(ctx, svc, &sync::slices(ctx, svc)).await?;
+    gates::release(ctx, svc).await?;
     let key = LoadBalancerKey::new(
         &ctx.settings.cluster,
         svc.namespace().unwrap_or_default(),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use cnlb_provider_core::{TargetHealth, TargetHealthState, TargetSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -19,27 +18,27 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, Error};
-use crate::targets::pending_gates;
+use super::{Context, Error, sync};
+use crate::targets::{SliceTargets, pending_gates};
 
-/// The Pods behind the Service's endpoints (by the endpoints' `targetRef`),
-/// as the Pod store has them.
-pub(super) fn endpoint_pods(ctx: &Context, slices: &[Arc<EndpointSlice>]) -> Vec<Arc<Pod>> {
-    let mut seen = BTreeSet::new();
-    slices
+/// The Pods behind the endpoints of a Service in `namespace`, as the Pod
+/// store has them.
+pub(super) fn endpoint_pods(
+    ctx: &Context,
+    namespace: &str,
+    slices: &[Arc<SliceTargets>],
+) -> Vec<Arc<Pod>> {
+    let names: BTreeSet<Box<str>> = slices
         .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .filter_map(|ep| {
-            let target = ep.target_ref.as_ref()?;
-            if target.kind.as_deref() != Some("Pod") {
-                return None;
-            }
-            let name = target.name.clone()?;
-            let namespace = target.namespace.clone()?;
-            seen.insert((namespace.clone(), name.clone()))
-                .then(|| ObjectRef::<Pod>::new(&name).within(&namespace))
+        .flat_map(|s| s.endpoints.iter().filter_map(|ep| ep.pod.clone()))
+        .collect();
+    names
+        .iter()
+        .filter_map(|name| {
+            ctx.stores
+                .pods
+                .get(&ObjectRef::<Pod>::new(name).within(namespace))
         })
-        .filter_map(|r| ctx.stores.pods.get(&r))
         .collect()
 }
 
@@ -90,17 +89,14 @@ pub(super) async fn open(
 
 /// Opens every pending gate of the Service's Pods: cnlb no longer manages
 /// a load balancer for it (deleted, type or class changed).
-pub(super) async fn release(
-    ctx: &Context,
-    svc: &Service,
-    slices: &[Arc<EndpointSlice>],
-) -> Result<(), Error> {
+pub(super) async fn release(ctx: &Context, svc: &Service) -> Result<(), Error> {
     let message = format!(
         "cnlb no longer manages a load balancer for Service {}/{}",
         svc.namespace().unwrap_or_default(),
         svc.name_any()
     );
-    for pod in endpoint_pods(ctx, slices) {
+    let namespace = svc.namespace().unwrap_or_default();
+    for pod in endpoint_pods(ctx, &namespace, &sync::slices(ctx, svc)) {
         if pod.metadata.deletion_timestamp.is_none() && !pending_gates(&pod).is_empty() {
             set_gates(ctx, &pod, "LoadBalancerRemoved", &message).await?;
         }

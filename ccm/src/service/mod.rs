@@ -13,6 +13,7 @@
 mod apply;
 mod gates;
 mod metrics;
+mod slices;
 mod status;
 mod sync;
 mod watches;

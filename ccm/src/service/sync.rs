@@ -13,7 +13,6 @@ use cnlb_provider_core::{
     registered_targets,
 };
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -21,17 +20,14 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::info;
 
-use super::{Context, Error, REGISTERED_ANNOTATION, SERVICE_NAME_LABEL, gates, status};
+use super::{Context, Error, REGISTERED_ANNOTATION, gates, status};
 use crate::conditions::{LOAD_BALANCER_READY, Wanted, health_unsettled, targets_healthy};
-use crate::targets::{awaiting_gate, desired_targets, serving_behind_gate};
+use crate::targets::{SliceTargets, awaiting_gate, desired_targets, serving_behind_gate};
 
-/// The Service's EndpointSlices, from the store.
-pub(super) fn slices(ctx: &Context, svc: &Service) -> Vec<Arc<EndpointSlice>> {
-    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-    ctx.stores.slices.state_filter(|s| {
-        s.namespace().as_deref() == Some(ns.as_str())
-            && s.labels().get(SERVICE_NAME_LABEL) == Some(&name)
-    })
+/// The Service's EndpointSlices, from the cache.
+pub(super) fn slices(ctx: &Context, svc: &Service) -> Vec<Arc<SliceTargets>> {
+    let namespace = svc.namespace().unwrap_or_default();
+    ctx.stores.slices.of_service(&namespace, &svc.name_any())
 }
 
 /// Brings the targets of `spec`'s listeners to the endpoints, then writes
@@ -67,7 +63,7 @@ async fn follow(
 ) -> Result<Action, Error> {
     let uid = spec.key.uid.clone();
     let slices = slices(ctx, svc);
-    let pods = gates::endpoint_pods(ctx, &slices);
+    let pods = gates::endpoint_pods(ctx, &svc.namespace().unwrap_or_default(), &slices);
     let awaiting = awaiting_gate(pods.iter().map(|p| p.as_ref()));
     let serving = serving_behind_gate(pods.iter().map(|p| p.as_ref()));
     let desired = desired_targets(&spec.listeners, slices.iter().map(|s| s.as_ref()), &serving);

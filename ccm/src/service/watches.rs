@@ -15,14 +15,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use futures::{Future, StreamExt, TryStreamExt};
+use futures::{Future, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
+use super::slices::SliceCache;
 use super::{ControllerMetrics, FINALIZER, REGISTERED_ANNOTATION, SERVICE_NAME_LABEL, lock};
 use crate::targets::READINESS_GATES;
 
@@ -41,18 +42,8 @@ pub struct Caches {
 #[derive(Clone)]
 pub(super) struct Stores {
     pub(super) services: Store<Service>,
-    pub(super) slices: Store<EndpointSlice>,
+    pub(super) slices: SliceCache,
     pub(super) pods: Store<Pod>,
-}
-
-impl Stores {
-    /// True once every store holds its first full list. Only one waiter
-    /// per store: its readiness wakes only the last.
-    async fn ready(&self) -> bool {
-        self.services.wait_until_ready().await.is_ok()
-            && self.slices.wait_until_ready().await.is_ok()
-            && self.pods.wait_until_ready().await.is_ok()
-    }
 }
 
 /// Reconcile requests, sent only while this replica leads (a new leader
@@ -91,7 +82,6 @@ impl Triggers {
 /// ends in practice) and must run from the start, leader or not.
 pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future<Output = ()>) {
     let (services, services_writer) = reflector::store();
-    let (slices, slices_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
     let (sender, requests) = unbounded();
     let triggers = Arc::new(Triggers {
@@ -111,40 +101,26 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     .reflect(services_writer)
     .applied_objects()
     .predicate_filter(service_fingerprint, Default::default());
-    let service_triggers = forward(service_watch, move |svc: &Service| {
-        t.send(ObjectRef::from_obj(svc));
+    let service_triggers = forward(service_watch, move |svc: Service| {
+        t.send(ObjectRef::from_obj(&svc));
     });
 
-    // A relist (after a watch expired: 410 Gone) has no event for the
-    // EndpointSlices deleted while we were not watching; the slices it no
-    // longer finds name the Services to queue.
-    let (t, store) = (triggers.clone(), slices.clone());
-    let mut before_relist = Vec::new();
-    let slice_watch = watcher(
+    // The cache says which Services each event changed, a relist (after a
+    // watch expired: 410 Gone) included.
+    let slices = SliceCache::default();
+    let (listed, mut slices_listed) = tokio::sync::watch::channel(false);
+    let (t, cache) = (triggers.clone(), slices.clone());
+    let slice_events = watcher(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
     )
-    .default_backoff()
-    .modify(keep_target_fields)
-    .reflect(slices_writer)
-    .inspect_ok(move |event| match event {
-        watcher::Event::Init => before_relist = store.state(),
-        watcher::Event::InitDone => {
-            for slice in before_relist.drain(..) {
-                let gone = store.get(&ObjectRef::from_obj(&*slice)).is_none();
-                if let Some(r) = service_of_slice(&slice).filter(|_| gone) {
-                    t.send(r);
-                }
-            }
-        }
-        _ => {}
-    })
-    .touched_objects()
-    .predicate_filter(predicates::resource_version, Default::default());
-    let t = triggers.clone();
-    let slice_triggers = forward(slice_watch, move |slice: &EndpointSlice| {
-        if let Some(r) = service_of_slice(slice) {
+    .default_backoff();
+    let slice_triggers = forward(slice_events, move |event| {
+        for r in cache.handle(event) {
             t.send(r);
+        }
+        if cache.listed() {
+            listed.send_if_modified(|l| !std::mem::replace(l, true));
         }
     });
 
@@ -153,10 +129,11 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
         .modify(keep_gate_fields)
         .reflect(pods_writer)
         .touched_objects();
-    let (t, store) = (triggers.clone(), slices.clone());
-    let pod_triggers = forward(pod_watch, move |pod: &Pod| {
-        if declares_a_gate(pod) {
-            for r in services_of(&store, pod) {
+    let (t, cache) = (triggers.clone(), slices.clone());
+    let pod_triggers = forward(pod_watch, move |pod: Pod| {
+        if declares_a_gate(&pod) {
+            let namespace = pod.namespace().unwrap_or_default();
+            for r in cache.services_naming(&namespace, &pod.name_any()) {
                 t.send(r);
             }
         }
@@ -170,7 +147,11 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     let s = stores.clone();
     let (filled_tx, filled) = tokio::sync::watch::channel(false);
     let fill = async move {
-        if s.ready().await {
+        // One waiter per store: its readiness wakes only the last.
+        let ready = s.services.wait_until_ready().await.is_ok()
+            && s.pods.wait_until_ready().await.is_ok()
+            && slices_listed.wait_for(|l| *l).await.is_ok();
+        if ready {
             let _ = filled_tx.send(true);
             info!(
                 services = s.services.len(),
@@ -192,15 +173,15 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     (caches, watching)
 }
 
-/// Drives a watch (and the store it fills), handing each object to `sent`.
-async fn forward<K, S>(stream: S, sent: impl Fn(&K))
+/// Drives a watch (and the store it fills), handing each item to `sent`.
+async fn forward<K, S>(stream: S, mut sent: impl FnMut(K))
 where
     S: futures::Stream<Item = Result<K, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         match item {
-            Ok(obj) => sent(&obj),
+            Ok(item) => sent(item),
             Err(e) => warn!("watch: {e}"),
         }
     }
@@ -243,33 +224,6 @@ fn keep_service_fields(svc: &mut Service) {
     }
 }
 
-/// What of an EndpointSlice the targets and gates read (addresses,
-/// conditions, node, zone, the Pod named); the rest is dropped from the
-/// store, where 250,000 endpoints weigh.
-fn keep_target_fields(slice: &mut EndpointSlice) {
-    let meta = &mut slice.metadata;
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.owner_references = None;
-    meta.generate_name = None;
-    meta.generation = None;
-    meta.creation_timestamp = None;
-    if let Some(labels) = meta.labels.as_mut() {
-        labels.retain(|k, _| k == SERVICE_NAME_LABEL);
-    }
-    for ep in slice.endpoints.iter_mut().flatten() {
-        ep.hostname = None;
-        ep.hints = None;
-        ep.deprecated_topology = None;
-        if let Some(pod) = ep.target_ref.as_mut() {
-            pod.uid = None;
-            pod.resource_version = None;
-            pod.api_version = None;
-            pod.field_path = None;
-        }
-    }
-}
-
 /// What of a Pod the gates need; the rest is dropped from the store.
 fn keep_gate_fields(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
@@ -299,30 +253,4 @@ fn declares_a_gate(pod: &Pod) -> bool {
             gs.iter()
                 .any(|g| READINESS_GATES.contains(&g.condition_type.as_str()))
         })
-}
-
-/// The Service an EndpointSlice belongs to.
-fn service_of_slice(slice: &EndpointSlice) -> Option<ObjectRef<Service>> {
-    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
-    Some(ObjectRef::new(name).within(&slice.namespace().unwrap_or_default()))
-}
-
-/// The Services whose endpoints name `pod`.
-fn services_of(slices: &Store<EndpointSlice>, pod: &Pod) -> Vec<ObjectRef<Service>> {
-    let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
-    slices
-        .state_filter(|s| {
-            s.namespace().as_deref() == Some(ns.as_str())
-                && s.endpoints.iter().flatten().any(|ep| {
-                    ep.target_ref
-                        .as_ref()
-                        .is_some_and(|t| t.name.as_deref() == Some(name.as_str()))
-                })
-        })
-        .iter()
-        .filter_map(|s| s.labels().get(SERVICE_NAME_LABEL).cloned())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .map(|svc| ObjectRef::new(&svc).within(&ns))
-        .collect()
 }

@@ -3,9 +3,10 @@
 //! written directly (no Pods), exist before cnlb-ccm starts (the worst
 //! case: everything is listed and reconciled at once). The provider is the
 //! in-memory one served over the on-prem plugin protocol from this process,
-//! so it answers at once and the figures are cnlb-ccm's own. Prints the
-//! time until every load balancer holds its targets, cnlb-ccm's RSS (now
-//! and peak) and its CPU time per 1,000 endpoint changes.
+//! so it answers at once and the figures are cnlb-ccm's own. Prints
+//! cnlb-ccm's RSS as a standby (the Lease held by another: caches only),
+//! then, leading, the time until every load balancer holds its targets,
+//! its RSS (now and peak) and its CPU time per 1,000 endpoint changes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use cnlb_provider_core::fake::Fake;
 use cnlb_provider_onprem::PluginEndpoint;
 use cnlb_provider_onprem::server::{Plugin, serve};
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -90,13 +92,32 @@ async fn main() -> Result<()> {
             "--cluster-name=bench",
             "--provider=onprem",
             &format!("--onprem-plugin=unix://{}", socket.display()),
-            "--leader-elect=false",
+            "--leader-elect=true",
             "--metrics-bind-address=0",
             "--log-format=json",
         ])
         .args(&args.ccm_args);
-    let t = Instant::now();
+    // First a standby (the Lease is another's): its caches alone.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "cnlb-ccm"},
+        "spec": {"holderIdentity": "cnlb-bench-memory", "leaseDurationSeconds": 3600},
+    }))?;
+    leases.create(&PostParams::default(), &lease).await?;
     let ccm = Proc::spawn("cnlb-ccm", cmd, &env.dir)?;
+    eventually("the standby's caches are filled", WAIT, || async {
+        ccm.check_running()?;
+        Ok(std::fs::read_to_string(ccm.log())?.contains("caches filled"))
+    })
+    .await?;
+    let m = group_memory(&[ccm.pid()], &[]);
+    println!(
+        "standby with filled caches: cnlb-ccm RSS {} MiB, peak {} MiB",
+        m.rss >> 20,
+        m.peak >> 20
+    );
+    leases.delete("cnlb-ccm", &Default::default()).await?;
+    let t = Instant::now();
     eventually("every load balancer holds its targets", WAIT, || async {
         ccm.check_running()?;
         Ok(uids.iter().all(|uid| {

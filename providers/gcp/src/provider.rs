@@ -70,6 +70,9 @@ enum Found {
     MustReplace,
 }
 
+/// An endpoint's zone and instance, names shared with the targets.
+type Placement = (Arc<str>, Arc<str>);
+
 pub struct GcpProvider {
     /// Shared with [`GcpProvider::nodes`]: one set of buckets and metrics.
     calls: Arc<Calls>,
@@ -82,7 +85,7 @@ pub struct GcpProvider {
     /// Zone and instance of each endpoint attached or listed, by NEG name
     /// and address: a detach names the instance, and after a restart the
     /// controller's targets carry only IP and port.
-    endpoints: Mutex<HashMap<(String, SocketAddr), (String, String)>>,
+    endpoints: Mutex<HashMap<(String, SocketAddr), Placement>>,
     /// (Service UID, zone, NEG) found to be that Service's: endpoint
     /// changes and reads go only to those. NEG names come from the
     /// Service's annotations, which anyone who may edit it can write.
@@ -1136,11 +1139,10 @@ impl LoadBalancerProvider for GcpProvider {
                 let zone = t.zone.clone().or_else(|| cached.map(|c| c.0.clone()));
                 let instance = t.node.clone().or_else(|| cached.map(|c| c.1.clone()));
                 match zone {
-                    Some(zone) => detach.entry(zone.clone()).or_default().push(self.endpoint(
-                        t,
-                        &zone,
-                        instance.as_deref(),
-                    )),
+                    Some(zone) => detach
+                        .entry(zone.to_string())
+                        .or_default()
+                        .push(self.endpoint(t, &zone, instance.as_deref())),
                     // Not seen since the start: it can only be in one of
                     // the NEGs, and detaching an absent endpoint is a no-op.
                     None => {
@@ -1156,7 +1158,7 @@ impl LoadBalancerProvider for GcpProvider {
             for t in &delta.register {
                 match (&t.zone, &t.node) {
                     (Some(zone), Some(node)) => attach
-                        .entry(zone.clone())
+                        .entry(zone.to_string())
                         .or_default()
                         .push(self.endpoint(t, zone, Some(node))),
                     _ => unplaceable.push(t.addr()),
@@ -1265,7 +1267,7 @@ impl LoadBalancerProvider for GcpProvider {
                 if let Some(instance) = ep["instance"].as_str() {
                     cache.insert(
                         (port.neg.clone(), SocketAddr::new(ip, number)),
-                        (zone.to_string(), last_segment(instance).to_string()),
+                        (Arc::from(zone.as_str()), Arc::from(last_segment(instance))),
                     );
                 }
                 let (state, reason) = health_state(&item["healths"]);

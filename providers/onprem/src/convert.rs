@@ -222,8 +222,8 @@ pub fn target_to_proto(t: &Target) -> proto::Backend {
     proto::Backend {
         ip: t.ip.to_string(),
         port: t.port.into(),
-        node: t.node.clone(),
-        zone: t.zone.clone(),
+        node: t.node.as_deref().map(String::from),
+        zone: t.zone.as_deref().map(String::from),
         conditions: Some(proto::BackendConditions {
             ready: t.state.ready,
             serving: t.state.serving,
@@ -242,8 +242,8 @@ pub fn target_from_proto(field: &str, b: proto::Backend) -> Result<Target> {
     Ok(Target {
         ip: ip(&format!("{field}.ip"), &b.ip)?,
         port: port(&format!("{field}.port"), b.port)?,
-        node: b.node,
-        zone: b.zone,
+        node: b.node.map(Into::into),
+        zone: b.zone.map(Into::into),
         state,
     })
 }

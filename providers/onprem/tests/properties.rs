@@ -739,8 +739,8 @@ mod properties {
                 |(ip, port, node, zone, [ready, serving, terminating])| Target {
                     ip,
                     port,
-                    node,
-                    zone,
+                    node: node.map(Into::into),
+                    zone: zone.map(Into::into),
                     state: TargetState {
                         ready,
                         serving,

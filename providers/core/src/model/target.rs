@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,11 +60,34 @@ impl Default for TargetState {
 pub struct Target {
     pub ip: IpAddr,
     pub port: u16,
-    /// Node name (GCE_VM_IP_PORT endpoints need the instance).
-    pub node: Option<String>,
+    /// Node name (GCE_VM_IP_PORT endpoints need the instance). Node and
+    /// zone names are shared: a controller holds every target of a
+    /// cluster, and they name a few nodes.
+    #[serde(default, with = "shared_name")]
+    pub node: Option<Arc<str>>,
     /// Zone (zonal NEGs, AWS availability zone).
-    pub zone: Option<String>,
+    #[serde(default, with = "shared_name")]
+    pub zone: Option<Arc<str>>,
     pub state: TargetState,
+}
+
+/// An `Option<Arc<str>>` as an optional string (serde's own needs its
+/// `rc` feature, which would rebuild every crate that uses serde).
+mod shared_name {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(name: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        match name {
+            Some(name) => s.serialize_some(&**name),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Arc::from))
+    }
 }
 
 impl Target {
@@ -267,7 +291,7 @@ mod tests {
         Target {
             ip: IpAddr::from([10, 0, 0, last_octet]),
             port,
-            node: Some(format!("node-{}", last_octet % 2)),
+            node: Some(format!("node-{}", last_octet % 2).into()),
             zone: Some("zone-a".into()),
             state,
         }
