@@ -142,7 +142,6 @@ impl Drop for Proc {
     }
 }
 
-/// Stops several processes at once: SIGTERM to all, then wait (and SIGKILL) each.
 /// The stdout of a finished `program args`, or an error with its stderr.
 pub fn stdout_of(program: &str, args: &[&str], out: &std::process::Output) -> Result<String> {
     if !out.status.success() {
@@ -155,6 +154,7 @@ pub fn stdout_of(program: &str, args: &[&str], out: &std::process::Output) -> Re
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Stops several processes at once: SIGTERM to all, then wait (and SIGKILL) each.
 pub fn stop_all(procs: Vec<Proc>) {
     for p in &procs {
         p.terminate();

@@ -58,7 +58,7 @@ async fn main() -> Result<()> {
 
     let t = Instant::now();
     let uids = create_services(&client, args.services).await?;
-    create_slices(&client, args.services, args.endpoints).await?;
+    write_slices(&client, args.services, args.endpoints, false).await?;
     println!(
         "wrote {} Services and {} EndpointSlices of {} endpoints ({} endpoints) in {:.0} s",
         args.services,
@@ -140,7 +140,7 @@ async fn main() -> Result<()> {
     // One endpoint replaced in `changes` EndpointSlices.
     let cpu = cpu_time(ccm.pid())?;
     let t = Instant::now();
-    change_slices(&client, args.changes, args.endpoints).await?;
+    write_slices(&client, args.changes, args.endpoints, true).await?;
     eventually("every change reached its load balancer", WAIT, || async {
         ccm.check_running()?;
         Ok((0..args.changes).all(|i| {
@@ -238,25 +238,9 @@ fn slice(i: usize, ips: &[std::net::IpAddr]) -> Result<EndpointSlice> {
     }))?)
 }
 
-async fn create_slices(client: &Client, n: usize, per_service: usize) -> Result<()> {
-    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let ips: Vec<_> = (0..per_service)
-                    .map(|j| endpoint_ip(i, j, per_service))
-                    .collect();
-                api.create(&PostParams::default(), &slice(i, &ips)?).await?;
-                Ok::<_, anyhow::Error>(())
-            }
-        })
-        .buffer_unordered(WRITERS)
-        .try_collect()
-        .await
-}
-
-async fn change_slices(client: &Client, n: usize, per_service: usize) -> Result<()> {
+/// Writes the EndpointSlices of Services `0..n`: creates them, or with
+/// `changed` replaces endpoint 0 of each by [`changed_ip`].
+async fn write_slices(client: &Client, n: usize, per_service: usize, changed: bool) -> Result<()> {
     let api: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
     futures::stream::iter(0..n)
         .map(|i| {
@@ -265,14 +249,15 @@ async fn change_slices(client: &Client, n: usize, per_service: usize) -> Result<
                 let mut ips: Vec<_> = (0..per_service)
                     .map(|j| endpoint_ip(i, j, per_service))
                     .collect();
+                if !changed {
+                    api.create(&PostParams::default(), &slice(i, &ips)?).await?;
+                    return Ok(());
+                }
                 ips[0] = changed_ip(i);
                 let patch = json!({"endpoints": slice(i, &ips)?.endpoints});
-                api.patch(
-                    &format!("svc-{i}-0"),
-                    &PatchParams::default(),
-                    &Patch::Merge(patch),
-                )
-                .await?;
+                let name = format!("svc-{i}-0");
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await?;
                 Ok::<_, anyhow::Error>(())
             }
         })
