@@ -1,9 +1,9 @@
 //! The EndpointSlice cache: each slice kept as the few fields cnlb reads
 //! ([`SliceTargets`], node and zone names shared), indexed by its Service.
-//! 250,000 endpoints kept as `EndpointSlice` objects take about 150 MB;
-//! this way they take a fifth of that, and a Service's slices are found
-//! without a scan of every slice. Fed by the EndpointSlice watch's events,
-//! it answers which Services each event changed.
+//! At 250,000 endpoints this took cnlb-ccm's peak from 372 to 238 MiB
+//! (cnlb-bench-memory), and a Service's slices are found without a scan of
+//! every slice. Fed by the EndpointSlice watch's events, it answers which
+//! Services each event changed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
