@@ -90,12 +90,11 @@ pub(super) async fn open(
 /// Opens every pending gate of the Service's Pods: cnlb no longer manages
 /// a load balancer for it (deleted, type or class changed).
 pub(super) async fn release(ctx: &Context, svc: &Service) -> Result<(), Error> {
+    let namespace = svc.namespace().unwrap_or_default();
     let message = format!(
-        "cnlb no longer manages a load balancer for Service {}/{}",
-        svc.namespace().unwrap_or_default(),
+        "cnlb no longer manages a load balancer for Service {namespace}/{}",
         svc.name_any()
     );
-    let namespace = svc.namespace().unwrap_or_default();
     for pod in endpoint_pods(ctx, &namespace, &sync::slices(ctx, svc)) {
         if pod.metadata.deletion_timestamp.is_none() && !pending_gates(&pod).is_empty() {
             set_gates(ctx, &pod, "LoadBalancerRemoved", &message).await?;

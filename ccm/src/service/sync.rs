@@ -76,11 +76,10 @@ async fn follow(
         .written(svc)
         .registered
         .or_else(|| svc.annotations().get(REGISTERED_ANNOTATION).cloned());
+    let wanted = wanting_traffic(spec, &desired);
     let mut registered = match ctx.registered(&uid) {
         Some(r) => r,
-        None if recorded == Some(digest(ids, &wanting_traffic(spec, &desired))) => {
-            wanting_traffic(spec, &desired)
-        }
+        None if recorded == Some(digest(ids, &wanted)) => wanted,
         None => {
             let h = ctx.provider.target_health(&spec.key, ids).await?;
             let r = spec
@@ -201,6 +200,66 @@ pub(super) type Registered = BTreeMap<String, TargetSet>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cnlb_provider_core::{Target, TargetState};
+
+    fn set(addrs: &[(&str, TargetState)]) -> TargetSet {
+        addrs
+            .iter()
+            .map(|(ip, state)| Target {
+                state: *state,
+                ..Target::new(ip.parse().unwrap(), 8080)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_digest_names_ids_and_registered_addresses() {
+        let ready = TargetState::READY;
+        let gone = TargetState::from_conditions(Some(false), Some(false), Some(true));
+        let ids = ResourceIds::from([("tg/http".to_string(), "arn:1".to_string())]);
+        let other_ids = ResourceIds::from([("tg/http".to_string(), "arn:2".to_string())]);
+        let of = |ids: &ResourceIds, targets: &[(&str, TargetState)]| {
+            digest(ids, &Registered::from([("http".to_string(), set(targets))]))
+        };
+        let base = of(&ids, &[("10.0.0.1", ready), ("10.0.0.2", ready)]);
+        assert_eq!(base.len(), 32);
+        assert_eq!(base, of(&ids, &[("10.0.0.2", ready), ("10.0.0.1", ready)]));
+        for (why, other) in [
+            (
+                "a target group replaced",
+                of(&other_ids, &[("10.0.0.1", ready), ("10.0.0.2", ready)]),
+            ),
+            ("a target gone", of(&ids, &[("10.0.0.1", ready)])),
+            (
+                "a target added",
+                of(
+                    &ids,
+                    &[
+                        ("10.0.0.1", ready),
+                        ("10.0.0.2", ready),
+                        ("10.0.0.3", ready),
+                    ],
+                ),
+            ),
+        ] {
+            assert_ne!(base, other, "{why}");
+        }
+        // What the endpoints want, as registered: a terminating one is not.
+        let spec = LoadBalancerSpec {
+            listeners: vec![cnlb_provider_core::Listener {
+                name: "http".into(),
+                protocol: cnlb_provider_core::Protocol::Tcp,
+                port: 80,
+                target_port: 8080,
+            }],
+            ..Default::default()
+        };
+        let desired = Registered::from([(
+            "http".to_string(),
+            set(&[("10.0.0.1", ready), ("10.0.0.2", ready), ("10.0.0.3", gone)]),
+        )]);
+        assert_eq!(digest(&ids, &wanting_traffic(&spec, &desired)), base);
+    }
 
     #[test]
     fn polls_back_off_to_ten_seconds() {
