@@ -92,20 +92,25 @@ bench-aws: env-deps build
 bench-gcp: env-deps build
 	for n in $(BENCH_SERVICES); do $(LB_BENCH) --provider gcp --services $$n || exit 1; done
 
-## bench-memory: cnlb-ccm's peak RSS and CPU per 1,000 endpoint changes with 10,000 Services x 25 endpoints (EndpointSlices written directly; the in-memory provider over the plugin protocol); BENCH_ARGS="--services N --endpoints M"
-bench-memory: env-deps build
-	$(BIN)/cnlb-bench-memory $(BENCH_ARGS)
+## bench-memory: cnlb-ccm's peak RSS and CPU per 1,000 endpoint changes with 10,000 Services x 25 endpoints (EndpointSlices written directly; the in-memory provider over the plugin protocol), release build (a debug build's code adds about 35 MiB: `$(BIN)/cnlb-bench-memory`); BENCH_ARGS="--services N --endpoints M"
+bench-memory: env-deps
+	$(RELEASE_BUILD)
+	$(CARGO_TARGET_DIR)/release/cnlb-bench-memory $(BENCH_ARGS)
 
 ## bench-nodes: N Nodes (default 1000, BENCH_ARGS="--nodes 1000") initialized by cnlb-ccm from EC2 instances in moto: time, DescribeInstances per period
 bench-nodes: env-deps build
 	$(BIN)/cnlb-bench-nodes $(BENCH_ARGS)
 
+# The release builds of the benchmarks: one set of packages, so that their
+# dependencies are built once, with the same features.
+RELEASE_BUILD = $(CARGO) build --release -p cnlb-ccm -p cnlb-vpc-ipam -p cnlb-localstack-tests --bins
+
 ## bench-ipam: vpc-ipam ADD latency (plugin alone, through ptp, cold pool on moto), EC2 calls per Pod, allocations/s, bursts of 100 ADDs at 10 and 50/s on a default pool behind EC2's documented limits
 # Release builds: the plugin is a process started per CNI command, so its
 # start-up and the agent's answer are what is measured.
 bench-ipam: env-deps
-	$(CARGO) build --release -p cnlb-vpc-ipam -p cnlb-localstack-tests --bins
-	$(CARGO) run --release -q -p cnlb-localstack-tests --bin cnlb-bench-ipam -- $(BENCH_ARGS)
+	$(RELEASE_BUILD)
+	$(CARGO_TARGET_DIR)/release/cnlb-bench-ipam $(BENCH_ARGS)
 
 ## chaos: the long fault trials: 50 Services converging with 30 % of cloud calls failing, 100 SIGKILLs of cnlb-ccm (AWS, GCP) and of vpc-ipam-agent under churn
 # `make test` runs the same tests small; these variables scale them.

@@ -214,13 +214,14 @@ async fn persist(
         APPLIED_ANNOTATION.into(),
         serde_json::to_string(spec).map_err(invalid)?,
     );
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
-    )
-    .await?;
-    ctx.wrote(svc, |w| {
+    let updated = api
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+        )
+        .await?;
+    ctx.wrote(svc, &updated, |w| {
         w.spec = Some(spec.clone());
         w.ids = Some(status.ids.clone());
     });

@@ -17,6 +17,7 @@ mod slices;
 mod status;
 mod sync;
 mod watches;
+mod written;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,6 +41,7 @@ use crate::annotations::opted_in;
 use crate::events::{Events, Kind};
 use sync::Registered;
 use watches::{Stores, Triggers};
+use written::{Writes, Written};
 
 /// Held while cnlb owns cloud resources for the Service.
 pub const FINALIZER: &str = "cnlb.dev/load-balancer-cleanup";
@@ -86,10 +88,8 @@ pub(crate) struct Context {
     /// Told after each load balancer deletion (garbage collection then
     /// prunes what load balancers share).
     deletions: Arc<Notify>,
-    /// What this process last wrote on each Service (by UID). The store
-    /// lags behind our own writes: a reconcile from a stale copy must
-    /// neither ensure again nor drop a condition.
-    written: Mutex<HashMap<String, Written>>,
+    /// What this process wrote on each Service that the store may not show yet.
+    writes: Arc<Writes>,
     /// The Services not yet reconciled since this replica took the lead.
     verifying: Mutex<Option<Verifying>>,
 }
@@ -98,17 +98,6 @@ struct Verifying {
     total: usize,
     pending: HashSet<ObjectRef<Service>>,
     since: Instant,
-}
-
-/// cnlb's own annotations and status, as last written.
-#[derive(Clone, Default)]
-pub(crate) struct Written {
-    pub spec: Option<cnlb_provider_core::LoadBalancerSpec>,
-    pub ids: Option<cnlb_provider_core::ResourceIds>,
-    pub ingress: Option<serde_json::Value>,
-    pub conditions: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
-    /// The digest of what is registered ([`REGISTERED_ANNOTATION`]).
-    pub registered: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,20 +120,17 @@ impl Context {
     }
 
     fn written(&self, svc: &Service) -> Written {
-        let uid = svc.uid().unwrap_or_default();
-        lock(&self.written).get(&uid).cloned().unwrap_or_default()
+        self.writes.get(svc)
     }
 
-    fn wrote(&self, svc: &Service, update: impl FnOnce(&mut Written)) {
-        update(
-            lock(&self.written)
-                .entry(svc.uid().unwrap_or_default())
-                .or_default(),
-        );
+    /// Records what a write on `svc` that made `updated` said.
+    fn wrote(&self, svc: &Service, updated: &Service, update: impl FnOnce(&mut Written)) {
+        self.writes
+            .wrote(&self.stores.services, svc, updated, update);
     }
 
     fn forget_written(&self, svc: &Service) {
-        lock(&self.written).remove(&svc.uid().unwrap_or_default());
+        self.writes.forget(svc);
     }
 
     fn health_pending(&self, uid: &str) -> bool {
@@ -234,6 +220,7 @@ pub async fn run(
         mut filled,
         triggers,
         requests,
+        writes,
     } = caches;
     if filled.wait_for(|f| *f).await.is_err() {
         return;
@@ -258,7 +245,7 @@ pub async fn run(
         health_polls: Mutex::default(),
         triggers: triggers.clone(),
         deletions,
-        written: Mutex::default(),
+        writes,
         verifying: Mutex::new(Some(Verifying {
             total: all.len(),
             pending: all.clone(),
@@ -285,7 +272,9 @@ pub async fn run(
 async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.triggers.started(&svc);
     let started = Instant::now();
+    let svc = ctx.writes.begin(&ctx.stores.services, svc);
     let result = reconcile_service(svc.clone(), &ctx).await;
+    ctx.writes.end(&svc);
     if result.is_ok() {
         ctx.verified(&svc);
     }

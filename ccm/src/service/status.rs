@@ -84,7 +84,7 @@ pub(super) async fn write(
             None => current.iter().find(|c| c.type_ == *type_).cloned(),
         })
         .collect();
-    apply(
+    let updated = apply(
         ctx,
         svc,
         json!({"loadBalancer": {"ingress": ingress}, "conditions": ours}),
@@ -92,7 +92,7 @@ pub(super) async fn write(
     .await?;
     // Other writers' conditions are theirs: only ours are remembered, and
     // compared (is_current looks each of ours up by type).
-    ctx.wrote(svc, |w| {
+    ctx.wrote(svc, &updated, |w| {
         w.ingress = Some(ingress);
         w.conditions = Some(ours);
     });
@@ -102,18 +102,19 @@ pub(super) async fn write(
 /// Removes everything cnlb wrote in the status (for a Service it no longer
 /// manages).
 pub(super) async fn clear(ctx: &Context, svc: &Service) -> Result<(), Error> {
-    apply(ctx, svc, json!({})).await
+    apply(ctx, svc, json!({})).await.map(drop)
 }
 
-async fn apply(ctx: &Context, svc: &Service, status: Value) -> Result<(), Error> {
+/// Applies `status`; the server's answer.
+async fn apply(ctx: &Context, svc: &Service, status: Value) -> Result<Service, Error> {
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let body = json!({"apiVersion": "v1", "kind": "Service", "status": status});
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
-    Ok(())
+    Ok(api
+        .patch_status(
+            &svc.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?)
 }

@@ -176,13 +176,14 @@ async fn record(ctx: &Context, svc: &Service, digest: String) -> Result<(), Erro
     let api: Api<Service> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
     let patch = json!({"metadata": {"annotations": {REGISTERED_ANNOTATION: digest}}});
-    api.patch(
-        &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
-    ctx.wrote(svc, |w| w.registered = Some(digest));
+    let updated = api
+        .patch(
+            &svc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await?;
+    ctx.wrote(svc, &updated, |w| w.registered = Some(digest));
     Ok(())
 }
 

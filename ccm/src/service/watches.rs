@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -24,6 +24,7 @@ use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use super::slices::SliceCache;
+use super::written::Writes;
 use super::{ControllerMetrics, FINALIZER, REGISTERED_ANNOTATION, SERVICE_NAME_LABEL, lock};
 use crate::targets::READINESS_GATES;
 
@@ -37,6 +38,7 @@ pub struct Caches {
     pub(super) filled: tokio::sync::watch::Receiver<bool>,
     pub(super) triggers: Arc<Triggers>,
     pub(super) requests: UnboundedReceiver<ObjectRef<Service>>,
+    pub(super) writes: Arc<Writes>,
 }
 
 #[derive(Clone)]
@@ -91,7 +93,8 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
         metrics,
     });
 
-    let t = triggers.clone();
+    let (t, writes) = (triggers.clone(), Arc::new(Writes::default()));
+    let w = writes.clone();
     let service_watch = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -100,6 +103,7 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     .modify(keep_service_fields)
     .reflect(services_writer)
     .applied_objects()
+    .inspect_ok(move |svc| w.seen(svc))
     .predicate_filter(service_fingerprint, Default::default());
     let service_triggers = forward(service_watch, move |svc: Service| {
         t.send(ObjectRef::from_obj(&svc));
@@ -166,6 +170,7 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
         filled,
         triggers,
         requests,
+        writes,
     };
     let watching = async move {
         futures::join!(service_triggers, slice_triggers, pod_triggers, fill);
@@ -202,26 +207,37 @@ fn service_fingerprint(svc: &Service) -> Option<u64> {
     Some(h.finish())
 }
 
-/// What of a Service a reconcile reads; the rest is dropped from the store.
-/// A Service that is not of type LoadBalancer and carries no finalizer of
-/// cnlb's needs nothing but its type: its reconcile ends there.
+/// What of a Service a reconcile reads; the rest is dropped from the store
+/// (at 10,000 Services every byte per Service is 10 MB). A Service that is
+/// not of type LoadBalancer and carries no finalizer of cnlb's needs
+/// nothing but its type: its reconcile ends there.
 fn keep_service_fields(svc: &mut Service) {
     let meta = &mut svc.metadata;
     meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
     }
     let ours = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
-    let spec = svc.spec.get_or_insert_default();
-    if !ours && spec.type_.as_deref() != Some("LoadBalancer") {
-        *spec = ServiceSpec {
-            type_: spec.type_.take(),
+    let spec = svc.spec.take().unwrap_or_default();
+    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    svc.spec = Some(if ours || load_balancer {
+        ServiceSpec {
+            type_: spec.type_,
+            ports: spec.ports,
+            load_balancer_class: spec.load_balancer_class,
+            load_balancer_source_ranges: spec.load_balancer_source_ranges,
             ..ServiceSpec::default()
-        };
+        }
+    } else {
         svc.status = None;
         svc.metadata.annotations = None;
-        svc.metadata.labels = None;
-    }
+        ServiceSpec {
+            type_: spec.type_,
+            ..ServiceSpec::default()
+        }
+    });
 }
 
 /// What of a Pod the gates need; the rest is dropped from the store.
@@ -253,4 +269,69 @@ fn declares_a_gate(pod: &Pod) -> bool {
             gs.iter()
                 .any(|g| READINESS_GATES.contains(&g.condition_type.as_str()))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(type_: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "web", "namespace": "default", "uid": "u1", "resourceVersion": "7",
+                "labels": {"app": "web"},
+                "annotations": {LAST_APPLIED: "{}", "service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {
+                "type": type_, "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "selector": {"app": "web"}, "ipFamilies": ["IPv4"], "sessionAffinity": "None",
+                "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                "loadBalancerClass": "cnlb.dev/load-balancer",
+                "loadBalancerSourceRanges": ["10.0.0.0/8"],
+            },
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_store_keeps_what_a_reconcile_reads() {
+        let mut svc = service("LoadBalancer");
+        keep_service_fields(&mut svc);
+        let kept = serde_json::to_value(&svc).unwrap();
+        assert_eq!(
+            kept,
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {
+                    "name": "web", "namespace": "default", "uid": "u1", "resourceVersion": "7",
+                    "annotations": {"service.beta.kubernetes.io/aws-load-balancer-scheme": "internal"},
+                },
+                "spec": {
+                    "type": "LoadBalancer",
+                    "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                    "loadBalancerClass": "cnlb.dev/load-balancer",
+                    "loadBalancerSourceRanges": ["10.0.0.0/8"],
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}},
+            })
+        );
+
+        // Not a LoadBalancer and not ours: its type alone.
+        let mut svc = service("ClusterIP");
+        keep_service_fields(&mut svc);
+        let kept = serde_json::to_value(&svc).unwrap();
+        assert_eq!(kept["spec"], json!({"type": "ClusterIP"}));
+        assert_eq!(kept["status"], serde_json::Value::Null);
+        assert_eq!(kept["metadata"]["annotations"], serde_json::Value::Null);
+
+        // Ours (finalizer) after a type change: kept whole, to be cleaned up.
+        let mut svc = service("ClusterIP");
+        svc.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        keep_service_fields(&mut svc);
+        assert!(svc.spec.and_then(|s| s.ports).is_some());
+        assert!(svc.status.is_some());
+    }
 }

@@ -65,7 +65,9 @@ struct Args {
     account_limits: Option<f64>,
 }
 
-const WAIT: Duration = Duration::from_secs(1800);
+/// Each phase's limit: 1,000 Services behind the account's limits take
+/// 83 min to create (CreateLoadBalancer: 0.2/s).
+const WAIT: Duration = Duration::from_secs(4 * 3600);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {

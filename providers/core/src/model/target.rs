@@ -1,6 +1,5 @@
 //! Pod IP targets, target sets and the pure register/deregister diff.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -108,12 +107,15 @@ impl Target {
     }
 }
 
-/// Targets of one listener, keyed by (ip, port). Iterates in sorted order.
-/// Serialised as a list of targets.
+/// Targets of one listener, one per (ip, port). Iterates in sorted order.
+/// Serialised as a list of targets. A sorted vector: a controller keeps
+/// every registered target of the cluster, and a map's nodes and keys
+/// would take about twice the memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "Vec<Target>", into = "Vec<Target>")]
 pub struct TargetSet {
-    targets: BTreeMap<SocketAddr, Target>,
+    /// Sorted by address, without duplicates.
+    targets: Vec<Target>,
 }
 
 impl TargetSet {
@@ -121,22 +123,32 @@ impl TargetSet {
         Self::default()
     }
 
+    fn find(&self, addr: &SocketAddr) -> Result<usize, usize> {
+        self.targets.binary_search_by_key(addr, Target::addr)
+    }
+
     /// Inserts `target`, replacing (and returning) any target with the same
     /// (ip, port).
     pub fn insert(&mut self, target: Target) -> Option<Target> {
-        self.targets.insert(target.addr(), target)
+        match self.find(&target.addr()) {
+            Ok(i) => Some(std::mem::replace(&mut self.targets[i], target)),
+            Err(i) => {
+                self.targets.insert(i, target);
+                None
+            }
+        }
     }
 
     pub fn remove(&mut self, addr: &SocketAddr) -> Option<Target> {
-        self.targets.remove(addr)
+        self.find(addr).ok().map(|i| self.targets.remove(i))
     }
 
     pub fn get(&self, addr: &SocketAddr) -> Option<&Target> {
-        self.targets.get(addr)
+        self.find(addr).ok().map(|i| &self.targets[i])
     }
 
     pub fn contains(&self, addr: &SocketAddr) -> bool {
-        self.targets.contains_key(addr)
+        self.find(addr).is_ok()
     }
 
     pub fn len(&self) -> usize {
@@ -149,7 +161,7 @@ impl TargetSet {
 
     /// Targets in (ip, port) order.
     pub fn iter(&self) -> impl Iterator<Item = &Target> {
-        self.targets.values()
+        self.targets.iter()
     }
 
     /// Only the targets that want traffic: what is registered after the
@@ -170,7 +182,7 @@ impl From<Vec<Target>> for TargetSet {
 
 impl From<TargetSet> for Vec<Target> {
     fn from(set: TargetSet) -> Self {
-        set.targets.into_values().collect()
+        set.targets
     }
 }
 
@@ -183,28 +195,42 @@ impl FromIterator<Target> for TargetSet {
 }
 
 impl Extend<Target> for TargetSet {
+    /// Like inserting each in turn (a later target replaces an earlier one
+    /// with the same address), sorted once.
     fn extend<I: IntoIterator<Item = Target>>(&mut self, iter: I) {
-        for target in iter {
-            self.insert(target);
+        let before = self.targets.len();
+        self.targets.extend(iter);
+        if self.targets.len() == before {
+            return;
         }
+        // Stable: of equal addresses, the one added last ends up last.
+        self.targets.sort_by_key(Target::addr);
+        let mut kept: Vec<Target> = Vec::with_capacity(self.targets.len());
+        for target in self.targets.drain(..) {
+            match kept.last_mut() {
+                Some(last) if last.addr() == target.addr() => *last = target,
+                _ => kept.push(target),
+            }
+        }
+        self.targets = kept;
     }
 }
 
 impl IntoIterator for TargetSet {
     type Item = Target;
-    type IntoIter = std::collections::btree_map::IntoValues<SocketAddr, Target>;
+    type IntoIter = std::vec::IntoIter<Target>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.targets.into_values()
+        self.targets.into_iter()
     }
 }
 
 impl<'a> IntoIterator for &'a TargetSet {
     type Item = &'a Target;
-    type IntoIter = std::collections::btree_map::Values<'a, SocketAddr, Target>;
+    type IntoIter = std::slice::Iter<'a, Target>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.targets.values()
+        self.targets.iter()
     }
 }
 
@@ -310,6 +336,56 @@ mod tests {
 
     fn addrs(targets: &[Target]) -> Vec<SocketAddr> {
         targets.iter().map(Target::addr).collect()
+    }
+
+    #[test]
+    fn a_set_holds_one_target_per_address_in_order() {
+        let mut set: TargetSet = [
+            target(3, 80, TargetState::READY),
+            target(1, 80, TargetState::READY),
+            target(3, 80, NOT_READY),
+            target(1, 70, TargetState::READY),
+        ]
+        .into_iter()
+        .collect();
+        // The later of two with the same address wins, as with insert.
+        assert_eq!(
+            set.iter().map(|t| (t.addr(), t.state)).collect::<Vec<_>>(),
+            vec![
+                (target(1, 70, NOT_READY).addr(), TargetState::READY),
+                (target(1, 80, NOT_READY).addr(), TargetState::READY),
+                (target(3, 80, NOT_READY).addr(), NOT_READY),
+            ]
+        );
+        assert_eq!(set.insert(target(2, 80, NOT_READY)), None);
+        assert_eq!(
+            set.insert(target(2, 80, TargetState::READY)),
+            Some(target(2, 80, NOT_READY))
+        );
+        set.extend([
+            target(0, 80, TargetState::READY),
+            target(3, 80, TargetState::READY),
+        ]);
+        assert_eq!(
+            addrs(&Vec::from(set.clone())),
+            addrs(&[
+                target(0, 80, NOT_READY),
+                target(1, 70, NOT_READY),
+                target(1, 80, NOT_READY),
+                target(2, 80, NOT_READY),
+                target(3, 80, NOT_READY),
+            ])
+        );
+        assert!(
+            set.get(&target(3, 80, NOT_READY).addr())
+                .is_some_and(|t| t.state == TargetState::READY)
+        );
+        assert_eq!(
+            set.remove(&target(1, 70, NOT_READY).addr()),
+            Some(target(1, 70, TargetState::READY))
+        );
+        assert!(!set.contains(&target(1, 70, NOT_READY).addr()));
+        assert_eq!(set.len(), 4);
     }
 
     #[test]
