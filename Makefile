@@ -92,7 +92,7 @@ bench-aws: env-deps build
 bench-gcp: env-deps build
 	for n in $(BENCH_SERVICES); do $(LB_BENCH) --provider gcp --services $$n || exit 1; done
 
-## bench-memory: cnlb-ccm's peak RSS and CPU per 1,000 endpoint changes with 10,000 Services x 25 endpoints (EndpointSlices written directly; the in-memory provider over the plugin protocol), release build (a debug build's code adds about 35 MiB: `$(BIN)/cnlb-bench-memory`); BENCH_ARGS="--services N --endpoints M"
+## bench-memory: cnlb-ccm's peak RSS and CPU per 1,000 endpoint changes with 10,000 Services x 25 endpoints (EndpointSlices written directly; the in-memory provider over the plugin protocol), release build (a debug build's code adds about 28 MiB: `$(BIN)/cnlb-bench-memory`); BENCH_ARGS="--services N --endpoints M"
 bench-memory: env-deps
 	$(RELEASE_BUILD)
 	$(CARGO_TARGET_DIR)/release/cnlb-bench-memory $(BENCH_ARGS)
