@@ -115,8 +115,8 @@ impl EnvBuilder {
 
     /// The binary's defaults (project `cnlb-test`, region `us-central1`,
     /// zones `-a,-b,-c`, network `cnlb-net`), except: the subnetwork's
-    /// primary range is `nodes=10.0.0.0/16`, which holds the harness
-    /// Nodes' internal IPs ([`NodeConfig::numbered`]), and health checks
+    /// primary range is `nodes=10.0.0.0/16` (an environment with Nodes
+    /// takes `10.127.0.0/16`, where their addresses are), and health checks
     /// run ten times faster than GCE's (time scale 0.1, floor 100 ms).
     pub fn default_gce_options() -> GceOptions {
         let mut o = GceOptions::default();
@@ -252,8 +252,11 @@ impl EnvBuilder {
         let gce = match self.gce.take() {
             Some(mut opts) => {
                 let port = free_port()?;
-                if real_nodes && let Ok(r) = NamedRange::new("nodes", "10.127.0.0/16") {
-                    // Where real Nodes' addresses are (see crate::range).
+                if !self.nodes.is_empty()
+                    && let Ok(r) = NamedRange::new("nodes", "10.127.0.0/16")
+                {
+                    // Where the Nodes' addresses are, real or simulated
+                    // (see crate::range and NodeConfig::numbered).
                     opts.subnetwork = r;
                 }
                 Some((
@@ -263,16 +266,20 @@ impl EnvBuilder {
             }
             None => None,
         };
+        // Real Nodes' instances; the pod network seeds simulated Nodes' own.
         let instances = match (&gce, &env.range) {
-            (Some((_, g)), Some(range)) if matches!(self.agent_backend, AgentBackend::Gcp) => self
-                .nodes
-                .iter_mut()
-                .enumerate()
-                .map(|(i, node)| {
-                    node.pod_cidr = format!("10.{}.{i}.0/24", range.k());
-                    crate::podnet::gce_node(g, i, node)
-                })
-                .collect::<Result<Vec<_>>>()?,
+            (Some((_, g)), Some(range))
+                if real_nodes && matches!(self.agent_backend, AgentBackend::Gcp) =>
+            {
+                self.nodes
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, node)| {
+                        node.pod_cidr = format!("10.{}.{i}.0/24", range.k());
+                        crate::podnet::gce_node(g, i, node)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
             _ => Vec::new(),
         };
         if let (Some(cp), Some(config), Some(range)) =
