@@ -130,74 +130,87 @@ mod tests {
         svc
     }
 
-    /// The store at `version`, as the watch leaves it.
-    fn store_at(writer: &mut Writer<Service>, writes: &Writes, version: &str) {
-        writer.apply_watcher_event(&Event::Apply(service(version)));
-        writes.seen(&service(version));
+    /// A Service store and its writes, as the watch keeps them.
+    struct World {
+        writer: Writer<Service>,
+        store: Store<Service>,
+        writes: Writes,
+    }
+
+    impl World {
+        /// The store holding the Service at `version`.
+        fn at(version: &str) -> World {
+            let writer = Writer::<Service>::default();
+            let store = writer.as_reader();
+            let mut world = World {
+                writer,
+                store,
+                writes: Writes::default(),
+            };
+            world.store_at(version);
+            world
+        }
+
+        /// The watch delivers `version`.
+        fn store_at(&mut self, version: &str) {
+            self.writer
+                .apply_watcher_event(&Event::Apply(service(version)));
+            self.writes.seen(&service(version));
+        }
+
+        /// A write from a copy at `from` that made `version`.
+        fn wrote(&self, from: &Service, version: &str, update: impl FnOnce(&mut Written)) {
+            self.writes
+                .wrote(&self.store, from, &service(version), update);
+        }
     }
 
     #[test]
     fn an_entry_lasts_until_the_store_shows_the_last_write() {
-        let mut writer = Writer::<Service>::default();
-        let store = writer.as_reader();
-        let writes = Writes::default();
-        store_at(&mut writer, &writes, "1");
-
-        writes.wrote(&store, &service("1"), &service("2"), |w| {
-            w.registered = Some("d1".into())
-        });
-        writes.wrote(&store, &service("1"), &service("3"), |w| {
+        let mut world = World::at("1");
+        world.wrote(&service("1"), "2", |w| w.registered = Some("d1".into()));
+        world.wrote(&service("1"), "3", |w| {
             w.ingress = Some(serde_json::json!([]))
         });
-        let w = writes.get(&service("1"));
+        let w = world.writes.get(&service("1"));
         assert_eq!(w.registered.as_deref(), Some("d1"));
         assert!(w.ingress.is_some());
 
         // An older version of ours, or someone else's, keeps the entry.
-        store_at(&mut writer, &writes, "2");
-        assert_eq!(writes.len(), 1);
-        store_at(&mut writer, &writes, "3");
-        assert_eq!(writes.len(), 0);
-        assert!(writes.get(&service("1")).registered.is_none());
+        world.store_at("2");
+        assert_eq!(world.writes.len(), 1);
+        world.store_at("3");
+        assert_eq!(world.writes.len(), 0);
+        assert!(world.writes.get(&service("1")).registered.is_none());
     }
 
     #[test]
     fn a_write_the_store_already_shows_goes_when_no_reconcile_runs() {
-        let mut writer = Writer::<Service>::default();
-        let store = writer.as_reader();
-        let writes = Writes::default();
-        store_at(&mut writer, &writes, "5");
-        let svc = writes.begin(&store, Arc::new(service("4")));
-        writes.wrote(&store, &svc, &service("5"), |w| {
-            w.registered = Some("d".into())
-        });
-        assert_eq!(writes.len(), 1);
-        writes.end(&svc);
-        assert_eq!(writes.len(), 0);
+        let world = World::at("5");
+        let svc = world.writes.begin(&world.store, Arc::new(service("4")));
+        world.wrote(&svc, "5", |w| w.registered = Some("d".into()));
+        assert_eq!(world.writes.len(), 1);
+        world.writes.end(&svc);
+        assert_eq!(world.writes.len(), 0);
     }
 
     #[test]
     fn a_running_reconcile_keeps_its_entry_and_starts_from_the_freshest_copy() {
-        let mut writer = Writer::<Service>::default();
-        let store = writer.as_reader();
-        let writes = Writes::default();
-        store_at(&mut writer, &writes, "1");
-        writes.wrote(&store, &service("1"), &service("2"), |w| {
-            w.registered = Some("d".into())
-        });
+        let mut world = World::at("1");
+        world.wrote(&service("1"), "2", |w| w.registered = Some("d".into()));
 
         // A reconcile handed an old copy starts from the store's newest.
-        let svc = writes.begin(&store, Arc::new(service("0")));
+        let svc = world.writes.begin(&world.store, Arc::new(service("0")));
         assert_eq!(svc.resource_version().as_deref(), Some("1"));
         // The store catches up meanwhile: the entry stays for this reconcile.
-        store_at(&mut writer, &writes, "2");
-        assert_eq!(writes.get(&svc).registered.as_deref(), Some("d"));
-        writes.end(&svc);
-        assert_eq!(writes.len(), 0);
+        world.store_at("2");
+        assert_eq!(world.writes.get(&svc).registered.as_deref(), Some("d"));
+        world.writes.end(&svc);
+        assert_eq!(world.writes.len(), 0);
 
         // The next one starts from a copy that shows the write.
-        let svc = writes.begin(&store, Arc::new(service("1")));
+        let svc = world.writes.begin(&world.store, Arc::new(service("1")));
         assert_eq!(svc.resource_version().as_deref(), Some("2"));
-        writes.end(&svc);
+        world.writes.end(&svc);
     }
 }
