@@ -139,12 +139,7 @@ fn wanting_traffic(spec: &LoadBalancerSpec, targets: &Registered) -> Registered 
     spec.listeners
         .iter()
         .map(|l| {
-            let set = targets.get(&l.name).map(|set| {
-                set.iter()
-                    .filter(|t| t.state.wants_traffic())
-                    .cloned()
-                    .collect()
-            });
+            let set = targets.get(&l.name).map(TargetSet::wanted);
             (l.name.clone(), set.unwrap_or_default())
         })
         .collect()

@@ -203,16 +203,18 @@ impl Extend<Target> for TargetSet {
         if self.targets.len() == before {
             return;
         }
-        // Stable: of equal addresses, the one added last ends up last.
+        // Stable: of equal addresses, the one added last ends up last, and
+        // takes the place of the one kept.
         self.targets.sort_by_key(Target::addr);
-        let mut kept: Vec<Target> = Vec::with_capacity(self.targets.len());
-        for target in self.targets.drain(..) {
-            match kept.last_mut() {
-                Some(last) if last.addr() == target.addr() => *last = target,
-                _ => kept.push(target),
+        self.targets.dedup_by(|later, kept| {
+            let same = later.addr() == kept.addr();
+            if same {
+                std::mem::swap(later, kept);
             }
-        }
-        self.targets = kept;
+            same
+        });
+        // A controller keeps these for every Service: no spare room.
+        self.targets.shrink_to_fit();
     }
 }
 
