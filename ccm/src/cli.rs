@@ -187,18 +187,25 @@ pub struct Args {
     pub gcp_endpoint: Option<String>,
 
     /// GCP get / list calls: the most tokens per second / burst; the rate
-    /// in use adapts below it when GCE throttles (--provider=gcp).
-    #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
+    /// in use adapts below it when GCE throttles (--provider=gcp). The
+    /// GCP defaults stay just under GCE's default quotas (1,500 calls a
+    /// minute per group), which a whole minute's burst would overrun.
+    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
     /// GCP attach / detach network endpoint calls (500 endpoints each at
     /// most): the most tokens per second / burst.
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
     pub gcp_targets_rate: RateLimit,
 
     /// GCP insert / patch / delete calls: the most tokens per second / burst.
-    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
+
+    /// GCP waits for operations (one or more per insert, patch, delete,
+    /// attach or detach): the most tokens per second / burst.
+    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
+    pub gcp_operation_rate: RateLimit,
 
     /// Maximum number of objects reconciled at the same time; bounded so
     /// that a burst cannot flood a rate-limited cloud API.

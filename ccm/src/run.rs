@@ -273,6 +273,7 @@ async fn build_provider(
                 read: args.aws_read_rate,
                 targets: args.aws_targets_rate,
                 write: args.aws_write_rate,
+                ..RateLimits::default()
             };
             config.backend_security_group = args.aws_backend_security_group;
             let provider = AwsProvider::new(clients, config, &mut metrics.registry());
@@ -317,6 +318,7 @@ async fn build_provider(
                 read: args.gcp_read_rate,
                 targets: args.gcp_targets_rate,
                 write: args.gcp_write_rate,
+                operations: args.gcp_operation_rate,
             };
             let project = flag(&args.gcp_project, "--gcp-project")?;
             let calls = cnlb_provider_gcp::Calls::new(

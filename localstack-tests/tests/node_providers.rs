@@ -31,6 +31,7 @@ fn unlimited() -> RateLimits {
         read: many,
         targets: many,
         write: many,
+        operations: many,
     }
 }
 

@@ -21,7 +21,7 @@ mod written;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cnlb_provider_core::{LoadBalancerProvider, ProviderError, RetryPolicy};
 use futures::StreamExt;
@@ -140,11 +140,18 @@ impl Context {
     /// The next health poll: while a gate waits (it needs a verdict), or,
     /// for at most [`SETTLE_POLLS`] since targets last changed, while the
     /// cloud has not decided on every target; the backoff restarts when
-    /// targets `changed`. No poll (and nothing remembered) otherwise.
-    fn next_poll(&self, uid: &str, changed: bool, gates_wait: bool, unsettled: bool) -> Action {
+    /// targets changed (`Some`: the earliest the cloud can decide on the
+    /// new ones). No poll (and nothing remembered) otherwise.
+    fn next_poll(
+        &self,
+        uid: &str,
+        changed: Option<Duration>,
+        gates_wait: bool,
+        unsettled: bool,
+    ) -> Action {
         let mut polls = lock(&self.health_polls);
         let n = polls.entry(uid.to_string()).or_insert(0);
-        if changed {
+        if changed.is_some() {
             *n = 0;
         }
         let again = gates_wait || (unsettled && *n < SETTLE_POLLS);
@@ -153,7 +160,13 @@ impl Context {
             return Action::await_change();
         }
         *n += 1;
-        Action::requeue(sync::poll_delay(*n))
+        let delay = sync::poll_delay(*n);
+        match changed {
+            // A waiting gate is opened at the first verdict, whenever it
+            // comes; settling can wait until one can have come.
+            Some(verdict) if !gates_wait => Action::requeue(delay.max(verdict)),
+            _ => Action::requeue(delay),
+        }
     }
 
     /// Says once when every Service there was on taking the lead has been

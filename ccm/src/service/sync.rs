@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cnlb_provider_core::{
-    LoadBalancerIngress, LoadBalancerSpec, ProviderError, ResourceIds, TargetSet, diff_targets,
-    registered_targets,
+    HealthCheck, LoadBalancerIngress, LoadBalancerSpec, ProviderError, ResourceIds, TargetSet,
+    diff_targets, registered_targets,
 };
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
@@ -108,7 +108,6 @@ async fn follow(
     ctx.remember_registered(&uid, registered.clone());
     if changes > 0 {
         info!(service = %spec.key.service(), changes, "targets synced");
-        health = None;
     }
     let now = digest(ids, &wanting_traffic(spec, &registered));
     if recorded.as_ref() != Some(&now) {
@@ -116,10 +115,16 @@ async fn follow(
     }
 
     // Health is worth a call after a change, while a gate waits, and while
-    // the cloud has not decided on every target yet; never at rest.
-    let poll = changes > 0 || !awaiting.is_empty() || ctx.health_pending(&uid);
+    // the cloud has not decided on every target yet; never at rest. Just
+    // after a change the cloud has no verdict on the new targets yet: the
+    // first poll comes later, and this reconcile frees its slot.
     let mut wanted = vec![lb];
-    if poll {
+    if changes > 0 {
+        status::write(ctx, svc, ingress, &wanted).await?;
+        let verdict = earliest_verdict(&spec.health_check);
+        return Ok(ctx.next_poll(&uid, Some(verdict), !awaiting.is_empty(), true));
+    }
+    if !awaiting.is_empty() || ctx.health_pending(&uid) {
         let h = match health {
             Some(h) => h,
             None => ctx.provider.target_health(&spec.key, ids).await?,
@@ -128,7 +133,7 @@ async fn follow(
         wanted.push(targets_healthy(&spec.listeners, &registered, &h));
         let unsettled = health_unsettled(&registered, &h);
         status::write(ctx, svc, ingress, &wanted).await?;
-        return Ok(ctx.next_poll(&uid, changes > 0, !awaiting.is_empty(), unsettled));
+        return Ok(ctx.next_poll(&uid, None, !awaiting.is_empty(), unsettled));
     }
     status::write(ctx, svc, ingress, &wanted).await?;
     Ok(Action::await_change())
@@ -180,6 +185,12 @@ async fn record(ctx: &Context, svc: &Service, digest: String) -> Result<(), Erro
         .await?;
     ctx.wrote(svc, &updated, |w| w.registered = Some(digest));
     Ok(())
+}
+
+/// The earliest a health check can call a new target healthy: its healthy
+/// threshold of probes, one each interval, the first at once.
+fn earliest_verdict(hc: &HealthCheck) -> Duration {
+    hc.interval * hc.healthy_threshold.saturating_sub(1)
 }
 
 /// Polls of one Service's health in a row: 1 s, 2 s, 4 s, ... 10 s, from
@@ -255,6 +266,18 @@ mod tests {
             set(&[("10.0.0.1", ready), ("10.0.0.2", ready), ("10.0.0.3", gone)]),
         )]);
         assert_eq!(digest(&ids, &wanting_traffic(&spec, &desired)), base);
+    }
+
+    #[test]
+    fn the_earliest_verdict_is_a_threshold_of_intervals() {
+        for (interval, threshold, secs) in [(10, 3, 20), (5, 2, 5), (30, 1, 0), (10, 0, 0)] {
+            let hc = HealthCheck {
+                interval: Duration::from_secs(interval),
+                healthy_threshold: threshold,
+                ..HealthCheck::default()
+            };
+            assert_eq!(earliest_verdict(&hc), Duration::from_secs(secs));
+        }
     }
 
     #[test]

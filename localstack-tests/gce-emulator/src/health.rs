@@ -1,6 +1,7 @@
 //! The health checker: real probes of every endpoint that is under a
 //! backend service with a health check, on the check's interval (scaled,
-//! and never more often than the floor), counted against its thresholds.
+//! and never more often than the floor), counted against its thresholds;
+//! checks of the same endpoint probed the same way share probes.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ pub async fn run(world: Arc<Mutex<World>>, tick: Duration) {
                 world
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .health_record(&job, ok);
+                    .health_record(&job, ok, Instant::now());
             });
         }
         tokio::time::sleep(tick).await;

@@ -168,12 +168,9 @@ fn gce(operation: &str) -> (String, Bucket) {
     let method = operation.rsplit('.').next().unwrap_or(operation);
     let quota = match method {
         "attachNetworkEndpoints" | "detachNetworkEndpoints" => "network endpoint writes",
-        _ if operation.starts_with("globalOperations.")
-            || operation.starts_with("regionOperations.")
-            || operation.starts_with("zoneOperations.") =>
-        {
-            "operation reads"
-        }
+        // Global, regional and zonal operations alike (`operations.wait`,
+        // as `operation::gce` names them).
+        _ if operation.starts_with("operations.") => "operation reads",
         "get" | "getHealth" => "reads",
         m if m.starts_with("list") || m.starts_with("aggregated") => "lists",
         _ => "writes",
@@ -318,7 +315,7 @@ mod tests {
             ),
             (
                 Cloud::Gce,
-                "zoneOperations.wait",
+                "operations.wait",
                 false,
                 "operation reads",
                 Bucket::per_minute(1500.0),

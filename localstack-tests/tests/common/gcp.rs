@@ -71,8 +71,6 @@ pub fn spawn_at(env: &Env, name: &str, endpoint: &str, extra: &[&str]) -> (Proc,
         "--leader-elect=false",
         &format!("--metrics-bind-address={addr}"),
     ])
-    // These tests check behaviour; the benchmark measures the default limits.
-    .args(["--gcp-write-rate=20/40", "--gcp-targets-rate=20/40"])
     .args(extra);
     (Proc::spawn(name, cmd, &env.dir).unwrap(), addr)
 }

@@ -105,14 +105,18 @@ impl std::str::FromStr for RateLimit {
 /// | `read` | describe, get, list | 20/s, burst 40 |
 /// | `targets` | register / deregister targets, attach / detach endpoints | 10/s, burst 20 |
 /// | `write` | create, modify, delete, tag | 10/s, burst 20 |
+/// | `operations` | waits for a long-running operation (GCP) | 24/s, burst 24 |
 ///
 /// Target changes are batched (hundreds of targets a call), so 10 calls a
-/// second is thousands of target changes a second.
+/// second is thousands of target changes a second. GCE counts operation
+/// reads on a quota of their own (1,500 a minute), one or more per
+/// mutation; AWS has no such calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     pub read: RateLimit,
     pub targets: RateLimit,
     pub write: RateLimit,
+    pub operations: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -121,6 +125,7 @@ impl Default for RateLimits {
             read: RateLimit::new(20, 40),
             targets: RateLimit::new(10, 20),
             write: RateLimit::new(10, 20),
+            operations: RateLimit::new(24, 24),
         }
     }
 }
@@ -131,6 +136,7 @@ pub enum Group {
     Read,
     Targets,
     Write,
+    Operations,
 }
 
 impl Group {
@@ -139,6 +145,7 @@ impl Group {
             Group::Read => "read",
             Group::Targets => "targets",
             Group::Write => "write",
+            Group::Operations => "operations",
         }
     }
 }
@@ -312,6 +319,7 @@ pub struct Calls {
     read: Limiter,
     targets: Limiter,
     write: Limiter,
+    operations: Limiter,
     backoff: ExponentialBuilder,
     metrics: Metrics,
 }
@@ -334,6 +342,7 @@ impl Calls {
             read: limiter(limits.read, Group::Read),
             targets: limiter(limits.targets, Group::Targets),
             write: limiter(limits.write, Group::Write),
+            operations: limiter(limits.operations, Group::Operations),
             backoff: ExponentialBuilder::default()
                 .with_min_delay(RETRY_MIN_DELAY)
                 .with_max_delay(RETRY_MAX_DELAY)
@@ -445,6 +454,7 @@ impl Calls {
             Group::Read => &self.read,
             Group::Targets => &self.targets,
             Group::Write => &self.write,
+            Group::Operations => &self.operations,
         }
     }
 }
@@ -485,6 +495,7 @@ mod tests {
             read: many,
             targets: many,
             write: many,
+            operations: many,
         }
     }
 

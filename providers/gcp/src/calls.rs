@@ -28,13 +28,14 @@ use prometheus_client::registry::Registry;
 use crate::error;
 
 /// Which bucket a Compute method (`"<collection>.<method>"`) draws from.
-/// Endpoint changes have their own, as GCE has its own per-minute quota
-/// for them.
+/// Endpoint changes and operation waits have their own, as GCE has a
+/// per-minute quota for each.
 pub fn group_of(operation: &str) -> Group {
     let method = operation.rsplit('.').next().unwrap_or(operation);
     match method {
         "attachNetworkEndpoints" | "detachNetworkEndpoints" => Group::Targets,
-        m if m.starts_with("get") || m.starts_with("list") || m == "wait" => Group::Read,
+        "wait" => Group::Operations,
+        m if m.starts_with("get") || m.starts_with("list") => Group::Read,
         m if m.starts_with("aggregated") => Group::Read,
         _ => Group::Write,
     }
@@ -243,10 +244,12 @@ mod tests {
             "networkEndpointGroups.get",
             "networkEndpointGroups.list",
             "networkEndpointGroups.listNetworkEndpoints",
-            "zoneOperations.wait",
             "networkEndpointGroups.aggregatedList",
         ] {
             assert_eq!(group_of(op), Group::Read, "{op}");
+        }
+        for op in ["zoneOperations.wait", "globalOperations.wait"] {
+            assert_eq!(group_of(op), Group::Operations, "{op}");
         }
         for op in [
             "networkEndpointGroups.attachNetworkEndpoints",

@@ -14,6 +14,8 @@
 //! - [`plan`]: the desired resources as API bodies, names, ownership and
 //!   drift rules (pure).
 //! - [`provider`]: [`GcpProvider`], the `LoadBalancerProvider`.
+//! - [`placements`]: where the NEGs' endpoints are, as far as this process
+//!   knows (which zones a health read can skip).
 //! - [`nodes`]: [`GcpNodes`], the `NodeProvider`: the instances behind
 //!   Nodes, one `instances.list` per zone.
 //! - [`ipam`]: the calls of vpc-ipam's GCP backend (the node's alias IP
@@ -31,6 +33,8 @@ pub mod instance;
 pub mod ipam;
 #[cfg(feature = "load-balancer")]
 pub mod nodes;
+#[cfg(feature = "load-balancer")]
+pub mod placements;
 #[cfg(feature = "load-balancer")]
 pub mod plan;
 #[cfg(feature = "load-balancer")]

@@ -3,12 +3,13 @@
 //!
 //! Every resource is found by name and then checked to be ours by its
 //! `description` (see [`plan`]); one of another owner is a conflict, never
-//! adopted. Creating is get-or-insert, so a crash at any point leaves
+//! adopted. Creating is get-or-insert (insert first on a load balancer's
+//! first ensure, when nothing is recorded), so a crash at any point leaves
 //! resources the next call finds. Mutations wait for their operation;
 //! inserts and endpoint changes carry a `requestId`, so a retried request is
 //! not applied twice.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 use crate::MAX_ENDPOINTS_PER_CALL;
 use crate::calls::{Calls, last_segment};
 use crate::nodes::GcpNodes;
+use crate::placements::Placements;
 use crate::plan::{self, GcpConfig, Names, PortNames};
 
 /// Service annotation GKE users read to find their NEGs.
@@ -61,6 +63,22 @@ enum OnForeign {
     Leave,
 }
 
+impl Kind<'_> {
+    /// Fields GCE cannot change in place (a difference means replacing
+    /// the resource), and whether the others are updated in place.
+    fn rules(self) -> (&'static [&'static str], bool) {
+        match self {
+            Kind::Address => (plan::ADDRESS_IMMUTABLE, false),
+            Kind::HealthCheck => (&[], true),
+            Kind::Firewall => (&["network", "direction"], true),
+            Kind::Neg(_) => (&[], false),
+            Kind::BackendService => (plan::BACKEND_SERVICE_IMMUTABLE, true),
+            Kind::Proxy => (plan::PROXY_IMMUTABLE, false),
+            Kind::ForwardingRule => (plan::FORWARDING_RULE_IMMUTABLE, false),
+        }
+    }
+}
+
 /// What [`GcpProvider::ensure`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
@@ -69,9 +87,6 @@ enum Found {
     /// It differs in a field GCE cannot change: replace it.
     MustReplace,
 }
-
-/// An endpoint's zone and instance, names shared with the targets.
-type Placement = (Arc<str>, Arc<str>);
 
 pub struct GcpProvider {
     /// Shared with [`GcpProvider::nodes`]: one set of buckets and metrics.
@@ -82,10 +97,8 @@ pub struct GcpProvider {
     /// Zones outside `cfg.zones` that Pods turned up in since the start
     /// (their NEGs were created on demand).
     extra_zones: Mutex<BTreeSet<String>>,
-    /// Zone and instance of each endpoint attached or listed, by NEG name
-    /// and address: a detach names the instance, and after a restart the
-    /// controller's targets carry only IP and port.
-    endpoints: Mutex<HashMap<(String, SocketAddr), Placement>>,
+    /// Where the NEGs' endpoints are, and which NEGs are known whole.
+    placements: Mutex<Placements>,
     /// (Service UID, zone, NEG) found to be that Service's: endpoint
     /// changes and reads go only to those. NEG names come from the
     /// Service's annotations, which anyone who may edit it can write.
@@ -127,7 +140,7 @@ impl GcpProvider {
             cfg,
             region_zones,
             extra_zones: Mutex::default(),
-            endpoints: Mutex::default(),
+            placements: Mutex::default(),
             owned_negs: Mutex::default(),
         })
     }
@@ -244,10 +257,12 @@ impl GcpProvider {
         }
     }
 
-    /// Creates the resource and waits for it. One that appeared meanwhile
-    /// (a concurrent or earlier, unrecorded insert) is not an error: the
-    /// caller reads it back and checks its owner.
-    async fn insert(&self, kind: Kind<'_>, body: Value) -> Result<()> {
+    /// Creates the resource and waits for it: `true` if this call created
+    /// it. One that was there already (a concurrent or earlier, unrecorded
+    /// insert) is not an error but `false`: the caller reads it and checks
+    /// its owner.
+    async fn insert(&self, kind: Kind<'_>, body: Value) -> Result<bool> {
+        let name = body["name"].as_str().unwrap_or_default().to_string();
         let c = self.calls.compute();
         let (p, r) = (self.project(), self.region());
         let id = request_id();
@@ -351,10 +366,23 @@ impl GcpProvider {
             }
         };
         match result {
-            Ok(_) => Ok(()),
-            Err(ProviderError::Conflict { reason, .. }) if already_exists(&reason) => Ok(()),
+            Ok(_) => {
+                if let Kind::Neg(zone) = kind {
+                    self.placements().created(&name, zone);
+                }
+                Ok(true)
+            }
+            Err(ProviderError::Conflict { reason, .. }) if already_exists(&reason) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn placements(&self) -> std::sync::MutexGuard<'_, Placements> {
+        // Each change leaves the placements consistent whatever a
+        // panicking holder did.
+        self.placements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Updates a resource in place (health checks, firewalls and backend
@@ -517,7 +545,12 @@ impl GcpProvider {
             }
         };
         match result {
-            Ok(_) | Err(ProviderError::NotFound { .. }) => Ok(()),
+            Ok(_) | Err(ProviderError::NotFound { .. }) => {
+                if let Kind::Neg(zone) = kind {
+                    self.placements().forget(name, zone);
+                }
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -638,22 +671,32 @@ impl GcpProvider {
     }
 
     /// Brings one resource to `desired`: inserts it if missing, checks it
-    /// is `key`'s, updates drifted fields in place when the collection
-    /// allows (`patchable`), and says [`Found::MustReplace`] when one of
-    /// `immutable` differs.
+    /// is `key`'s, updates drifted fields in place where the collection
+    /// allows, and says [`Found::MustReplace`] when a field that cannot
+    /// change differs ([`Kind::rules`]). When `fresh` (nothing of the load
+    /// balancer is recorded yet) it is inserted without a look first. What
+    /// this call inserted is `desired` and is not read back, but for an
+    /// address, whose IP GCE picks.
     async fn ensure(
         &self,
         kind: Kind<'_>,
         key: &LoadBalancerKey,
         desired: Value,
-        immutable: &[&str],
-        patchable: bool,
+        fresh: bool,
     ) -> Result<Found> {
+        let (immutable, patchable) = kind.rules();
         let name = desired["name"].as_str().unwrap_or_default().to_string();
-        let existing = match self.get(kind, &name).await? {
+        let found = if fresh {
+            None
+        } else {
+            self.get(kind, &name).await?
+        };
+        let existing = match found {
             Some(existing) => existing,
             None => {
-                self.insert(kind, desired.clone()).await?;
+                if self.insert(kind, desired.clone()).await? && kind != Kind::Address {
+                    return Ok(Found::Ready(desired));
+                }
                 self.get(kind, &name).await?.ok_or_else(|| {
                     ProviderError::cloud(
                         "insert",
@@ -686,14 +729,10 @@ impl GcpProvider {
         kind: Kind<'_>,
         key: &LoadBalancerKey,
         desired: Value,
-        immutable: &[&str],
-        patchable: bool,
+        fresh: bool,
         dependents: &[(Kind<'_>, &str)],
     ) -> Result<Value> {
-        if let Found::Ready(v) = self
-            .ensure(kind, key, desired.clone(), immutable, patchable)
-            .await?
-        {
+        if let Found::Ready(v) = self.ensure(kind, key, desired.clone(), fresh).await? {
             return Ok(v);
         }
         let name = desired["name"].as_str().unwrap_or_default().to_string();
@@ -703,10 +742,7 @@ impl GcpProvider {
                 .await?;
         }
         self.delete(kind, &name).await?;
-        match self
-            .ensure(kind, key, desired, immutable, patchable)
-            .await?
-        {
+        match self.ensure(kind, key, desired, true).await? {
             Found::Ready(v) => Ok(v),
             Found::MustReplace => Err(ProviderError::cloud(
                 "replace",
@@ -716,18 +752,33 @@ impl GcpProvider {
         }
     }
 
-    /// The NEG of `port` in `zone`, created if missing.
-    async fn ensure_neg(
+    /// The NEG of `port` in each of `zones`, created if missing.
+    async fn ensure_negs(
         &self,
         spec: &LoadBalancerSpec,
         listener: &Listener,
         port: &PortNames,
-        zone: &str,
+        zones: &[String],
+        fresh: bool,
     ) -> Result<()> {
+        if port.neg != plan::default_neg_name(&spec.key, listener.port) {
+            // A name from the Service's annotations: another owner's NEG
+            // of that name in one zone must not get cnlb's in the others
+            // (created at once, in parallel, before that one is seen).
+            let negs: Vec<(&str, &str)> = zones
+                .iter()
+                .map(|z| (z.as_str(), port.neg.as_str()))
+                .collect();
+            self.check_negs(&spec.key, &negs).await?;
+        }
         let body = plan::neg(spec, &self.cfg, listener, &port.neg);
-        self.ensure(Kind::Neg(zone), &spec.key, body, &[], false)
-            .await?;
-        self.remember_neg(&spec.key, zone, &port.neg);
+        try_join_all(zones.iter().map(|zone| async {
+            self.ensure(Kind::Neg(zone), &spec.key, body.clone(), fresh)
+                .await?;
+            self.remember_neg(&spec.key, zone, &port.neg);
+            Ok::<_, ProviderError>(())
+        }))
+        .await?;
         Ok(())
     }
 
@@ -782,68 +833,31 @@ impl GcpProvider {
         self.delete(kind, name).await
     }
 
-    /// Everything of one listener: NEGs in every zone, backend service,
-    /// proxy and forwarding rule.
-    async fn ensure_port(
+    /// The front of one listener, once its NEGs, the health check and the
+    /// address exist: backend service, proxy and forwarding rule.
+    async fn ensure_front(
         &self,
         spec: &LoadBalancerSpec,
         names: &Names,
-        listener: &Listener,
+        port: &PortNames,
         zones: &[String],
         ip: &str,
-    ) -> Result<PortNames> {
-        let port = PortNames::of(spec, listener);
-        if port.neg != plan::default_neg_name(&spec.key, listener.port) {
-            // A name from the Service's annotations: another owner's NEG
-            // of that name in one zone must not get cnlb's in the others
-            // (created at once, in parallel, before that one is seen).
-            let negs: Vec<(&str, &str)> = zones
-                .iter()
-                .map(|z| (z.as_str(), port.neg.as_str()))
-                .collect();
-            self.check_negs(&spec.key, &negs).await?;
-        }
-        try_join_all(
-            zones
-                .iter()
-                .map(|z| self.ensure_neg(spec, listener, &port, z)),
-        )
-        .await?;
-        let bs = plan::backend_service(spec, &self.cfg, names, &port, zones)?;
+        fresh: bool,
+    ) -> Result<()> {
+        let bs = plan::backend_service(spec, &self.cfg, names, port, zones)?;
         let chain = [
             (Kind::ForwardingRule, port.forwarding_rule.as_str()),
             (Kind::Proxy, port.proxy.as_str()),
         ];
-        self.ensure_replacing(
-            Kind::BackendService,
-            &spec.key,
-            bs,
-            plan::BACKEND_SERVICE_IMMUTABLE,
-            true,
-            &chain,
-        )
-        .await?;
-        let proxy = plan::proxy(spec, &self.cfg, &port);
-        self.ensure_replacing(
-            Kind::Proxy,
-            &spec.key,
-            proxy,
-            plan::PROXY_IMMUTABLE,
-            false,
-            &chain[..1],
-        )
-        .await?;
-        let fr = plan::forwarding_rule(spec, &self.cfg, &port, ip);
-        self.ensure_replacing(
-            Kind::ForwardingRule,
-            &spec.key,
-            fr,
-            plan::FORWARDING_RULE_IMMUTABLE,
-            false,
-            &[],
-        )
-        .await?;
-        Ok(port)
+        self.ensure_replacing(Kind::BackendService, &spec.key, bs, fresh, &chain)
+            .await?;
+        let proxy = plan::proxy(spec, &self.cfg, port);
+        self.ensure_replacing(Kind::Proxy, &spec.key, proxy, fresh, &chain[..1])
+            .await?;
+        let fr = plan::forwarding_rule(spec, &self.cfg, port, ip);
+        self.ensure_replacing(Kind::ForwardingRule, &spec.key, fr, fresh, &[])
+            .await?;
+        Ok(())
     }
 
     /// Deletes `key`'s parts of one port, front to back.
@@ -1022,29 +1036,38 @@ impl LoadBalancerProvider for GcpProvider {
         let zones = self.zones(known);
         let known_ports = PortNames::from_ids(key, known);
 
-        // The address first: every forwarding rule uses it. Changing the
-        // scheme changes its type, which needs a new address, and the
-        // forwarding rules on it go first.
-        let rules: Vec<String> = spec
+        let ports: Vec<PortNames> = spec
             .listeners
             .iter()
-            .map(|l| PortNames::of(spec, l).forwarding_rule)
-            .chain(known_ports.iter().map(|p| p.forwarding_rule.clone()))
+            .map(|l| PortNames::of(spec, l))
             .collect();
-        let dependents: Vec<(Kind<'_>, &str)> = rules
+        // Every forwarding rule uses the address. Changing the scheme
+        // changes its type, which needs a new address, and the forwarding
+        // rules on it go first.
+        let dependents: Vec<(Kind<'_>, &str)> = ports
             .iter()
-            .map(|r| (Kind::ForwardingRule, r.as_str()))
+            .chain(&known_ports)
+            .map(|p| (Kind::ForwardingRule, p.forwarding_rule.as_str()))
             .collect();
-        let address = self
-            .ensure_replacing(
-                Kind::Address,
-                key,
-                plan::address(spec, &self.cfg, &names),
-                plan::ADDRESS_IMMUTABLE,
-                false,
-                &dependents,
-            )
-            .await?;
+        // Nothing recorded: the first ensure, whose resources are inserted
+        // without a look first.
+        let fresh = known.is_empty();
+        let address = plan::address(spec, &self.cfg, &names);
+        let hc = plan::health_check(spec, &names);
+        let fw = plan::firewall(spec, &self.cfg, &names);
+        // The backends' parts do not depend on each other; each
+        // listener's front needs them all.
+        let (address, ..) = futures::try_join!(
+            self.ensure_replacing(Kind::Address, key, address, fresh, &dependents),
+            self.ensure(Kind::HealthCheck, key, hc, fresh),
+            self.ensure(Kind::Firewall, key, fw, fresh),
+            try_join_all(
+                spec.listeners
+                    .iter()
+                    .zip(&ports)
+                    .map(|(l, p)| self.ensure_negs(spec, l, p, &zones, fresh))
+            ),
+        )?;
         let ip = match address["address"].as_str() {
             Some(ip) if !ip.is_empty() => ip.to_string(),
             _ => {
@@ -1055,20 +1078,12 @@ impl LoadBalancerProvider for GcpProvider {
                 ));
             }
         };
-        let hc = plan::health_check(spec, &names);
-        let fw = plan::firewall(spec, &self.cfg, &names);
-        futures::try_join!(
-            self.ensure(Kind::HealthCheck, key, hc, &[], true),
-            self.ensure(Kind::Firewall, key, fw, &["network", "direction"], true),
-        )?;
-
-        let mut ports = Vec::new();
-        for listener in &spec.listeners {
-            ports.push(
-                self.ensure_port(spec, &names, listener, &zones, &ip)
-                    .await?,
-            );
-        }
+        try_join_all(
+            ports
+                .iter()
+                .map(|p| self.ensure_front(spec, &names, p, &zones, &ip, fresh)),
+        )
+        .await?;
         // Ports the Service no longer has, and NEGs renamed away from.
         for old in &known_ports {
             match ports.iter().find(|p| p.port == old.port) {
@@ -1131,11 +1146,9 @@ impl LoadBalancerProvider for GcpProvider {
         let mut attach: BTreeMap<String, Vec<NetworkEndpoint>> = BTreeMap::new();
         let mut unplaceable = Vec::new();
         {
-            let cache = self.endpoints.lock().map_err(|_| {
-                ProviderError::cloud("sync_targets", "endpoint cache poisoned", false)
-            })?;
+            let placements = self.placements();
             for t in &delta.deregister {
-                let cached = cache.get(&(neg.clone(), t.addr()));
+                let cached = placements.get(&neg, t.addr());
                 let zone = t.zone.clone().or_else(|| cached.map(|c| c.0.clone()));
                 let instance = t.node.clone().or_else(|| cached.map(|c| c.1.clone()));
                 match zone {
@@ -1197,13 +1210,14 @@ impl LoadBalancerProvider for GcpProvider {
         )
         .await
         .map_err(|e| not_found_means_ensure_first(e, &neg))?;
-        if let Ok(mut cache) = self.endpoints.lock() {
+        {
+            let mut placements = self.placements();
             for t in &delta.deregister {
-                cache.remove(&(neg.clone(), t.addr()));
+                placements.detached(&neg, t.addr());
             }
             for t in &delta.register {
                 if let (Some(zone), Some(node)) = (&t.zone, &t.node) {
-                    cache.insert((neg.clone(), t.addr()), (zone.clone(), node.clone()));
+                    placements.attached(&neg, t.addr(), (zone.clone(), node.clone()));
                 }
             }
         }
@@ -1231,10 +1245,16 @@ impl LoadBalancerProvider for GcpProvider {
             });
         }
         let zones = self.zones(known);
-        let lookups: Vec<(&PortNames, &String)> = ports
-            .iter()
-            .flat_map(|p| zones.iter().map(move |z| (p, z)))
-            .collect();
+        // A NEG known to be empty (created or listed here, nothing attached
+        // since) is not read: it can only say so.
+        let lookups: Vec<(&PortNames, &String)> = {
+            let placements = self.placements();
+            ports
+                .iter()
+                .flat_map(|p| zones.iter().map(move |z| (p, z)))
+                .filter(|(p, z)| !placements.known_empty(&p.neg, z))
+                .collect()
+        };
         let negs: Vec<(&str, &str)> = lookups
             .iter()
             .map(|(p, z)| (z.as_str(), p.neg.as_str()))
@@ -1242,18 +1262,20 @@ impl LoadBalancerProvider for GcpProvider {
         self.check_negs(key, &negs).await?;
         let lists =
             try_join_all(lookups.iter().map(|(p, z)| self.list_endpoints(z, &p.neg))).await?;
-        if lists.iter().all(Option::is_none) {
+        if !lists.is_empty() && lists.iter().all(Option::is_none) {
             return Err(ProviderError::NotFound {
                 resource: format!("NEGs of {}", key.service()),
             });
         }
         let mut out = Vec::new();
-        let mut cache = self
-            .endpoints
-            .lock()
-            .map_err(|_| ProviderError::cloud("target_health", "endpoint cache poisoned", false))?;
+        let mut placements = self.placements();
         for ((port, zone), items) in lookups.iter().zip(lists) {
-            for item in items.unwrap_or_default() {
+            let Some(items) = items else {
+                placements.forget(&port.neg, zone);
+                continue;
+            };
+            let mut listed = Vec::with_capacity(items.len());
+            for item in items {
                 let ep = &item["networkEndpoint"];
                 let Some(ip) = ep["ipAddress"]
                     .as_str()
@@ -1264,12 +1286,8 @@ impl LoadBalancerProvider for GcpProvider {
                 let Some(number) = ep["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
                     continue;
                 };
-                if let Some(instance) = ep["instance"].as_str() {
-                    cache.insert(
-                        (port.neg.clone(), SocketAddr::new(ip, number)),
-                        (Arc::from(zone.as_str()), Arc::from(last_segment(instance))),
-                    );
-                }
+                let instance = ep["instance"].as_str().map(|i| Arc::from(last_segment(i)));
+                listed.push((SocketAddr::new(ip, number), instance));
                 let (state, reason) = health_state(&item["healths"]);
                 out.push(TargetHealth {
                     listener: port.listener.clone(),
@@ -1279,6 +1297,7 @@ impl LoadBalancerProvider for GcpProvider {
                     reason,
                 });
             }
+            placements.listed(&port.neg, &Arc::from(zone.as_str()), listed);
         }
         Ok(out)
     }
@@ -1324,12 +1343,11 @@ impl LoadBalancerProvider for GcpProvider {
         ] {
             self.delete_owned(kind, key, name, OnForeign::Leave).await?;
         }
-        if let Ok(mut cache) = self.endpoints.lock() {
-            let negs: BTreeSet<String> = PortNames::from_ids(key, known)
-                .into_iter()
-                .map(|p| p.neg)
-                .collect();
-            cache.retain(|(neg, _), _| !negs.contains(neg));
+        {
+            let mut placements = self.placements();
+            for port in PortNames::from_ids(key, known) {
+                placements.forget_all(&port.neg);
+            }
         }
         if let Ok(mut owned) = self.owned_negs.lock() {
             owned.retain(|(uid, _, _)| *uid != key.uid);
@@ -1378,12 +1396,8 @@ impl GcpProvider {
         spec.target_group_names
             .insert(listener.name.clone(), neg.to_string());
         let port = PortNames::of(&spec, listener);
-        try_join_all(
-            new_zones
-                .iter()
-                .map(|z| self.ensure_neg(&spec, listener, &port, z)),
-        )
-        .await?;
+        self.ensure_negs(&spec, listener, &port, new_zones, true)
+            .await?;
         let Some(existing) = self
             .get(Kind::BackendService, &port.backend_service)
             .await?

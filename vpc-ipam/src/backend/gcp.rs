@@ -93,8 +93,8 @@ pub struct GcpArgs {
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     pub gcp_endpoint: Option<String>,
 
-    /// Compute get calls (and waits for operations): the most tokens per
-    /// second / burst; the rate in use adapts below it when GCE throttles.
+    /// Compute get calls: the most tokens per second / burst; the rate in
+    /// use adapts below it when GCE throttles.
     #[arg(long, default_value = "20/40", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
@@ -102,6 +102,11 @@ pub struct GcpArgs {
     /// per second / burst.
     #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
+
+    /// Waits for the updates' operations: the most tokens per second /
+    /// burst.
+    #[arg(long, default_value = "10/20", value_name = "RATE/BURST")]
+    pub gcp_operation_rate: RateLimit,
 }
 
 impl GcpArgs {
@@ -109,6 +114,7 @@ impl GcpArgs {
         RateLimits {
             read: self.gcp_read_rate,
             write: self.gcp_write_rate,
+            operations: self.gcp_operation_rate,
             ..RateLimits::default()
         }
     }
@@ -434,6 +440,7 @@ mod tests {
         assert_eq!(args.gcp_endpoint, None);
         assert_eq!(args.gcp_read_rate, RateLimit::new(20, 40));
         assert_eq!(args.gcp_write_rate, RateLimit::new(10, 20));
+        assert_eq!(args.gcp_operation_rate, RateLimit::new(10, 20));
         let args = parse(&[
             "--gcp-pod-range-name=gke-c1-pods-1a2b3c4d",
             "--gcp-alias-size=26",

@@ -2,7 +2,14 @@
 //! probed and how, the probes due, their results against the thresholds,
 //! and health forced through the admin API. The prober itself is
 //! [`crate::health`].
+//!
+//! Checks that probe the same endpoint the same way share one probe: those
+//! due together get one job, and a result stays good for the others for
+//! the probe floor (`--health-check-min-interval-ms`). A hundred Services
+//! in front of the same Pods thus cost what one does, as their answers
+//! would be the same.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -56,7 +63,7 @@ pub(super) struct HealthEntry {
 }
 
 /// What a probe does.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Probe {
     /// Connect; if `request` is set, send it; if `response` is set, the
     /// first bytes read must be it.
@@ -72,15 +79,35 @@ pub enum Probe {
     },
 }
 
-/// One probe to run now.
+/// One probe to run now, for every check in `checks`.
 #[derive(Clone, Debug)]
 pub struct ProbeJob {
-    pub key: HealthKey,
     pub addr: SocketAddrV4,
     pub probe: Probe,
     pub timeout: Duration,
+    checks: Vec<Check>,
+}
+
+/// One health check's view of an endpoint: its key and thresholds.
+#[derive(Clone, Debug)]
+struct Check {
+    key: HealthKey,
     healthy_threshold: u32,
     unhealthy_threshold: u32,
+}
+
+/// A probe of one endpoint, and how it is done: what checks can share.
+pub(super) type ProbeKey = (SocketAddrV4, Probe);
+
+/// One endpoint under one health check, with how it is probed and when
+/// next.
+pub(super) struct Target {
+    check: Check,
+    probe: Probe,
+    probe_port: u16,
+    interval: Duration,
+    timeout: Duration,
+    next_probe: Instant,
 }
 
 impl World {
@@ -151,14 +178,54 @@ impl World {
             .map_or(Health::Unknown, |e| e.state)
     }
 
+    /// Health check links per zonal NEG `(zone, name)` that is a backend
+    /// of a backend service with a health check: one pass over the
+    /// backend services.
+    fn neg_health_checks(&self) -> HashMap<(String, String), Vec<String>> {
+        let region = Scope::Region(self.cfg.region.clone());
+        let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for ((k, _, _), bs) in &self.resources {
+            if *k != Kind::BackendService {
+                continue;
+            }
+            let Some(hc) = bs
+                .get("healthChecks")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .and_then(|h| self.resolve(Kind::HealthCheck, h, &region))
+            else {
+                continue;
+            };
+            let hc_link = self.link(Kind::HealthCheck, &hc.0, &hc.1);
+            let groups = bs
+                .get("backends")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.get("group").and_then(Value::as_str));
+            for group in groups {
+                if let Some((c, Scope::Zone(zone), name)) = self.parse_ref(group, &Scope::Global)
+                    && (c.is_empty() || c == "networkEndpointGroups")
+                {
+                    out.entry((zone, name)).or_default().push(hc_link.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Endpoints under a backend service with a health check, with what
-    /// to probe: `(key, probe, port to probe, interval, timeout, thresholds)`.
-    fn health_targets(&self) -> Vec<(HealthKey, Probe, u16, Duration, Duration, u32, u32)> {
+    /// to probe.
+    fn health_targets(&self, now: Instant) -> Vec<Target> {
         let mut out = Vec::new();
         let scale = self.cfg.health_check_time_scale;
         let floor = Duration::from_millis(self.cfg.health_check_min_interval_ms);
-        for ((zone, neg), eps) in &self.endpoints {
-            for (_, hc_link, _) in self.health_refs(zone, neg) {
+        for (neg, hc_links) in self.neg_health_checks() {
+            let Some(eps) = self.endpoints.get(&neg) else {
+                continue;
+            };
+            for hc_link in hc_links {
                 let Some((_, hs, hn)) = self.parse_ref(&hc_link, &Scope::Global) else {
                     continue;
                 };
@@ -188,15 +255,20 @@ impl World {
                     ) else {
                         continue;
                     };
-                    out.push((
-                        (hc_link.clone(), ip, port),
-                        probe.clone(),
-                        fixed_port.unwrap_or(port),
+                    let key = (hc_link.clone(), ip, port);
+                    let next_probe = self.health.get(&key).map_or(now, |e| e.next_probe);
+                    out.push(Target {
+                        next_probe,
+                        check: Check {
+                            key,
+                            healthy_threshold: th("healthyThreshold"),
+                            unhealthy_threshold: th("unhealthyThreshold"),
+                        },
+                        probe: probe.clone(),
+                        probe_port: fixed_port.unwrap_or(port),
                         interval,
                         timeout,
-                        th("healthyThreshold"),
-                        th("unhealthyThreshold"),
-                    ));
+                    });
                 }
             }
         }
@@ -204,54 +276,103 @@ impl World {
     }
 
     /// Probes due now (each marked in flight until recorded); forgets the
-    /// health of endpoints no longer under a health check.
+    /// health of endpoints no longer under a health check. A check due
+    /// within the floor of a probe of the same endpoint done the same way
+    /// takes its result; checks due together share a job.
     pub fn health_due(&mut self, now: Instant) -> Vec<ProbeJob> {
-        let targets = self.health_targets();
-        let keys: std::collections::BTreeSet<&HealthKey> = targets.iter().map(|t| &t.0).collect();
-        self.health.retain(|k, _| keys.contains(k));
-        let mut jobs = Vec::new();
-        for (key, probe, probe_port, interval, timeout, healthy, unhealthy) in targets {
-            let e = self.health.entry(key.clone()).or_insert(HealthEntry {
-                state: Health::Unknown,
-                successes: 0,
-                failures: 0,
-                next_probe: now,
-                in_flight: false,
-                probes: 0,
-            });
+        let floor = Duration::from_millis(self.cfg.health_check_min_interval_ms);
+        // Worked out again after a change, at most once per floor: a new
+        // endpoint is probed within the floor, as often as any can be.
+        let (generation, built, mut targets) = match self.probe_targets.take() {
+            Some((generation, built, targets))
+                if generation == self.generation
+                    || now.saturating_duration_since(built) < floor =>
+            {
+                (generation, built, targets)
+            }
+            _ => {
+                let targets = self.health_targets(now);
+                let keys: HashSet<&HealthKey> = targets.iter().map(|t| &t.check.key).collect();
+                self.health.retain(|k, _| keys.contains(k));
+                (self.generation, now, targets)
+            }
+        };
+        self.probed
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < floor);
+        let mut jobs: HashMap<ProbeKey, ProbeJob> = HashMap::new();
+        let mut shared = Vec::new();
+        for t in &mut targets {
+            if t.next_probe > now {
+                continue;
+            }
+            let e = self
+                .health
+                .entry(t.check.key.clone())
+                .or_insert(HealthEntry {
+                    state: Health::Unknown,
+                    successes: 0,
+                    failures: 0,
+                    next_probe: now,
+                    in_flight: false,
+                    probes: 0,
+                });
             if e.in_flight || e.next_probe > now {
                 continue;
             }
+            e.next_probe = now + t.interval;
+            t.next_probe = e.next_probe;
+            let addr = SocketAddrV4::new(t.check.key.1, t.probe_port);
+            let probe_key = (addr, t.probe.clone());
+            if let Some((_, ok)) = self.probed.get(&probe_key) {
+                shared.push((t.check.clone(), *ok));
+                continue;
+            }
             e.in_flight = true;
-            e.next_probe = now + interval;
-            jobs.push(ProbeJob {
-                addr: SocketAddrV4::new(key.1, probe_port),
-                key,
-                probe,
-                timeout,
-                healthy_threshold: healthy,
-                unhealthy_threshold: unhealthy,
-            });
+            let job = jobs
+                .entry(probe_key)
+                .or_insert_with_key(|(addr, probe)| ProbeJob {
+                    addr: *addr,
+                    probe: probe.clone(),
+                    timeout: t.timeout,
+                    checks: Vec::new(),
+                });
+            job.timeout = job.timeout.min(t.timeout);
+            job.checks.push(t.check.clone());
         }
-        jobs
+        self.probe_targets = Some((generation, built, targets));
+        for (check, ok) in shared {
+            self.count(&check, ok);
+        }
+        jobs.into_values().collect()
     }
 
-    pub fn health_record(&mut self, job: &ProbeJob, ok: bool) {
-        let Some(e) = self.health.get_mut(&job.key) else {
+    /// A job's probe answered `ok` (or not) at `now`.
+    pub fn health_record(&mut self, job: &ProbeJob, ok: bool, now: Instant) {
+        self.probed.insert((job.addr, job.probe.clone()), (now, ok));
+        for check in &job.checks {
+            if let Some(e) = self.health.get_mut(&check.key) {
+                e.in_flight = false;
+            }
+            self.count(check, ok);
+        }
+    }
+
+    /// One probe result for `check`, against its thresholds.
+    fn count(&mut self, check: &Check, ok: bool) {
+        let Some(e) = self.health.get_mut(&check.key) else {
             return;
         };
-        e.in_flight = false;
         e.probes += 1;
         if ok {
             e.successes += 1;
             e.failures = 0;
-            if e.successes >= job.healthy_threshold {
+            if e.successes >= check.healthy_threshold {
                 e.state = Health::Healthy;
             }
         } else {
             e.failures += 1;
             e.successes = 0;
-            if e.failures >= job.unhealthy_threshold {
+            if e.failures >= check.unhealthy_threshold {
                 e.state = Health::Unhealthy;
             }
         }

@@ -152,6 +152,13 @@ pub struct World {
     quota_window: BTreeMap<QuotaGroup, VecDeque<Instant>>,
     calls: Calls,
     health: BTreeMap<HealthKey, HealthEntry>,
+    /// The last result of each probe, shared for the probe floor.
+    probed: HashMap<health::ProbeKey, (Instant, bool)>,
+    /// Counts applied mutations: the probe targets are worked out again
+    /// only after one.
+    generation: u64,
+    /// The probe targets, as of a generation, and when worked out.
+    probe_targets: Option<(u64, Instant, Vec<health::Target>)>,
     forced: BTreeMap<(Ipv4Addr, u16), Health>,
     static_ids: BTreeMap<String, u64>,
 }
@@ -188,6 +195,9 @@ impl World {
             quota_window: BTreeMap::new(),
             calls: Calls::default(),
             health: BTreeMap::new(),
+            probed: HashMap::new(),
+            generation: 0,
+            probe_targets: None,
             forced: BTreeMap::new(),
             static_ids: BTreeMap::new(),
         };

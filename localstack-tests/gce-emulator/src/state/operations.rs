@@ -155,6 +155,8 @@ impl World {
     }
 
     fn apply(&mut self, mutation: Mutation) -> Result<()> {
+        // What is probed may change.
+        self.generation += 1;
         match mutation {
             Mutation::Fail(e) => Err(e),
             Mutation::Insert {

@@ -112,7 +112,8 @@ impl World {
                     "Must be a match of regex '(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'",
                 ));
             }
-            let pending_insert = w.ops.values().any(|r| {
+            // Only pending operations still hold their mutation.
+            let pending_insert = w.pending.values().filter_map(|op| w.ops.get(op)).any(|r| {
                 matches!(&r.mutation, Some(Mutation::Insert { kind: k, scope: s, name: n, .. })
                     if *k == kind && *s == scope && *n == name)
             });
