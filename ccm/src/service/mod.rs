@@ -196,6 +196,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The copy reconciled is behind the API server: a finalizer change
+    /// the watch has not delivered yet made the patch's test fail.
+    #[error("the cached Service is behind the API server: {0}")]
+    Stale(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -211,6 +215,7 @@ impl Error {
             },
             Error::Kube(_) => "kubernetes",
             Error::Finalizer(_) => "finalizer",
+            Error::Stale(_) => "stale",
             Error::Invalid(_) => "invalid",
         }
     }
@@ -325,6 +330,12 @@ async fn reconcile_service(svc: Arc<Service>, ctx: &Context) -> Result<Action, E
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+        | kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+            if s.code == 422 =>
+        {
+            Error::Stale(s.message.clone())
+        }
         other => Error::Finalizer(other.to_string()),
     })
 }
@@ -336,6 +347,11 @@ fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Context>) -> Action {
         // slowed down already; try again later without telling the user.
         debug!(service, "{err}");
         return Action::requeue(std::time::Duration::from_secs(10));
+    }
+    if matches!(err, Error::Stale(_)) {
+        // Nothing is wrong: the next attempt starts from the newer copy.
+        debug!(service, "{err}");
+        return Action::requeue(std::time::Duration::from_secs(1));
     }
     warn!(service, "{err}");
     let action = match err {

@@ -65,6 +65,11 @@ struct Args {
     account_limits: Option<f64>,
 }
 
+/// Quiet that means the health polls after a change are over too: the
+/// first comes when the health check can have decided (20 s with the
+/// default check), the next ones at most 10 s apart.
+const SETTLED: Duration = Duration::from_secs(25);
+
 /// Each phase's limit: 1,000 Services behind the account's limits take
 /// 83 min to create (CreateLoadBalancer: 0.2/s).
 const WAIT: Duration = Duration::from_secs(4 * 3600);
@@ -173,7 +178,7 @@ async fn main() -> Result<()> {
     eventually("every Service registered the new Pod", WAIT, || async {
         Ok(
             ccm.synced_lines()?.len() >= logged_before.len() + args.services
-                && ccm.quiet(Duration::from_secs(2)).await?,
+                && ccm.quiet(SETTLED).await?,
         )
     })
     .await?;

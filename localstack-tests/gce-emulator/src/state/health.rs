@@ -121,33 +121,10 @@ impl World {
         let region = Scope::Region(self.cfg.region.clone());
         let mut out = Vec::new();
         for ((k, s, n), bs) in &self.resources {
-            if *k != Kind::BackendService {
+            if *k != Kind::BackendService || !self.negs_of(bs).any(|(z, g)| z == zone && g == neg) {
                 continue;
             }
-            let has_neg = bs
-                .get("backends")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b.get("group").and_then(Value::as_str))
-                .any(|g| {
-                    self.parse_ref(g, &Scope::Global)
-                        .is_some_and(|(c, sc, gn)| {
-                            (c.is_empty() || c == "networkEndpointGroups")
-                                && sc == Scope::Zone(zone.to_string())
-                                && gn == neg
-                        })
-                });
-            if !has_neg {
-                continue;
-            }
-            let Some(hc) = bs
-                .get("healthChecks")
-                .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_str)
-                .and_then(|h| self.resolve(Kind::HealthCheck, h, &region))
-            else {
+            let Some(hc_link) = self.health_check_of(bs) else {
                 continue;
             };
             let bs_link = self.link(*k, s, n);
@@ -164,7 +141,7 @@ impl World {
                             .next()
                     })
                 });
-            out.push((bs_link, self.link(Kind::HealthCheck, &hc.0, &hc.1), fr));
+            out.push((bs_link, hc_link, fr));
         }
         out
     }
@@ -182,37 +159,46 @@ impl World {
     /// of a backend service with a health check: one pass over the
     /// backend services.
     fn neg_health_checks(&self) -> HashMap<(String, String), Vec<String>> {
-        let region = Scope::Region(self.cfg.region.clone());
         let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
         for ((k, _, _), bs) in &self.resources {
             if *k != Kind::BackendService {
                 continue;
             }
-            let Some(hc) = bs
-                .get("healthChecks")
-                .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_str)
-                .and_then(|h| self.resolve(Kind::HealthCheck, h, &region))
-            else {
+            let Some(hc_link) = self.health_check_of(bs) else {
                 continue;
             };
-            let hc_link = self.link(Kind::HealthCheck, &hc.0, &hc.1);
-            let groups = bs
-                .get("backends")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b.get("group").and_then(Value::as_str));
-            for group in groups {
-                if let Some((c, Scope::Zone(zone), name)) = self.parse_ref(group, &Scope::Global)
-                    && (c.is_empty() || c == "networkEndpointGroups")
-                {
-                    out.entry((zone, name)).or_default().push(hc_link.clone());
-                }
+            for neg in self.negs_of(bs) {
+                out.entry(neg).or_default().push(hc_link.clone());
             }
         }
         out
+    }
+
+    /// The zonal NEGs `(zone, name)` among a backend service's backends.
+    fn negs_of<'a>(&'a self, bs: &'a Value) -> impl Iterator<Item = (String, String)> + 'a {
+        bs.get("backends")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b.get("group").and_then(Value::as_str))
+            .filter_map(|g| match self.parse_ref(g, &Scope::Global)? {
+                (c, Scope::Zone(zone), name) if c.is_empty() || c == "networkEndpointGroups" => {
+                    Some((zone, name))
+                }
+                _ => None,
+            })
+    }
+
+    /// The link of a backend service's health check (GCE uses the first).
+    fn health_check_of(&self, bs: &Value) -> Option<String> {
+        let region = Scope::Region(self.cfg.region.clone());
+        let hc = bs
+            .get("healthChecks")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .and_then(|h| self.resolve(Kind::HealthCheck, h, &region))?;
+        Some(self.link(Kind::HealthCheck, &hc.0, &hc.1))
     }
 
     /// Endpoints under a backend service with a health check, with what
