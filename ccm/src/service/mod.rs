@@ -12,6 +12,7 @@
 
 mod apply;
 mod gates;
+mod lane;
 mod metrics;
 mod slices;
 mod status;
@@ -39,6 +40,7 @@ pub use watches::{Caches, watch};
 
 use crate::annotations::opted_in;
 use crate::events::{Events, Kind};
+use lane::PollLane;
 use sync::Registered;
 use watches::{Stores, Triggers};
 use written::{Writes, Written};
@@ -84,6 +86,7 @@ pub(crate) struct Context {
     registered: Mutex<HashMap<String, Registered>>,
     /// Health polls in a row per Service UID, while one is worth it.
     health_polls: Mutex<HashMap<String, u32>>,
+    lane: Mutex<PollLane<ObjectRef<Service>>>,
     triggers: Arc<Triggers>,
     /// Told after each load balancer deletion (garbage collection then
     /// prunes what load balancers share).
@@ -137,36 +140,53 @@ impl Context {
         lock(&self.health_polls).contains_key(uid)
     }
 
+    /// A place in the lane of settling polls, held until dropped; `None`:
+    /// the lane is full and the poll parked (the lane sends it again).
+    fn enter_lane(&self, svc: &Service) -> Option<LanePlace<'_>> {
+        let entered = lock(&self.lane).enter(&ObjectRef::from_obj(svc));
+        entered.then_some(LanePlace(self))
+    }
+
+    /// `svc`'s reconcile ended: the parked polls there is room for now
+    /// are sent again.
+    fn lane_done(&self, svc: &Service) {
+        let polls = {
+            let mut lane = lock(&self.lane);
+            lane.done(&ObjectRef::from_obj(svc));
+            lane.release(|r| self.stores.services.get(r).is_none())
+        };
+        for r in polls {
+            self.triggers.send_poll(r);
+        }
+    }
+
+    /// The first health poll after targets changed: once the cloud can
+    /// have decided on the new ones (`verdict`), or after a second while a
+    /// gate waits (it is opened at the first verdict, whenever it comes).
+    fn first_poll(&self, uid: &str, verdict: Duration, gates_wait: bool) -> Action {
+        lock(&self.health_polls).insert(uid.to_string(), 1);
+        let first = sync::poll_delay(1);
+        let delay = if gates_wait {
+            first
+        } else {
+            first.max(verdict)
+        };
+        Action::requeue(delay)
+    }
+
     /// The next health poll: while a gate waits (it needs a verdict), or,
     /// for at most [`SETTLE_POLLS`] since targets last changed, while the
-    /// cloud has not decided on every target; the backoff restarts when
-    /// targets changed (`Some`: the earliest the cloud can decide on the
-    /// new ones). No poll (and nothing remembered) otherwise.
-    fn next_poll(
-        &self,
-        uid: &str,
-        changed: Option<Duration>,
-        gates_wait: bool,
-        unsettled: bool,
-    ) -> Action {
+    /// cloud has not decided on every target. No poll (and nothing
+    /// remembered) otherwise.
+    fn next_poll(&self, uid: &str, gates_wait: bool, unsettled: bool) -> Action {
         let mut polls = lock(&self.health_polls);
         let n = polls.entry(uid.to_string()).or_insert(0);
-        if changed.is_some() {
-            *n = 0;
-        }
-        let again = gates_wait || (unsettled && *n < SETTLE_POLLS);
-        if !again {
+        if !(gates_wait || (unsettled && *n < SETTLE_POLLS)) {
             polls.remove(uid);
             return Action::await_change();
         }
         *n += 1;
-        let delay = sync::poll_delay(*n);
-        match changed {
-            // A waiting gate is opened at the first verdict, whenever it
-            // comes; settling can wait until one can have come.
-            Some(verdict) if !gates_wait => Action::requeue(delay.max(verdict)),
-            _ => Action::requeue(delay),
-        }
+        Action::requeue(sync::poll_delay(*n))
     }
 
     /// Says once when every Service there was on taking the lead has been
@@ -185,6 +205,15 @@ impl Context {
             info!(services = v.total, took = ?v.since.elapsed(), "every Service verified since taking the lead");
             *verifying = None;
         }
+    }
+}
+
+/// A settling poll's place in the lane.
+struct LanePlace<'a>(&'a Context);
+
+impl Drop for LanePlace<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.lane).leave();
     }
 }
 
@@ -252,6 +281,8 @@ pub async fn run(
         .collect();
     info!(services = all.len(), "leading: verifying every Service");
     let config = ControllerConfig::default().concurrency(settings.concurrency);
+    // A quarter of the slots for settling polls (see `lane`).
+    let lane = PollLane::new(usize::from(settings.concurrency) / 4);
     let ctx = Arc::new(Context {
         events: Events::new(client.clone(), MANAGER),
         client,
@@ -261,6 +292,7 @@ pub async fn run(
         metrics,
         registered: Mutex::default(),
         health_polls: Mutex::default(),
+        lane: Mutex::new(lane),
         triggers: triggers.clone(),
         deletions,
         writes,
@@ -293,6 +325,7 @@ async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error
     let svc = ctx.writes.begin(&ctx.stores.services, svc);
     let result = reconcile_service(svc.clone(), &ctx).await;
     ctx.writes.end(&svc);
+    ctx.lane_done(&svc);
     if result.is_ok() {
         ctx.verified(&svc);
     }

@@ -122,18 +122,27 @@ async fn follow(
     if changes > 0 {
         status::write(ctx, svc, ingress, &wanted).await?;
         let verdict = earliest_verdict(&spec.health_check);
-        return Ok(ctx.next_poll(&uid, Some(verdict), !awaiting.is_empty(), true));
+        return Ok(ctx.first_poll(&uid, verdict, !awaiting.is_empty()));
     }
     if !awaiting.is_empty() || ctx.health_pending(&uid) {
+        // A poll only to see targets settle takes a place in the lane; a
+        // gate's poll does not (a rollout waits on it).
+        let settling = health.is_none() && awaiting.is_empty();
+        let place = if settling { ctx.enter_lane(svc) } else { None };
+        if settling && place.is_none() {
+            status::write(ctx, svc, ingress, &wanted).await?;
+            return Ok(Action::await_change());
+        }
         let h = match health {
             Some(h) => h,
             None => ctx.provider.target_health(&spec.key, ids).await?,
         };
+        drop(place);
         gates::open(ctx, &pods, &awaiting, &desired, &h).await?;
         wanted.push(targets_healthy(&spec.listeners, &registered, &h));
         let unsettled = health_unsettled(&registered, &h);
         status::write(ctx, svc, ingress, &wanted).await?;
-        return Ok(ctx.next_poll(&uid, None, !awaiting.is_empty(), unsettled));
+        return Ok(ctx.next_poll(&uid, !awaiting.is_empty(), unsettled));
     }
     status::write(ctx, svc, ingress, &wanted).await?;
     Ok(Action::await_change())

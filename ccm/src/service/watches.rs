@@ -78,6 +78,14 @@ impl Triggers {
         queued.remove(&ObjectRef::from_obj(svc));
         self.metrics.set_queue_depth(queued.len());
     }
+
+    /// A parked health poll, sent again: not a change, so not counted in
+    /// the queue depth.
+    pub(super) fn send_poll(&self, r: ObjectRef<Service>) {
+        if self.leading.load(Ordering::SeqCst) {
+            let _ = self.sender.unbounded_send(r);
+        }
+    }
 }
 
 /// Starts nothing: the returned future drives the three watches (it never

@@ -59,11 +59,12 @@ impl Placements {
     pub fn listed(
         &mut self,
         neg: &str,
-        zone: &Arc<str>,
+        zone: &str,
         endpoints: impl IntoIterator<Item = (SocketAddr, Option<Arc<str>>)>,
     ) {
         let n = self.negs.entry(neg.to_string()).or_default();
-        n.endpoints.retain(|_, p| p.0 != *zone);
+        n.endpoints.retain(|_, p| &*p.0 != zone);
+        let zone: Arc<str> = Arc::from(zone);
         let mut whole = true;
         for (addr, instance) in endpoints {
             match instance {
@@ -76,7 +77,7 @@ impl Placements {
         if whole {
             n.whole.insert(zone.to_string());
         } else {
-            n.whole.remove(&**zone);
+            n.whole.remove(&*zone);
         }
     }
 
@@ -149,14 +150,10 @@ mod tests {
                 },
                 true,
             ),
-            (
-                "listed empty",
-                |p| p.listed("neg", &Arc::from("zone-a"), []),
-                true,
-            ),
+            ("listed empty", |p| p.listed("neg", "zone-a", []), true),
             (
                 "listed with an endpoint without an instance",
-                |p| p.listed("neg", &Arc::from("zone-a"), [(addr("10.4.0.1:80"), None)]),
+                |p| p.listed("neg", "zone-a", [(addr("10.4.0.1:80"), None)]),
                 false,
             ),
             (
@@ -183,7 +180,7 @@ mod tests {
         p.attached("neg", addr("10.4.0.2:80"), at("zone-b", "node-2"));
         p.listed(
             "neg",
-            &Arc::from("zone-a"),
+            "zone-a",
             [(addr("10.4.0.3:80"), Some(Arc::from("node-3")))],
         );
         assert_eq!(p.get("neg", addr("10.4.0.1:80")), None);

@@ -459,6 +459,7 @@ pub fn forwarding_rule(
 /// Fields whose difference means the resource must be replaced (GCE cannot
 /// change them in place), per collection.
 pub const ADDRESS_IMMUTABLE: &[&str] = &["addressType", "subnetwork"];
+pub const FIREWALL_IMMUTABLE: &[&str] = &["network", "direction"];
 pub const BACKEND_SERVICE_IMMUTABLE: &[&str] = &["loadBalancingScheme", "protocol"];
 pub const FORWARDING_RULE_IMMUTABLE: &[&str] = &[
     "IPAddress",

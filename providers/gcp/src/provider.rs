@@ -70,7 +70,7 @@ impl Kind<'_> {
         match self {
             Kind::Address => (plan::ADDRESS_IMMUTABLE, false),
             Kind::HealthCheck => (&[], true),
-            Kind::Firewall => (&["network", "direction"], true),
+            Kind::Firewall => (plan::FIREWALL_IMMUTABLE, true),
             Kind::Neg(_) => (&[], false),
             Kind::BackendService => (plan::BACKEND_SERVICE_IMMUTABLE, true),
             Kind::Proxy => (plan::PROXY_IMMUTABLE, false),
@@ -1060,7 +1060,8 @@ impl LoadBalancerProvider for GcpProvider {
         let (address, ..) = futures::try_join!(
             self.ensure_replacing(Kind::Address, key, address, fresh, &dependents),
             self.ensure(Kind::HealthCheck, key, hc, fresh),
-            self.ensure(Kind::Firewall, key, fw, fresh),
+            // Nothing refers to a firewall: replacing one is deleting it.
+            self.ensure_replacing(Kind::Firewall, key, fw, fresh, &[]),
             try_join_all(
                 spec.listeners
                     .iter()
@@ -1297,7 +1298,7 @@ impl LoadBalancerProvider for GcpProvider {
                     reason,
                 });
             }
-            placements.listed(&port.neg, &Arc::from(zone.as_str()), listed);
+            placements.listed(&port.neg, zone, listed);
         }
         Ok(out)
     }

@@ -303,6 +303,9 @@ impl World {
                     probes: 0,
                 });
             if e.in_flight || e.next_probe > now {
+                // Looked up again when due (a rebuild starts every target
+                // at `now`).
+                t.next_probe = e.next_probe;
                 continue;
             }
             e.next_probe = now + t.interval;
