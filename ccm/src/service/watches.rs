@@ -49,10 +49,13 @@ pub(super) struct Stores {
 }
 
 /// Reconcile requests, sent only while this replica leads (a new leader
-/// reconciles every Service anyway), each Service counted once in the
-/// queue-depth gauge until its reconcile starts.
+/// reconciles every Service anyway) and only for Services in the store
+/// (the controller skips others; their own watch event brings a new one),
+/// each Service counted once in the queue-depth gauge until its reconcile
+/// starts.
 pub(super) struct Triggers {
     leading: AtomicBool,
+    services: Store<Service>,
     queued: Mutex<HashSet<ObjectRef<Service>>>,
     sender: UnboundedSender<ObjectRef<Service>>,
     metrics: ControllerMetrics,
@@ -64,7 +67,7 @@ impl Triggers {
     }
 
     pub(super) fn send(&self, r: ObjectRef<Service>) {
-        if !self.leading.load(Ordering::SeqCst) {
+        if !self.leading.load(Ordering::SeqCst) || self.services.get(&r).is_none() {
             return;
         }
         let mut queued = lock(&self.queued);
@@ -96,6 +99,7 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     let (sender, requests) = unbounded();
     let triggers = Arc::new(Triggers {
         leading: AtomicBool::new(false),
+        services: services.clone(),
         queued: Mutex::default(),
         sender,
         metrics,
@@ -341,5 +345,28 @@ mod tests {
         keep_service_fields(&mut svc);
         assert!(svc.spec.and_then(|s| s.ports).is_some());
         assert!(svc.status.is_some());
+    }
+
+    #[test]
+    fn only_services_in_the_store_are_queued() {
+        let (services, mut writer) = reflector::store::<Service>();
+        let (sender, _requests) = unbounded();
+        let registry = &mut prometheus_client::registry::Registry::default();
+        let triggers = Triggers {
+            leading: AtomicBool::new(true),
+            services,
+            queued: Mutex::default(),
+            sender,
+            metrics: ControllerMetrics::register(registry),
+        };
+        let svc = service("LoadBalancer");
+        let queued = || lock(&triggers.queued).len();
+        triggers.send(ObjectRef::from_obj(&svc));
+        assert_eq!(queued(), 0, "not in the store: never reconciled");
+        writer.apply_watcher_event(&watcher::Event::Apply(svc.clone()));
+        triggers.send(ObjectRef::from_obj(&svc));
+        assert_eq!(queued(), 1);
+        triggers.started(&svc);
+        assert_eq!(queued(), 0);
     }
 }
