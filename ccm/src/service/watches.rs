@@ -50,13 +50,16 @@ pub(super) struct Stores {
 
 /// Reconcile requests, sent only while this replica leads (a new leader
 /// reconciles every Service anyway) and only for Services in the store
-/// (the controller skips others; their own watch event brings a new one),
-/// each Service counted once in the queue-depth gauge until its reconcile
-/// starts.
+/// (the controller skips others), each Service counted once in the
+/// queue-depth gauge until its reconcile starts. A Service's own event
+/// brings a request once it is in the store: at once, or, for a Service
+/// seen in a relist, when the relist has replaced the store's contents.
 pub(super) struct Triggers {
     leading: AtomicBool,
     services: Store<Service>,
     queued: Mutex<HashSet<ObjectRef<Service>>>,
+    /// Services seen in a relist not yet in the store.
+    relisted: Mutex<Vec<ObjectRef<Service>>>,
     sender: UnboundedSender<ObjectRef<Service>>,
     metrics: ControllerMetrics,
 }
@@ -74,6 +77,23 @@ impl Triggers {
         queued.insert(r.clone());
         self.metrics.set_queue_depth(queued.len());
         let _ = self.sender.unbounded_send(r);
+    }
+
+    /// A request from the Service's own watch event.
+    fn send_own(&self, r: ObjectRef<Service>) {
+        if self.services.get(&r).is_none() {
+            lock(&self.relisted).push(r);
+        } else {
+            self.send(r);
+        }
+    }
+
+    /// The Service watch's relist is in the store.
+    fn relist_done(&self) {
+        let relisted = std::mem::take(&mut *lock(&self.relisted));
+        for r in relisted {
+            self.send(r);
+        }
     }
 
     pub(super) fn started(&self, svc: &Service) {
@@ -101,12 +121,15 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
         leading: AtomicBool::new(false),
         services: services.clone(),
         queued: Mutex::default(),
+        relisted: Mutex::default(),
         sender,
         metrics,
     });
 
     let (t, writes) = (triggers.clone(), Arc::new(Writes::default()));
-    let w = writes.clone();
+    let (w, relist) = (writes.clone(), triggers.clone());
+    // A relist's objects reach the store together, at its end (InitDone):
+    // they come out of `reflect` before they are in the store.
     let service_watch = watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -114,11 +137,16 @@ pub fn watch(client: Client, metrics: ControllerMetrics) -> (Caches, impl Future
     .default_backoff()
     .modify(keep_service_fields)
     .reflect(services_writer)
+    .inspect_ok(move |event| {
+        if matches!(event, watcher::Event::InitDone) {
+            relist.relist_done();
+        }
+    })
     .applied_objects()
     .inspect_ok(move |svc| w.seen(svc))
     .predicate_filter(service_fingerprint, Default::default());
     let service_triggers = forward(service_watch, move |svc: Service| {
-        t.send(ObjectRef::from_obj(&svc));
+        t.send_own(ObjectRef::from_obj(&svc));
     });
 
     // The cache says which Services each event changed, a relist (after a
@@ -347,26 +375,54 @@ mod tests {
         assert!(svc.status.is_some());
     }
 
-    #[test]
-    fn only_services_in_the_store_are_queued() {
-        let (services, mut writer) = reflector::store::<Service>();
-        let (sender, _requests) = unbounded();
+    fn triggers(services: Store<Service>) -> (Triggers, UnboundedReceiver<ObjectRef<Service>>) {
+        let (sender, requests) = unbounded();
         let registry = &mut prometheus_client::registry::Registry::default();
         let triggers = Triggers {
             leading: AtomicBool::new(true),
             services,
             queued: Mutex::default(),
+            relisted: Mutex::default(),
             sender,
             metrics: ControllerMetrics::register(registry),
         };
+        (triggers, requests)
+    }
+
+    fn queued(triggers: &Triggers) -> usize {
+        lock(&triggers.queued).len()
+    }
+
+    #[test]
+    fn only_services_in_the_store_are_queued() {
+        let (services, mut writer) = reflector::store::<Service>();
+        let (triggers, mut requests) = triggers(services);
         let svc = service("LoadBalancer");
-        let queued = || lock(&triggers.queued).len();
-        triggers.send(ObjectRef::from_obj(&svc));
-        assert_eq!(queued(), 0, "not in the store: never reconciled");
+        let r = ObjectRef::from_obj(&svc);
+        triggers.send(r.clone());
+        assert_eq!(queued(&triggers), 0, "not in the store: never reconciled");
         writer.apply_watcher_event(&watcher::Event::Apply(svc.clone()));
-        triggers.send(ObjectRef::from_obj(&svc));
-        assert_eq!(queued(), 1);
+        triggers.send(r.clone());
+        assert_eq!(queued(&triggers), 1);
+        assert_eq!(requests.try_recv().ok(), Some(r));
         triggers.started(&svc);
-        assert_eq!(queued(), 0);
+        assert_eq!(queued(&triggers), 0);
+    }
+
+    #[test]
+    fn a_relisted_service_is_queued_once_in_the_store() {
+        let (services, mut writer) = reflector::store::<Service>();
+        let (triggers, mut requests) = triggers(services);
+        let svc = service("LoadBalancer");
+        let r = ObjectRef::from_obj(&svc);
+        // The watch's own event comes out before the store has the object.
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(svc.clone()));
+        triggers.send_own(r.clone());
+        assert_eq!(queued(&triggers), 0, "not yet in the store");
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        triggers.relist_done();
+        assert_eq!(queued(&triggers), 1);
+        assert_eq!(requests.try_recv().ok(), Some(r));
     }
 }
