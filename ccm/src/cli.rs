@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use cnlb_cloud_calls::RateLimit;
+use cnlb_cloud_calls::adaptive::Window;
+use cnlb_cloud_calls::{RateLimit, RateLimits};
 use cnlb_provider_onprem::{ClientTls, PemFile, PluginEndpoint};
 use cnlb_runtime::flags::positive_duration;
 pub use cnlb_runtime::telemetry::LogFormat;
@@ -186,25 +187,33 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub gcp_endpoint: Option<String>,
 
+    /// GCE's quota of each API method group, in calls a minute per project
+    /// (1,500 by default; read, write and operation-read requests are
+    /// separate groups). cnlb sends at most 96 % of it in any minute,
+    /// however fast its --gcp-*-rate ceilings would go, and less when GCE
+    /// throttles (--provider=gcp).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(1..), value_name = "CALLS")]
+    pub gcp_quota_per_minute: u32,
+
     /// GCP get / list calls: the most tokens per second / burst; the rate
-    /// in use adapts below it when GCE throttles (--provider=gcp). The
-    /// GCP defaults stay just under GCE's default quotas (1,500 calls a
-    /// minute per group), which a whole minute's burst would overrun.
+    /// in use adapts below it when GCE throttles (--provider=gcp). Reads
+    /// default to the quota's steady pace: a burst that used up a minute's
+    /// reads would stall every health poll until the minute ends.
     #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
     pub gcp_read_rate: RateLimit,
 
     /// GCP attach / detach network endpoint calls (500 endpoints each at
     /// most): the most tokens per second / burst.
-    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
+    #[arg(long, default_value = "100/100", value_name = "RATE/BURST")]
     pub gcp_targets_rate: RateLimit,
 
     /// GCP insert / patch / delete calls: the most tokens per second / burst.
-    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
+    #[arg(long, default_value = "100/100", value_name = "RATE/BURST")]
     pub gcp_write_rate: RateLimit,
 
     /// GCP waits for operations (one or more per insert, patch, delete,
     /// attach or detach): the most tokens per second / burst.
-    #[arg(long, default_value = "24/24", value_name = "RATE/BURST")]
+    #[arg(long, default_value = "100/100", value_name = "RATE/BURST")]
     pub gcp_operation_rate: RateLimit,
 
     /// Maximum number of objects reconciled at the same time; bounded so
@@ -230,6 +239,23 @@ pub struct Args {
 }
 
 impl Args {
+    /// The GCP client-side limits: the --gcp-*-rate ceilings, and just
+    /// under the quota in any minute (GCE counts a call when it receives
+    /// it, some time after it is sent).
+    pub fn gcp_rate_limits(&self) -> RateLimits {
+        let quota = self.gcp_quota_per_minute;
+        RateLimits {
+            read: self.gcp_read_rate,
+            targets: self.gcp_targets_rate,
+            write: self.gcp_write_rate,
+            operations: self.gcp_operation_rate,
+            per_window: Some(Window {
+                calls: quota - quota / 25,
+                span: Duration::from_secs(60),
+            }),
+        }
+    }
+
     /// Mutual TLS to a tcp:// --onprem-plugin, from the
     /// --onprem-plugin-tls-* files (read and checked now, so a bad file
     /// stops the start naming its flag); `None` without them.
@@ -598,7 +624,7 @@ mod tests {
         let base = ["cnlb-ccm", "--cluster-name", "demo", "--provider", "gcp"];
         let err = Args::try_parse_from(base).unwrap_err();
         assert!(err.to_string().contains("--gcp-region"), "{err}");
-        let args = Args::try_parse_from(base.iter().chain(&[
+        let required = [
             "--gcp-project",
             "p",
             "--gcp-region",
@@ -609,10 +635,32 @@ mod tests {
             "nodes",
             "--gcp-zones",
             "us-central1-a,us-central1-b",
-        ]))
-        .unwrap();
+        ];
+        let with = |flag: &str| Args::try_parse_from(base.iter().chain(&required).chain(&[flag]));
+        let args = Args::try_parse_from(base.iter().chain(&required)).unwrap();
         assert_eq!(args.gcp_zones, vec!["us-central1-a", "us-central1-b"]);
         assert_eq!(args.gcp_endpoint, None);
+        let limits = args.gcp_rate_limits();
+        assert_eq!(limits.read, RateLimit::new(24, 24));
+        assert_eq!(limits.write, RateLimit::new(100, 100));
+        let minute = Duration::from_secs(60);
+        let window = |calls| {
+            Some(Window {
+                calls,
+                span: minute,
+            })
+        };
+        assert_eq!(limits.per_window, window(1440), "96 % of GCE's default");
+        for (quota, calls) in [("6000", 5760), ("1", 1)] {
+            let flag = format!("--gcp-quota-per-minute={quota}");
+            let args = with(&flag).unwrap();
+            assert_eq!(args.gcp_rate_limits().per_window, window(calls));
+        }
+        for bad in ["0", "-5", "many"] {
+            let flag = format!("--gcp-quota-per-minute={bad}");
+            let err = with(&flag).unwrap_err();
+            assert!(err.to_string().contains("--gcp-quota-per-minute"), "{err}");
+        }
     }
 
     #[test]

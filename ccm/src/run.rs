@@ -314,12 +314,7 @@ async fn build_provider(
             let compute = cnlb_provider_gcp::Compute::connect(&connection)
                 .await
                 .map_err(|e| Error::Provider(e.to_string()))?;
-            let limits = RateLimits {
-                read: args.gcp_read_rate,
-                targets: args.gcp_targets_rate,
-                write: args.gcp_write_rate,
-                operations: args.gcp_operation_rate,
-            };
+            let limits = args.gcp_rate_limits();
             let project = flag(&args.gcp_project, "--gcp-project")?;
             let calls = cnlb_provider_gcp::Calls::new(
                 compute,

@@ -32,6 +32,7 @@ fn unlimited() -> RateLimits {
         targets: many,
         write: many,
         operations: many,
+        per_window: None,
     }
 }
 

@@ -156,6 +156,15 @@ async fn main() -> Result<()> {
     );
     account.report(phase);
 
+    // Rest begins once the health polls that follow creation are over.
+    let created = ccm.calls().await?;
+    eventually("the health polls end", WAIT, || ccm.quiet(SETTLED)).await?;
+    println!(
+        "  settled, health polls included, within {:.1} s, with {} more cloud calls",
+        (t.elapsed() - SETTLED).as_secs_f64(),
+        ccm.calls().await? - created
+    );
+
     let before = ccm.calls().await?;
     let phase = account.mark();
     tokio::time::sleep(Duration::from_secs(args.rest_secs)).await;

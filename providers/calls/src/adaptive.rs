@@ -6,10 +6,16 @@
 //! real limit is per account, shared with every other tool there, so no
 //! constant is right; the ceiling only bounds how fast cnlb ever goes.
 //!
+//! A bucket may also have a [`Window`]: at most so many calls in any
+//! minute, the shape of GCE's quotas (per minute, each minute's whole
+//! quota usable at once). A token bucket cannot take that shape: one whose
+//! burst is a minute's quota sends two minutes' worth within one.
+//!
 //! Pure: every method takes the time, so the tests run on a made-up clock.
 //! (Its own bucket rather than governor's, whose quota is fixed when the
 //! limiter is built.)
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::RateLimit;
@@ -23,6 +29,13 @@ const DECREASE: f64 = 0.5;
 /// rate: they do not cut again (TCP cuts once per round trip).
 const COOL_DOWN: Duration = Duration::from_secs(1);
 
+/// At most `calls` calls in any `span` of time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub calls: u32,
+    pub span: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Bucket {
     ceiling: RateLimit,
@@ -30,11 +43,14 @@ pub struct Bucket {
     tokens: f64,
     refilled: Instant,
     last_cut: Option<Instant>,
+    window: Option<Window>,
+    /// When the calls of the last `window.span` were sent, oldest first.
+    sent: VecDeque<Instant>,
 }
 
 impl Bucket {
     /// A full bucket at its ceiling.
-    pub fn new(ceiling: RateLimit, now: Instant) -> Bucket {
+    pub fn new(ceiling: RateLimit, window: Option<Window>, now: Instant) -> Bucket {
         let rate = f64::from(ceiling.per_second.max(1));
         let mut bucket = Bucket {
             ceiling,
@@ -42,6 +58,8 @@ impl Bucket {
             tokens: 0.0,
             refilled: now,
             last_cut: None,
+            window,
+            sent: VecDeque::new(),
         };
         bucket.tokens = bucket.burst();
         bucket
@@ -62,6 +80,32 @@ impl Bucket {
         (f64::from(self.ceiling.burst.max(1)) * self.rate / self.ceiling_rate()).max(1.0)
     }
 
+    /// The window's calls shrink with the rate too.
+    fn window_calls(&self, window: Window) -> usize {
+        let calls = f64::from(window.calls.max(1)) * self.rate / self.ceiling_rate();
+        (calls as usize).max(1)
+    }
+
+    /// How long until the window has room for one more call.
+    fn window_wait(&mut self, now: Instant) -> Option<Duration> {
+        let window = self.window?;
+        while self
+            .sent
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= window.span)
+        {
+            self.sent.pop_front();
+        }
+        let cap = self.window_calls(window);
+        if self.sent.len() < cap {
+            return None;
+        }
+        // Room comes when the `excess`-th oldest leaves.
+        let excess = self.sent.len() + 1 - cap;
+        let frees = self.sent.get(excess - 1)?;
+        Some((*frees + window.span).saturating_duration_since(now))
+    }
+
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst());
@@ -71,15 +115,22 @@ impl Bucket {
     /// Takes a token, or says how long until there is one (at least a
     /// microsecond: a wait rounded to nothing would spin).
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let min = Duration::from_micros(1);
+        if let Some(wait) = self.window_wait(now) {
+            return Err(wait.max(min));
+        }
         self.refill(now);
         // Refills in float arithmetic may fall short of a whole token by
         // a rounding error.
         if self.tokens >= 1.0 - 1e-9 {
             self.tokens = (self.tokens - 1.0).max(0.0);
+            if self.window.is_some() {
+                self.sent.push_back(now);
+            }
             Ok(())
         } else {
             let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
-            Err(wait.max(Duration::from_micros(1)))
+            Err(wait.max(min))
         }
     }
 
@@ -127,7 +178,7 @@ mod tests {
     #[test]
     fn starts_full_at_its_ceiling_and_refills_at_its_rate() {
         let t = Instant::now();
-        let mut b = Bucket::new(RateLimit::new(10, 20), t);
+        let mut b = Bucket::new(RateLimit::new(10, 20), None, t);
         assert_eq!(b.rate(), 10.0);
         assert_eq!(drain(&mut b, t), 20);
         let wait = b.take(t).unwrap_err();
@@ -140,7 +191,7 @@ mod tests {
     #[test]
     fn a_throttle_halves_the_rate_and_the_burst_once_per_cool_down() {
         let t = Instant::now();
-        let mut b = Bucket::new(RateLimit::new(10, 20), t);
+        let mut b = Bucket::new(RateLimit::new(10, 20), None, t);
         assert!(b.throttled(t));
         assert_eq!(b.rate(), 5.0);
         assert_eq!(
@@ -170,7 +221,7 @@ mod tests {
     #[test]
     fn answers_raise_the_rate_about_one_call_a_second_each_second_up_to_the_ceiling() {
         let t = Instant::now();
-        let mut b = Bucket::new(RateLimit::new(10, 20), t);
+        let mut b = Bucket::new(RateLimit::new(10, 20), None, t);
         b.throttled(t);
         b.throttled(at(t, 1_000));
         assert_eq!(b.rate(), 2.5);
@@ -193,8 +244,34 @@ mod tests {
     #[test]
     fn zero_ceilings_are_one() {
         let t = Instant::now();
-        let mut b = Bucket::new(RateLimit::new(0, 0), t);
+        let mut b = Bucket::new(RateLimit::new(0, 0), None, t);
         assert_eq!(b.rate(), 1.0);
         assert_eq!(drain(&mut b, t), 1);
+    }
+
+    #[test]
+    fn a_window_holds_its_calls_in_any_span_whatever_the_burst() {
+        let t = Instant::now();
+        let minute = Duration::from_secs(60);
+        let window = Window {
+            calls: 30,
+            span: minute,
+        };
+        let mut b = Bucket::new(RateLimit::new(10, 20), Some(window), t);
+        // The burst, then the rate, until the window is full.
+        assert_eq!(drain(&mut b, t), 20);
+        assert_eq!(drain(&mut b, at(t, 1_000)), 10);
+        assert_eq!(drain(&mut b, at(t, 30_000)), 0, "30 in the last minute");
+        // Room comes back as the calls of a minute ago leave the window.
+        assert_eq!(b.take(at(t, 30_000)).unwrap_err(), Duration::from_secs(30));
+        assert_eq!(drain(&mut b, at(t, 60_000)), 20);
+        assert_eq!(b.take(at(t, 60_000)).unwrap_err(), Duration::from_secs(1));
+        assert_eq!(drain(&mut b, at(t, 61_000)), 10);
+        // Slowed to half its ceiling, it holds half as many.
+        let mut b = Bucket::new(RateLimit::new(10, 20), Some(window), t);
+        b.throttled(t);
+        assert_eq!(drain(&mut b, at(t, 10_000)), 10);
+        assert_eq!(drain(&mut b, at(t, 20_000)), 5);
+        assert_eq!(drain(&mut b, at(t, 40_000)), 0, "15 in the last minute");
     }
 }

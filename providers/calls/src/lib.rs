@@ -111,12 +111,16 @@ impl std::str::FromStr for RateLimit {
 /// second is thousands of target changes a second. GCE counts operation
 /// reads on a quota of their own (1,500 a minute), one or more per
 /// mutation; AWS has no such calls.
+///
+/// `per_window`, when set, also bounds each group's calls in any window
+/// of time (GCE's per-minute quotas); none by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimits {
     pub read: RateLimit,
     pub targets: RateLimit,
     pub write: RateLimit,
     pub operations: RateLimit,
+    pub per_window: Option<adaptive::Window>,
 }
 
 impl Default for RateLimits {
@@ -126,6 +130,7 @@ impl Default for RateLimits {
             targets: RateLimit::new(10, 20),
             write: RateLimit::new(10, 20),
             operations: RateLimit::new(24, 24),
+            per_window: None,
         }
     }
 }
@@ -157,8 +162,12 @@ struct Limiter {
 }
 
 impl Limiter {
-    fn new(limit: RateLimit, rate: Gauge<f64, AtomicU64>) -> Limiter {
-        let bucket = adaptive::Bucket::new(limit, Instant::now());
+    fn new(
+        limit: RateLimit,
+        window: Option<adaptive::Window>,
+        rate: Gauge<f64, AtomicU64>,
+    ) -> Limiter {
+        let bucket = adaptive::Bucket::new(limit, window, Instant::now());
         rate.set(bucket.rate());
         Limiter {
             bucket: Mutex::new(bucket),
@@ -335,7 +344,8 @@ impl Calls {
         registry: &mut Registry,
     ) -> Calls {
         let metrics = Metrics::register(registry);
-        let limiter = |limit, group| Limiter::new(limit, metrics.rate(provider, group));
+        let limiter =
+            |limit, group| Limiter::new(limit, limits.per_window, metrics.rate(provider, group));
         Calls {
             provider,
             group_of,
@@ -496,6 +506,7 @@ mod tests {
             targets: many,
             write: many,
             operations: many,
+            per_window: None,
         }
     }
 
