@@ -117,6 +117,33 @@ pub fn targets_healthy(
     }
 }
 
+/// Whether `current` already says every target of `registered` is healthy
+/// (or that there are none): the cloud has nothing left to decide, so a
+/// new leader, which cannot tell whether the last one's health polls had
+/// ended, need not read health again.
+pub fn targets_health_final(
+    current: &[Condition],
+    listeners: &[Listener],
+    registered: &BTreeMap<String, TargetSet>,
+) -> bool {
+    let all_healthy: Vec<TargetHealth> = registered
+        .iter()
+        .flat_map(|(listener, set)| {
+            set.iter().map(|t| TargetHealth {
+                listener: listener.clone(),
+                ip: t.ip,
+                port: t.port,
+                state: TargetHealthState::Healthy,
+                reason: None,
+            })
+        })
+        .collect();
+    is_current(
+        current,
+        &targets_healthy(listeners, registered, &all_healthy),
+    )
+}
+
 /// True while some registered target has no verdict, healthy or unhealthy,
 /// yet: its health is worth asking again. That includes Unavailable, which
 /// GCE reports for an endpoint until a health check covers it; the caller
@@ -231,6 +258,52 @@ mod tests {
             assert_eq!(
                 (w.status, w.reason, w.message.as_str()),
                 (status, reason, message)
+            );
+        }
+    }
+
+    #[test]
+    fn health_is_final_once_it_says_every_registered_target_is_healthy() {
+        let listeners = [listener("http", 80, Protocol::Tcp)];
+        let registered = |lasts: &[u8]| BTreeMap::from([("http".to_string(), set(lasts))]);
+        let said = |status, reason, message: &str| {
+            let wanted = Wanted::new(TARGETS_HEALTHY, status, reason, message);
+            vec![to_condition(&[], &wanted, Time(Timestamp::now()))]
+        };
+        let cases = [
+            (
+                said(true, "AllHealthy", "2/2 healthy on 80/TCP"),
+                registered(&[1, 2]),
+                true,
+            ),
+            (
+                said(false, "NoTargets", "0/0 healthy on 80/TCP"),
+                registered(&[]),
+                true,
+            ),
+            // Written before the last targets were registered.
+            (
+                said(true, "AllHealthy", "1/1 healthy on 80/TCP"),
+                registered(&[1, 2]),
+                false,
+            ),
+            (
+                said(true, "SomeUnhealthy", "1/2 healthy on 80/TCP"),
+                registered(&[1, 2]),
+                false,
+            ),
+            (
+                said(false, "NoHealthyTargets", "0/2 healthy on 80/TCP"),
+                registered(&[1, 2]),
+                false,
+            ),
+            (vec![], registered(&[1]), false),
+        ];
+        for (current, registered, final_) in cases {
+            assert_eq!(
+                targets_health_final(&current, &listeners, &registered),
+                final_,
+                "{current:?}"
             );
         }
     }

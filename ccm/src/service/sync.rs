@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::{Context, Error, REGISTERED_ANNOTATION, gates, status};
-use crate::conditions::{LOAD_BALANCER_READY, Wanted, health_unsettled, targets_healthy};
+use crate::conditions::{
+    LOAD_BALANCER_READY, Wanted, health_unsettled, targets_health_final, targets_healthy,
+};
 use crate::targets::{SliceTargets, awaiting_gate, desired_targets, serving_behind_gate};
 
 /// The Service's EndpointSlices, from the cache.
@@ -72,6 +74,7 @@ async fn follow(
     // (that read doubles as the first health poll), unless what the last
     // sync recorded is what the endpoints want now.
     let mut health = None;
+    let fresh = ctx.registered(&uid).is_none();
     let recorded = ctx
         .written(svc)
         .registered
@@ -124,7 +127,13 @@ async fn follow(
         let verdict = earliest_verdict(&spec.health_check);
         return Ok(ctx.first_poll(&uid, verdict, !awaiting.is_empty()));
     }
-    if !awaiting.is_empty() || ctx.health_pending(&uid) {
+    // After a start (a new leader) nobody knows whether the last leader's
+    // polls had ended: health is read again unless the status already
+    // says every target is healthy.
+    let conditions = svc.status.as_ref().and_then(|s| s.conditions.as_deref());
+    let unsure = fresh
+        && !targets_health_final(conditions.unwrap_or_default(), &spec.listeners, &registered);
+    if !awaiting.is_empty() || ctx.health_pending(&uid) || unsure {
         // A poll only to see targets settle takes a place in the lane; a
         // gate's poll does not (a rollout waits on it).
         let settling = health.is_none() && awaiting.is_empty();

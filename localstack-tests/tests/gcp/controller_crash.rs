@@ -5,6 +5,7 @@
 //! Pods, once. Services deleted while the controller is down are cleaned up
 //! when it comes back; a load balancer whose Service vanished without its
 //! finalizer (NEG leaks, ingress-gce#1755) is garbage collected at start.
+//! Health still undecided at a kill is read again by the next controller.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,8 +14,8 @@ use std::time::Duration;
 use crate::common::{ccm, gcp};
 use cnlb_localstack_tests::eventually;
 use k8s_openapi::api::core::v1::Service;
-use kube::Api;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const SERVICES: usize = 6;
@@ -126,6 +127,55 @@ fn sigkill_mid_build_leaves_no_duplicate_and_no_leak() {
                 Ok(gce.resources().await?.load_balancing_links().is_empty() && ours == 0)
             },
         )
+        .await
+        .unwrap();
+    });
+}
+
+/// `cnlb-ccm` is SIGKILLed once it has attached the endpoints and recorded
+/// them, before GCE's probes decide on them (the first health read waits
+/// for the check's first verdict, 20 s): the next one cannot tell whether
+/// its predecessor's health polls had ended, so it reads health again and
+/// reports every endpoint healthy, although nothing else changed.
+#[test]
+fn health_undecided_at_a_kill_is_reported_by_the_next_controller() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cluster = gcp::cluster("gcp-health-kill", 2).await;
+        let (env, gce, client) = (&cluster.env, &cluster.gce, &cluster.client);
+        ccm::create_web(client, 2).await;
+        ccm::wait_web_ready(client, 2, WAIT).await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let (first, _) = gcp::spawn(env, "cnlb-ccm-1", &[]);
+        services
+            .create(&PostParams::default(), &ccm::service("web", json!({})))
+            .await
+            .unwrap();
+        eventually("both endpoints attached and recorded", WAIT, || async {
+            let recorded = services
+                .get("web")
+                .await?
+                .annotations()
+                .contains_key("cnlb.dev/registered-targets");
+            Ok(recorded && gcp::all_endpoints(gce).await.len() == 2)
+        })
+        .await
+        .unwrap();
+        first.kill();
+        let healthy = || async {
+            ccm::condition(client, "web", "cnlb.dev/TargetsHealthy")
+                .await
+                .is_some_and(|(s, _, m)| s == "True" && m.starts_with("2/2"))
+        };
+        assert!(!healthy().await, "killed too late: health already reported");
+
+        let _second = gcp::spawn(env, "cnlb-ccm-2", &[]);
+        eventually("TargetsHealthy says 2/2", WAIT, || async {
+            Ok(healthy().await)
+        })
         .await
         .unwrap();
     });
