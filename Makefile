@@ -63,7 +63,7 @@ fuzz: debian-deps
 trim-target:
 	localstack-tests/scripts/trim-target.sh
 
-## env-deps: Kubernetes, containerd and helm (go build), emulator venvs
+## env-deps: Kubernetes, containerd and helm (go build), the Gateway API CRDs (Go module), emulator venvs
 env-deps: debian-deps
 	@echo "==> Building Kubernetes, containerd and helm from source and the emulators'"
 	@echo "    Python venvs: the first time this takes about 7 minutes"
@@ -71,6 +71,7 @@ env-deps: debian-deps
 	localstack-tests/scripts/build-control-plane.sh; \
 	localstack-tests/scripts/build-containerd.sh; \
 	localstack-tests/scripts/build-helm.sh; \
+	localstack-tests/scripts/fetch-gateway-api.sh; \
 	wait $$venvs
 
 ## env-check: start everything, print start time and memory, stop

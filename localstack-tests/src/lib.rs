@@ -8,6 +8,7 @@ pub mod aws;
 pub mod controlplane;
 pub mod env;
 pub mod fault_proxy;
+pub mod gateway_api;
 pub mod images;
 pub mod install;
 pub mod ipam;

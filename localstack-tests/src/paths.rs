@@ -93,6 +93,19 @@ pub fn helm() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The Gateway API CRDs (`standard/` and `experimental/`), fetched by
+/// `scripts/fetch-gateway-api.sh` at the version pinned there.
+pub fn gateway_api_crds() -> Result<PathBuf> {
+    let path = cache_dir().join("gateway-api").join("current").join("crd");
+    if !path.join("standard").is_dir() {
+        bail!(
+            "{} is not fetched; run `make env-deps` (or localstack-tests/scripts/fetch-gateway-api.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The pinned requirements of each emulator venv, compiled in (so a build
 /// never reads another checkout's files).
 const PINS: [(&str, &str); 2] = [

@@ -12,6 +12,7 @@ mod common;
 mod apiserver_faults;
 mod ccm;
 mod fault_proxy;
+mod gateway_api;
 mod kubernetes;
 mod leader_election;
 mod node_controller;
