@@ -74,13 +74,14 @@ async fn follow(
     // (that read doubles as the first health poll), unless what the last
     // sync recorded is what the endpoints want now.
     let mut health = None;
-    let fresh = ctx.registered(&uid).is_none();
+    let remembered = ctx.registered(&uid);
+    let fresh = remembered.is_none();
     let recorded = ctx
         .written(svc)
         .registered
         .or_else(|| svc.annotations().get(REGISTERED_ANNOTATION).cloned());
     let wanted = wanting_traffic(spec, &desired);
-    let mut registered = match ctx.registered(&uid) {
+    let mut registered = match remembered {
         Some(r) => r,
         None if recorded == Some(digest(ids, &wanted)) => wanted,
         None => {
